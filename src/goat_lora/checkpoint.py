@@ -1,0 +1,142 @@
+"""Saving and loading GOAT adapters in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+The safetensors file holds, per adapted layer, the trained `lora_A`, `lora_B`, `router.weight`, the
+frozen initial factors `init_A`, `init_B` and scales `expert_scale` (so the residual W_res is
+rebuilt bit-for-bit without an SVD), and a small `base_fingerprint` of the original weight (so an
+adapter loaded onto another base model is refused). Files are written to a temporary name and
+renamed, so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import __version__
+from . import functional as F
+from .config import GoatConfig, atomic_write_bytes
+from .inject import find_modules_to_save, find_target_modules, inject_goat_layers
+from .layer import base_weight_2d, layer_shape
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "GOAT"
+_LAYER_KEYS = ("lora_A", "lora_B", "router.weight", "init_A", "init_B", "expert_scale", "base_fingerprint")
+_FINGERPRINT_POINTS = 16
+
+
+def weight_fingerprint(weight_2d: torch.Tensor) -> torch.Tensor:
+    """[mean, mean |w|, 16 entries at positions fixed by the shape] in float64: cheap, and enough to
+    tell one pretrained weight from another while tolerating a change of dtype."""
+    w = weight_2d.detach().to(torch.float64)
+    rows, cols = w.shape
+    generator = torch.Generator().manual_seed(rows * 100_003 + cols)
+    r = torch.randint(rows, (_FINGERPRINT_POINTS,), generator=generator)
+    c = torch.randint(cols, (_FINGERPRINT_POINTS,), generator=generator)
+    return torch.cat([torch.stack([w.mean(), w.abs().mean()]).cpu(), w[r.to(w.device), c.to(w.device)].cpu()])
+
+
+def _fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
+    mean_abs = float(saved[1].abs())
+    return torch.allclose(saved, current, rtol=2e-2, atol=1e-2 * mean_abs + 1e-8)
+
+
+def save_adapter(model, save_directory: str | os.PathLike) -> None:
+    os.makedirs(save_directory, exist_ok=True)
+    tensors = model.trainable_state_dict()
+    for name, layer in model.named_goat_layers():
+        original = base_weight_2d(layer.base_layer).float() + layer.residual().to(layer.base_layer.weight.device)
+        tensors[f"{name}.base_fingerprint"] = weight_fingerprint(original)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": "pt", "goat_lora_version": __version__}
+    atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors.torch.save(tensors, metadata=metadata))
+    layers = {name: list(layer_shape(layer.base_layer)) for name, layer in model.named_goat_layers()}
+    model.goat_config.save(
+        os.path.join(save_directory, CONFIG_NAME),
+        extra={"peft_type": PEFT_TYPE, "goat_lora_version": __version__, "layers": layers},
+    )
+
+
+def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a saved adapter, with a clear error for each way they can be bad."""
+    folder = str(adapter_directory)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"adapter directory {folder!r} does not exist")
+    config_path = os.path.join(folder, CONFIG_NAME)
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"adapter file {path!r} is missing")
+    config = GoatConfig.load(config_path)
+    try:
+        tensors = safetensors.torch.load_file(weights_path)
+    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"adapter weights {weights_path!r} are unreadable (truncated or corrupt): {err}") from None
+    return config, tensors
+
+
+def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False):
+    from .model import GoatModel
+
+    config, tensors = read_adapter_files(adapter_directory)
+    targets = find_target_modules(base_model, config)
+    saved_layers = sorted({key[: -len(".lora_A")] for key in tensors if key.endswith(".lora_A")})
+    if sorted(targets) != saved_layers:
+        missing = sorted(set(saved_layers) - set(targets))[:3]
+        extra = sorted(set(targets) - set(saved_layers))[:3]
+        raise ValueError(
+            f"adapter in {str(adapter_directory)!r} does not fit this base model: adapted layers "
+            f"{missing} are not in it and its layers {extra} have no adapter (another architecture?)"
+        )
+    saved_factors: dict[str, tuple[F.ExpertFactors, torch.Tensor]] = {}
+    for name in targets:
+        layer_tensors = {}
+        for key in _LAYER_KEYS:
+            if f"{name}.{key}" not in tensors:
+                raise ValueError(f"adapter weights lack {name}.{key}; the file is incomplete")
+            layer_tensors[key] = tensors[f"{name}.{key}"]
+        module = base_model.get_submodule(name)
+        out_features, in_features = layer_shape(module)
+        init_A, init_B = layer_tensors["init_A"], layer_tensors["init_B"]
+        if init_A.shape[1] != in_features or init_B.shape[0] != out_features:
+            raise ValueError(
+                f"adapter layer {name!r} was saved for shape (out={init_B.shape[0]}, in={init_A.shape[1]}), "
+                f"but this base model's layer has (out={out_features}, in={in_features})"
+            )
+        if not _fingerprints_match(layer_tensors["base_fingerprint"], weight_fingerprint(base_weight_2d(module))):
+            raise ValueError(
+                f"adapter layer {name!r} was trained on other base weights than this model's "
+                f"(weight fingerprint differs); load it onto the base model it was trained from"
+            )
+        factors = F.ExpertFactors(init_A, init_B, layer_tensors["expert_scale"])
+        saved_factors[name] = (factors, layer_tensors["router.weight"])
+
+    original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    saved_modules = find_modules_to_save(base_model, config)
+    saved_originals = {
+        name: {k: v.detach().clone() for k, v in base_model.get_submodule(name).state_dict().items()}
+        for name in saved_modules
+    }
+    layers = inject_goat_layers(base_model, config, targets, saved_factors=saved_factors)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+    for name in saved_modules:
+        module = base_model.get_submodule(name)
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise ValueError(f"saved module {name!r} does not fit this base model: {first_line}") from None
+    model = GoatModel(base_model, config, layers, saved_modules, saved_originals, original_requires_grad)
+    if not is_trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.eval()
+    return model

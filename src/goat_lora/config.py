@@ -1,0 +1,229 @@
+"""GoatConfig: every knob of a GOAT adapter, validated when built, round-tripped through JSON.
+
+No torch here: the config is read by the command line, the reports and the checkpoint code alike.
+Formulas behind each field are in ``goat_lora.functional`` and in ../shared/GOAT_SPEC.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class InitMode(str, Enum):
+    """Which singular components expert j starts from (0-based; t = min(m, n) // E, d = r / E)."""
+
+    GOAT = "goat"  # [j*t, j*t + d): the leading d components of segment j (paper; default)
+    GOAT_MINI = "goat_mini"  # [(j+1)*t - d, (j+1)*t): the trailing d of segment j (public code)
+    PRINCIPAL = "principal"  # the top r components, split consecutively (PiSSA-like ablation)
+    MINOR = "minor"  # the bottom r components, split consecutively (MiLoRA-like ablation)
+    RANDOM = "random"  # E random non-overlapping blocks of d components (seeded)
+    ZERO = "zero"  # A Kaiming-uniform, B = 0, no residual (plain LoRA-MoE, i.e. MoLoRA)
+
+
+class ScalingMode(str, Enum):
+    """How the adapter scale s is chosen (d = r / E is the rank of one expert)."""
+
+    GOAT = "goat"  # s = sqrt(3 * eta * n / d) (paper, Theorem 3.5; default)
+    ALPHA = "alpha"  # s = lora_alpha / d (what the public training scripts ran)
+    RSLORA = "rslora"  # s = lora_alpha / sqrt(d)
+
+
+class AuxLossForm(str, Enum):
+    """Which normalisation of the load-balancing loss (see functional.load_balance_loss)."""
+
+    PUBLIC = "public"  # E * sum_j (count_j / T) * P_j, k at balance (public code; default)
+    PAPER = "paper"  # sum_j f_j P_j with f_j = E / (k T) * count_j, 1 at balance
+
+
+class SvdMethod(str, Enum):
+    """How the needed singular components are computed at initialisation."""
+
+    AUTO = "auto"  # "exact" for small layers, "gram" for large ones
+    EXACT = "exact"  # one full float32/float64 SVD per matrix (what the public code does)
+    GRAM = "gram"  # eigendecomposition of the smaller Gram matrix W W^T or W^T W, batched per shape
+
+
+def _choices(enum_cls: type[Enum]) -> str:
+    return " | ".join(repr(member.value) for member in enum_cls)
+
+
+def _as_enum(enum_cls: type[Enum], name: str, value: Any) -> Enum:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise ValueError(f"GoatConfig.{name}={value!r} is not allowed; choose one of {_choices(enum_cls)}") from None
+
+
+@dataclass
+class GoatConfig:
+    """Configuration of a GOAT adapter (E LoRA experts, a top-k router, SVD-segment init).
+
+    Defaults are the paper's (E = 8, k = 2, rho = 10, eta = 1, dropout 0.05, aux coefficient 1e-3).
+    """
+
+    r: int = 8  # total rank over all experts; each expert has rank d = r / num_experts
+    num_experts: int = 8  # E
+    top_k: int = 2  # k experts per token
+    init: str = "goat"  # InitMode: which singular components each expert starts from
+    scaling: str = "goat"  # ScalingMode: how s is chosen
+    lora_alpha: float = 16.0  # used by scaling "alpha" and "rslora" only
+    eta: float = 1.0  # ratio of full fine-tuning to LoRA learning rate in s = sqrt(3 eta n / d)
+    rho: float = 10.0  # prior shrink: s * B_j A_j = U_j S_j V_j^T / rho
+    init_cof: float | None = None  # residual coefficient c; None means 1 / num_experts (Lemma 3.3)
+    per_expert_scaling: bool = False  # GOAT-s: s_j = s * sqrt(sigma_0 / sigma_j) (paper appendix)
+    dropout: float = 0.05  # dropout on the experts' input
+    target_modules: str | list[str] = "all-linear"  # "all-linear", a list of name suffixes, or a regex
+    exclude_modules: str | list[str] | None = None  # same forms as target_modules
+    modules_to_save: list[str] | None = None  # name suffixes of modules trained in full (e.g. "classifier")
+    aux_loss_coef: float = 1e-3  # the training loop adds aux_loss_coef * model.aux_loss()
+    aux_loss_form: str = "public"  # AuxLossForm
+    aux_loss_ignore_padding: bool = False  # count only tokens whose attention_mask is 1
+    svd_method: str = "auto"  # SvdMethod
+    seed: int = 0  # seeds router init, the "random" init and the "zero" init's A
+    base_model_name_or_path: str | None = None  # recorded for loading; not used by the math
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what is allowed."""
+        for name in ("r", "num_experts", "top_k", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"GoatConfig.{name}={value!r} must be an integer")
+        if self.r < 1:
+            raise ValueError(f"GoatConfig.r={self.r} must be >= 1")
+        if self.num_experts < 1:
+            raise ValueError(f"GoatConfig.num_experts={self.num_experts} must be >= 1")
+        if self.r % self.num_experts != 0:
+            raise ValueError(
+                f"GoatConfig.r={self.r} must be divisible by num_experts={self.num_experts} "
+                f"(each expert has rank r / num_experts); try r={self.num_experts * max(1, self.r // self.num_experts)}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"GoatConfig.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        self.init = _as_enum(InitMode, "init", self.init).value
+        self.scaling = _as_enum(ScalingMode, "scaling", self.scaling).value
+        self.aux_loss_form = _as_enum(AuxLossForm, "aux_loss_form", self.aux_loss_form).value
+        self.svd_method = _as_enum(SvdMethod, "svd_method", self.svd_method).value
+        for name in ("lora_alpha", "eta", "rho"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"GoatConfig.{name}={value!r} must be a finite number > 0")
+        if self.init_cof is not None and (
+            isinstance(self.init_cof, bool) or not isinstance(self.init_cof, (int, float)) or not math.isfinite(self.init_cof)
+        ):
+            raise ValueError(f"GoatConfig.init_cof={self.init_cof!r} must be a finite number or None (= 1/num_experts)")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GoatConfig.dropout={self.dropout!r} must be in [0, 1)")
+        if (
+            isinstance(self.aux_loss_coef, bool)
+            or not isinstance(self.aux_loss_coef, (int, float))
+            or not math.isfinite(self.aux_loss_coef)
+            or self.aux_loss_coef < 0
+        ):
+            raise ValueError(f"GoatConfig.aux_loss_coef={self.aux_loss_coef!r} must be a finite number >= 0")
+        if self.per_expert_scaling and self.init == InitMode.ZERO.value:
+            raise ValueError(
+                "GoatConfig.per_expert_scaling=True needs singular values; it is not allowed with init='zero'"
+            )
+        self.target_modules = self._check_targets("target_modules", self.target_modules, allow_none=False)
+        self.exclude_modules = self._check_targets("exclude_modules", self.exclude_modules, allow_none=True)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(n, str) and n for n in self.modules_to_save):
+                raise ValueError(f"GoatConfig.modules_to_save={self.modules_to_save!r} must be a list of module names")
+            self.modules_to_save = list(self.modules_to_save)
+
+    @staticmethod
+    def _check_targets(name: str, value: Any, allow_none: bool) -> Any:
+        if value is None and allow_none:
+            return None
+        if isinstance(value, str):
+            if not value:
+                raise ValueError(f"GoatConfig.{name}='' must be 'all-linear', a regex, or a list of module names")
+            return value
+        if isinstance(value, (list, tuple, set)) and value and all(isinstance(n, str) and n for n in value):
+            return sorted(value) if isinstance(value, set) else list(value)
+        raise ValueError(f"GoatConfig.{name}={value!r} must be 'all-linear', a regex, or a non-empty list of module names")
+
+    # ---- derived values -----------------------------------------------------------------------
+    @property
+    def expert_rank(self) -> int:
+        """d = r / E, the rank of one expert."""
+        return self.r // self.num_experts
+
+    @property
+    def residual_coef(self) -> float:
+        """c in W_res = c * s * sum_j B_j A_j; 1/E keeps E[equivalent weight] = W0 (Lemma 3.3)."""
+        return 1.0 / self.num_experts if self.init_cof is None else float(self.init_cof)
+
+    # ---- JSON round trip ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GoatConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a GoatConfig must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in _METADATA_KEYS}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GoatConfig field(s) {unknown}; allowed fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GoatConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"adapter config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Write the config (plus metadata such as peft_type) atomically to `path`."""
+        data = {**(extra or {}), **self.to_dict()}
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GoatConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"adapter config {str(path)!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_json(fh.read())
+
+
+# Keys written next to the config for tools that read adapter_config.json (PEFT-style metadata).
+_METADATA_KEYS = {"peft_type", "goat_lora_version", "task_type", "layers"}
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file in the same folder, then rename it over `path`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

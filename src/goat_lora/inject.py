@@ -1,0 +1,149 @@
+"""Finding the layers to adapt, computing their initial expert factors, and swapping in GoatLayers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .config import GoatConfig, InitMode
+from .svd import singular_components
+from .layer import SUPPORTED_LAYER_TYPES, Conv1D, GoatLayer, base_weight_2d, is_supported_layer, layer_shape
+
+# Classification heads that "all-linear" leaves alone (peft does the same for sequence classifiers).
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+
+
+def _name_matches(name: str, spec: str | list[str]) -> bool:
+    """A string is a regex that must match the whole name; a list holds names or name suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == target or name.endswith("." + target) for target in spec)
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def find_modules_to_save(model: nn.Module, config: GoatConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [name for name, _ in model.named_modules() if name and _name_matches(name, config.modules_to_save)]
+    # keep the outermost match only (a head and its sub-layers are saved once)
+    names = [n for n in names if not _under(n, [p for p in names if p != n])]
+    if not names:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
+    return names
+
+
+def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
+    """Names of the modules to adapt, in model order; a clear ValueError when none or a wrong type."""
+    saved = find_modules_to_save(model, config)
+    excluded_prefixes = list(saved)
+    spec = config.target_modules
+    if spec == "all-linear":
+        get_output = getattr(model, "get_output_embeddings", None)
+        output_head = get_output() if callable(get_output) else None
+        for name, module in model.named_modules():
+            if module is output_head or (name in CLASSIFIER_HEAD_NAMES):  # top-level heads only
+                excluded_prefixes.append(name)
+        candidates = [name for name, module in model.named_modules() if _is_linear(module)]
+    else:
+        candidates = [name for name, _ in model.named_modules() if name and _name_matches(name, spec)]
+    targets = [
+        name
+        for name in candidates
+        if not _under(name, excluded_prefixes)
+        and not (config.exclude_modules is not None and _name_matches(name, config.exclude_modules))
+    ]
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if is_supported_layer(m)][:8]
+        raise ValueError(
+            f"target_modules={spec!r} matched no adaptable module of {type(model).__name__}; "
+            f"adaptable modules include {linear_names}"
+        )
+    modules = dict(model.named_modules())
+    for name in targets:
+        if isinstance(modules[name], GoatLayer):
+            raise ValueError(f"module {name!r} is already a GoatLayer; unload() the model before adapting it again")
+        if not is_supported_layer(modules[name]):
+            raise ValueError(
+                f"target module {name!r} is a {type(modules[name]).__name__}, which GOAT cannot adapt; "
+                f"supported: {SUPPORTED_LAYER_TYPES}"
+            )
+    return targets
+
+
+def layer_generator(seed: int, layer_index: int) -> torch.Generator:
+    """One seeded generator per layer, so a layer's init does not depend on how many came before."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer_index)
+
+
+def initial_factors(
+    name: str, module: nn.Module, config: GoatConfig, generator: torch.Generator
+) -> F.ExpertFactors:
+    """The experts' starting factors for one layer (the only place an SVD runs)."""
+    out_features, in_features = layer_shape(module)
+    expert_rank, num_experts = config.expert_rank, config.num_experts
+    scale = F.scaling_factor(config.scaling, in_features, expert_rank, config.eta, config.lora_alpha)
+    if config.init == InitMode.ZERO.value:
+        return F.zero_expert_factors(out_features, in_features, config.r, num_experts, scale, generator)
+    weight = base_weight_2d(module).detach()
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"layer {name!r} has NaN or inf in its weight; GOAT cannot initialise from it")
+    try:
+        indices = F.expert_component_indices(
+            config.init, min(out_features, in_features), num_experts, expert_rank, generator
+        )
+    except ValueError as err:
+        raise ValueError(f"layer {name!r} (out={out_features}, in={in_features}): {err}") from None
+    U, S, V = singular_components(weight, indices.reshape(-1), config.svd_method)
+    if config.per_expert_scaling:
+        scales = F.per_expert_scales(scale, S.reshape(num_experts, expert_rank))
+    else:
+        scales = torch.full((num_experts,), float(scale))
+    return F.svd_expert_factors(U.cpu(), S.cpu(), V.cpu(), scales, config.rho)
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
+
+
+def inject_goat_layers(
+    model: nn.Module,
+    config: GoatConfig,
+    targets: list[str],
+    saved_factors: dict[str, tuple[F.ExpertFactors, torch.Tensor]] | None = None,
+) -> dict[str, GoatLayer]:
+    """Swap each target for a GoatLayer. Factors come from the SVD, or from `saved_factors`
+    (name -> (initial factors, router weight)) when loading a checkpoint: then no SVD runs."""
+    layers: dict[str, GoatLayer] = {}
+    for index, name in enumerate(targets):
+        module = model.get_submodule(name)
+        generator = layer_generator(config.seed, index)
+        if saved_factors is None:
+            factors, router_weight = initial_factors(name, module, config, generator), None
+        else:
+            factors, router_weight = saved_factors[name]
+        layer = GoatLayer(
+            module,
+            factors,
+            top_k=config.top_k,
+            residual_coef=config.residual_coef,
+            dropout=config.dropout,
+            aux_loss_form=config.aux_loss_form,
+            router_weight=router_weight,
+            generator=generator,
+        )
+        replace_module(model, name, layer)
+        layers[name] = layer
+    return layers

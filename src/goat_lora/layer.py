@@ -1,0 +1,195 @@
+"""GoatLayer: a frozen base layer (Linear, GPT-2 Conv1D or 1x1 Conv2d) plus E LoRA experts and a router.
+
+    y = (W0 - W_res) x + b + sum_{j in topk(x)} w_j s_j B_j A_j dropout(x)
+
+The base weight is rewritten once to W0 - W_res (as PiSSA rewrites it); the small initial factors
+that built W_res stay as float32 buffers so that `restore_base_weight()` and checkpoint loading
+rebuild W_res exactly without another SVD. Adapters and router are float32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+try:  # GPT-2 style layers: y = x W + b with W stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional for plain PyTorch models
+    Conv1D = None  # type: ignore[assignment,misc]
+
+SUPPORTED_LAYER_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d with a 1x1 kernel (groups=1)"
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and module.groups == 1
+        and tuple(module.dilation) == (1, 1)
+    )
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(m, n) = (out_features, in_features) of a supported layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels
+    return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores (in, out)
+
+
+def base_weight_2d(module: nn.Module) -> torch.Tensor:
+    """A (m, n) view of the layer's weight W0, whatever layout the layer keeps it in."""
+    weight = module.weight
+    if isinstance(module, nn.Conv2d):
+        return weight.view(weight.shape[0], weight.shape[1])
+    if isinstance(module, nn.Linear):
+        return weight
+    return weight.T  # Conv1D
+
+
+def _add_to_base_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """W0 <- W0 + delta (delta (m, n) float32), computed in float32 and cast back to W0's dtype."""
+    with torch.no_grad():
+        view = base_weight_2d(module)
+        view.copy_((view.float() + delta.to(view.device)).to(view.dtype))
+
+
+def _in_backward_recompute() -> bool:
+    # Non-reentrant activation checkpointing re-runs forwards inside backward; their routing must
+    # not be recorded twice (and must not replace the stats whose graph reaches the loss).
+    return torch._C._current_graph_task_id() != -1
+
+
+class GoatLayer(nn.Module):
+    """E LoRA experts (concatenated: lora_A (r, n), lora_B (m, r)) and a top-k router around a frozen layer."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        factors: F.ExpertFactors,
+        *,
+        top_k: int,
+        residual_coef: float,
+        dropout: float = 0.0,
+        aux_loss_form: str = "public",
+        router_weight: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not is_supported_layer(base_layer):
+            raise ValueError(f"cannot adapt {type(base_layer).__name__}; supported: {SUPPORTED_LAYER_TYPES}")
+        out_features, in_features = layer_shape(base_layer)
+        total_rank, num_experts = factors.A.shape[0], factors.expert_scale.shape[0]
+        if factors.A.shape != (total_rank, in_features) or factors.B.shape != (out_features, total_rank):
+            raise ValueError(
+                f"expert factors A {tuple(factors.A.shape)}, B {tuple(factors.B.shape)} do not fit a layer "
+                f"of shape (out={out_features}, in={in_features})"
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.top_k, self.expert_rank = num_experts, top_k, total_rank // num_experts
+        self.residual_coef = float(residual_coef)
+        self.aux_loss_form = aux_loss_form
+        device = base_layer.weight.device
+
+        # Trainable: experts and router, float32 even when the base is bf16/fp16.
+        self.lora_A = nn.Parameter(factors.A.clone().float().to(device))  # (r, n)
+        self.lora_B = nn.Parameter(factors.B.clone().float().to(device))  # (m, r)
+        self.router = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
+        if router_weight is not None:
+            with torch.no_grad():
+                self.router.weight.copy_(router_weight)
+        else:  # nn.Linear's own init (Kaiming-uniform, a = sqrt(5)), but from our seeded generator
+            nn.init.kaiming_uniform_(self.router.weight, a=5**0.5, generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        # Frozen: the initial factors (to rebuild W_res exactly) and the per-expert scales s_j.
+        self.register_buffer("init_A", factors.A.clone().float().to(device))
+        self.register_buffer("init_B", factors.B.clone().float().to(device))
+        self.register_buffer("expert_scale", factors.expert_scale.clone().float().to(device))
+
+        # Routing bookkeeping (not state): stats of the last forward, load since the last reset.
+        self.token_mask: torch.Tensor | None = None  # set by GoatModel for the current forward
+        self.last_stats: F.RoutingStats | None = None
+        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
+
+        _add_to_base_weight(base_layer, -self.residual())  # W0 <- W0 - W_res
+
+    # ---- the math ---------------------------------------------------------------------------
+    def residual(self) -> torch.Tensor:
+        """W_res = c * sum_j s_j B_j A_j from the frozen initial factors (m, n), float32."""
+        return F.residual_weight(F.ExpertFactors(self.init_A, self.init_B, self.expert_scale), self.residual_coef)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (W0 - W_res) x + b
+        tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
+        routing = F.route(self.router(tokens), self.top_k)
+        delta = F.experts_delta(self.dropout(tokens), self.lora_A, self.lora_B, routing.weights, self.expert_scale)
+        self._record(routing, x)
+        return result + self._from_tokens(delta, result).to(result.dtype)
+
+    def forward_loop_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer with a per-expert Python loop (slow; used to check the batched path)."""
+        result = self.base_layer(x)
+        tokens = self._to_tokens(x).to(self.lora_A.dtype)
+        routing = F.route(self.router(tokens), self.top_k)
+        delta = F.experts_delta_loop(self.dropout(tokens), self.lora_A, self.lora_B, routing, self.expert_scale)
+        self._record(routing, x)
+        return result + self._from_tokens(delta, result).to(result.dtype)
+
+    # ---- layout plumbing --------------------------------------------------------------------
+    def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base_layer, nn.Conv2d):  # (B, C, H, W) -> (B*H*W, C)
+            return x.movedim(1, -1).reshape(-1, self.in_features)
+        return x.reshape(-1, self.in_features)
+
+    def _from_tokens(self, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base_layer, nn.Conv2d):  # (B*H*W, C') -> (B, C', H, W)
+            batch, _, height, width = like.shape
+            return delta.reshape(batch, height, width, self.out_features).movedim(-1, 1)
+        return delta.reshape(like.shape)
+
+    def _record(self, routing: F.Routing, x: torch.Tensor) -> None:
+        if _in_backward_recompute():
+            return
+        mask = None
+        if self.token_mask is not None and not isinstance(self.base_layer, nn.Conv2d):
+            if tuple(self.token_mask.shape) == tuple(x.shape[:-1]):
+                mask = self.token_mask.reshape(-1).to(torch.bool)
+        stats = F.routing_stats(routing, mask)
+        self.last_stats = stats
+        self.load_counts += stats.counts.detach().to(self.load_counts)
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor:
+        """This layer's load-balancing loss for its last forward (0 before any forward)."""
+        if self.last_stats is None:
+            return self.lora_A.new_zeros(())
+        return F.load_balance_loss(self.last_stats, self.top_k, self.aux_loss_form)
+
+    def expert_load(self) -> torch.Tensor:
+        """Fraction of routed token slots each expert received since the last reset (E,)."""
+        total = self.load_counts.sum()
+        return self.load_counts / total if total > 0 else self.load_counts.clone()
+
+    def reset_expert_load(self) -> None:
+        self.load_counts.zero_()
+
+    def restore_base_weight(self) -> nn.Module:
+        """Add W_res back (W0 - W_res + W_res = W0 up to the base dtype's rounding); return the base layer."""
+        _add_to_base_weight(self.base_layer, self.residual())
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
+            f"top_k={self.top_k}, rank_per_expert={self.expert_rank}, residual_coef={self.residual_coef:g}"
+        )

@@ -1,0 +1,175 @@
+"""GoatModel: a model whose target layers carry GOAT adapters, with PEFT-like conveniences."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import GoatConfig
+from .inject import find_modules_to_save, find_target_modules, inject_goat_layers, replace_module
+from .layer import GoatLayer
+
+
+def get_goat_model(model: nn.Module, config: GoatConfig) -> "GoatModel":
+    """Adapt `model` in place: target layers become GoatLayers (SVD-initialised experts + router),
+    every base parameter is frozen, and adapters, routers and `modules_to_save` are trainable."""
+    if isinstance(model, GoatModel):
+        raise ValueError("the model is already a GoatModel; call unload() first to adapt it again")
+    if not isinstance(config, GoatConfig):
+        raise ValueError(f"config must be a GoatConfig, got {type(config).__name__}")
+    targets = find_target_modules(model, config)
+    original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    saved = find_modules_to_save(model, config)
+    saved_originals = {
+        name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()} for name in saved
+    }
+    layers = inject_goat_layers(model, config, targets)
+    return GoatModel(model, config, layers, saved, saved_originals, original_requires_grad)
+
+
+class GoatModel(nn.Module):
+    """Wraps a model adapted by `get_goat_model`. Its forward is the base model's forward (same
+    arguments, same outputs), so a transformers model keeps `labels=` -> `.loss` and `generate()`.
+
+    The training loop adds the balance loss itself, where a reader can see it:
+        loss = outputs.loss + model.goat_config.aux_loss_coef * model.aux_loss()
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: GoatConfig,
+        layers: dict[str, GoatLayer],
+        modules_to_save: list[str],
+        saved_originals: dict[str, dict[str, torch.Tensor]],
+        original_requires_grad: dict[str, bool],
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.goat_config = config
+        self.goat_layer_names = list(layers)
+        self.modules_to_save = list(modules_to_save)
+        self._saved_originals = saved_originals
+        self._original_requires_grad = original_requires_grad
+        self._set_trainable()
+        # Let inspect.signature(model.forward) show the base model's arguments: the transformers
+        # Trainer drops dataset columns that the forward does not name.
+        self.forward = functools.update_wrapper(functools.partial(GoatModel._forward, self), base_model.forward)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _forward(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask") if self.goat_config.aux_loss_ignore_padding else None
+        layers = list(self.goat_layers())
+        for layer in layers:
+            layer.token_mask = mask
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.token_mask = None
+
+    def forward(self, *args, **kwargs):  # replaced per instance in __init__ (see there)
+        return self._forward(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Attributes the wrapper does not have (config, device, gradient_checkpointing_enable, ...)
+        # come from the base model, so code written for the transformers model keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- GOAT specifics -----------------------------------------------------------------------
+    def goat_layers(self) -> Iterator[GoatLayer]:
+        for name in self.goat_layer_names:
+            yield self.base_model.get_submodule(name)
+
+    def named_goat_layers(self) -> Iterator[tuple[str, GoatLayer]]:
+        for name in self.goat_layer_names:
+            yield name, self.base_model.get_submodule(name)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Load-balancing loss of the last forward, summed over adapted layers; differentiable and
+        unscaled (multiply by config.aux_loss_coef). Form: config.aux_loss_form ("public": the
+        public code's E * sum_j (count_j/T) P_j per layer, equal to top_k at perfect balance)."""
+        losses = [layer.aux_loss() for layer in self.goat_layers()]
+        return torch.stack(losses).sum()
+
+    def expert_load(self) -> dict[str, torch.Tensor]:
+        """Per adapted layer: fraction of routed tokens per expert since the last reset, (E,) each."""
+        return {name: layer.expert_load() for name, layer in self.named_goat_layers()}
+
+    def reset_expert_load(self) -> None:
+        for layer in self.goat_layers():
+            layer.reset_expert_load()
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def _set_trainable(self) -> None:
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        for layer in self.goat_layers():
+            for param in (layer.lora_A, layer.lora_B, layer.router.weight):
+                param.requires_grad_(True)
+        for name in self.modules_to_save:
+            for param in self.base_model.get_submodule(name).parameters():
+                param.requires_grad_(True)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs: each layer's adapters, router, initial factors and scales, and
+        the modules_to_save; keys are relative to the base model."""
+        state = {}
+        for name, layer in self.named_goat_layers():
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base_layer."):  # the frozen base comes from the base model
+                    state[f"{name}.{key}"] = value
+        for name in self.modules_to_save:
+            for key, value in self.base_model.get_submodule(name).state_dict().items():
+                state[f"{name}.{key}"] = value
+        return {k: v.detach() for k, v in state.items()}
+
+    def count_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.count_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- save / load / unload -----------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write adapter_config.json and adapter_model.safetensors (PEFT's layout), atomically."""
+        from .checkpoint import save_adapter
+
+        save_adapter(self, save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False
+    ) -> "GoatModel":
+        """Rebuild a saved GoatModel on a fresh copy of its base model; no SVD runs."""
+        from .checkpoint import load_adapter
+
+        return load_adapter(base_model, adapter_directory, is_trainable=is_trainable)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with its original weights: W_res added back to every adapted layer
+        (equal to the original within the dtype's rounding), modules_to_save restored, and each
+        parameter's requires_grad as it was. The GoatModel must not be used afterwards."""
+        for name, layer in list(self.named_goat_layers()):
+            replace_module(self.base_model, name, layer.restore_base_weight())
+        for name, original in self._saved_originals.items():
+            self.base_model.get_submodule(name).load_state_dict(original)
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
+        self.goat_layer_names = []
+        return self.base_model
