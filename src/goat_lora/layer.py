@@ -19,7 +19,9 @@ try:  # GPT-2 style layers: y = x W + b with W stored (in, out)
 except ImportError:  # transformers is optional for plain PyTorch models
     Conv1D = None  # type: ignore[assignment,misc]
 
-SUPPORTED_LAYER_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d with a 1x1 kernel (groups=1)"
+SUPPORTED_LAYER_TYPES = (
+    "nn.Linear, transformers Conv1D, nn.Conv2d with a 1x1 kernel (stride 1, no padding, groups=1)"
+)
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -33,6 +35,8 @@ def is_supported_layer(module: nn.Module) -> bool:
         and tuple(module.stride) == (1, 1)
         and module.groups == 1
         and tuple(module.dilation) == (1, 1)
+        # padding would grow the output beyond the tokens the experts see ("same"/"valid" pad 0 here)
+        and (module.padding in ("same", "valid") or tuple(module.padding) == (0, 0))
     )
 
 

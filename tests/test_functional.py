@@ -1,0 +1,322 @@
+"""Every formula of ../shared/GOAT_SPEC.md, checked on small tensors (issue 2, acceptance 2 and 4).
+
+Expected numbers are computed by hand from the spec (scaling table) or by an independent float64
+route (full SVD, explicit sums) inside the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from goat_lora import functional as F
+from goat_lora.svd import singular_components
+
+# ---- 1. scaling -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, n, d, eta, alpha, expected",
+    [
+        ("goat", 768, 1, 1.0, 16, 48.0),
+        ("goat", 1024, 4, 1.0, 16, 27.7128),
+        ("goat", 4096, 1, 1.0, 16, 110.8513),
+        ("goat", 4096, 1, 0.1, 16, math.sqrt(3 * 0.1 * 4096)),
+        ("goat", 4096, 4, 0.1, 16, math.sqrt(3 * 0.1 * 4096 / 4)),
+        ("alpha", 768, 1, 1.0, 16, 16.0),  # the public scripts: lora_alpha = 2r, d = r/E -> s = 2E
+        ("alpha", 768, 4, 1.0, 64, 16.0),
+        ("alpha", 768, 2, 1.0, 16, 8.0),
+        ("rslora", 768, 4, 1.0, 16, 8.0),
+        ("rslora", 768, 2, 1.0, 16, 16 / math.sqrt(2)),
+    ],
+)
+def test_scaling_factor(mode, n, d, eta, alpha, expected):
+    assert F.scaling_factor(mode, n, d, eta=eta, lora_alpha=alpha) == pytest.approx(expected, abs=1e-4)
+
+
+def test_scaling_factor_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        F.scaling_factor("sqrt", 768, 1)
+
+
+def test_per_expert_scales_goat_s():
+    S = torch.tensor([[8.0, 4.0], [3.0, 1.0], [0.5, 0.5]])  # (E=3, d=2); sigma = 12, 4, 1
+    scales = F.per_expert_scales(10.0, S)
+    torch.testing.assert_close(scales, torch.tensor([10.0, 10.0 * math.sqrt(3.0), 10.0 * math.sqrt(12.0)]))
+    assert scales.dtype == torch.float32
+
+
+# ---- 2. component indices ---------------------------------------------------------------------------
+
+H, E, D = 16, 4, 2  # t = 4
+
+
+@pytest.mark.parametrize(
+    "init, expected",
+    [
+        ("goat", [[0, 1], [4, 5], [8, 9], [12, 13]]),
+        ("goat_mini", [[2, 3], [6, 7], [10, 11], [14, 15]]),
+        ("principal", [[0, 1], [2, 3], [4, 5], [6, 7]]),
+        ("minor", [[8, 9], [10, 11], [12, 13], [14, 15]]),
+    ],
+)
+def test_component_indices(init, expected):
+    assert F.expert_component_indices(init, H, E, D).tolist() == expected
+
+
+def test_component_indices_uneven_spectrum():
+    # h = 10, E = 3 -> t = 3; the last component (index 9) is in no segment
+    assert F.expert_component_indices("goat", 10, 3, 2).tolist() == [[0, 1], [3, 4], [6, 7]]
+    assert F.expert_component_indices("goat_mini", 10, 3, 2).tolist() == [[1, 2], [4, 5], [7, 8]]
+    assert F.expert_component_indices("minor", 10, 3, 2).tolist() == [[4, 5], [6, 7], [8, 9]]
+
+
+def test_random_indices_are_disjoint_aligned_in_range_and_seeded():
+    draws = []
+    for seed in range(20):
+        idx = F.expert_component_indices("random", 40, 5, 3, torch.Generator().manual_seed(seed))
+        assert idx.shape == (5, 3)
+        flat = idx.reshape(-1)
+        assert len(set(flat.tolist())) == 15, "experts overlap"
+        assert int(flat.min()) >= 0 and int(flat.max()) < 40
+        assert torch.equal(idx - idx[:, :1], torch.arange(3).expand(5, 3)), "each expert is a consecutive block"
+        assert torch.all(idx[:, 0] % 3 == 0) and torch.all(idx[1:, 0] > idx[:-1, 0])
+        again = F.expert_component_indices("random", 40, 5, 3, torch.Generator().manual_seed(seed))
+        assert torch.equal(idx, again), "same seed, same blocks"
+        draws.append(tuple(flat.tolist()))
+    assert len(set(draws)) > 10, "the generator is ignored"
+
+
+def test_segment_shorter_than_expert_rank_is_refused():
+    with pytest.raises(ValueError, match=r"d=3 is larger than the spectrum segment t=min\(m, n\)//E=16//8=2"):
+        F.expert_component_indices("goat", 16, 8, 3)
+
+
+def test_zero_init_has_no_components():
+    with pytest.raises(ValueError, match="zero"):
+        F.expert_component_indices("zero", 16, 4, 2)
+
+
+# ---- 4. expert factors and residual ------------------------------------------------------------------
+
+
+def _svd64(W):
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U, S, Vh.T
+
+
+@pytest.mark.parametrize("init", ["goat", "goat_mini", "principal", "minor", "random"])
+@pytest.mark.parametrize("per_expert", [False, True], ids=["s", "goat-s"])
+def test_each_expert_is_its_svd_slice_over_rho(init, per_expert):
+    torch.manual_seed(3)
+    m, n, num_experts, d, rho = 20, 24, 4, 2, 10.0
+    W = torch.randn(m, n)
+    idx = F.expert_component_indices(init, min(m, n), num_experts, d, torch.Generator().manual_seed(0))
+    U, S, V = singular_components(W, idx.reshape(-1), "exact")
+    s = F.scaling_factor("goat", n, d)
+    scales = F.per_expert_scales(s, S.reshape(num_experts, d)) if per_expert else torch.full((num_experts,), s)
+    factors = F.svd_expert_factors(U, S, V, scales, rho)
+    assert factors.A.shape == (num_experts * d, n) and factors.B.shape == (m, num_experts * d)
+    assert factors.A.dtype == factors.B.dtype == torch.float32
+    U64, S64, V64 = _svd64(W)
+    for j in range(num_experts):
+        cols = idx[j]
+        B_j, A_j = factors.B[:, j * d : (j + 1) * d].double(), factors.A[j * d : (j + 1) * d].double()
+        expected = U64[:, cols] @ torch.diag(S64[cols]) @ V64[:, cols].T / rho  # sign-free product
+        torch.testing.assert_close(float(scales[j]) * B_j @ A_j, expected, atol=1e-5, rtol=1e-4)
+        # B_j and A_j carry the same sqrt(S_j) / sqrt(s_j rho) (balanced factors, as in PiSSA)
+        torch.testing.assert_close(B_j.norm(dim=0), A_j.norm(dim=1), atol=1e-6, rtol=1e-5)
+    # the residual: W_res = c * sum_j s_j B_j A_j
+    c = 0.25
+    expected_res = c * sum(
+        U64[:, idx[j]] @ torch.diag(S64[idx[j]]) @ V64[:, idx[j]].T / rho for j in range(num_experts)
+    )
+    torch.testing.assert_close(F.residual_weight(factors, c).double(), expected_res, atol=1e-5, rtol=1e-4)
+
+
+def test_goat_s_makes_experts_on_small_singular_values_larger():
+    S = torch.tensor([[4.0], [1.0]])
+    factors = F.svd_expert_factors(torch.eye(3, 2), S.reshape(-1), torch.eye(3, 2), F.per_expert_scales(2.0, S), 1.0)
+    assert factors.expert_scale.tolist() == pytest.approx([2.0, 4.0])
+    # s_j B_j A_j is still U_j S_j V_j^T / rho: the larger scale is absorbed by smaller factors
+    assert float(factors.B[0, 0] * factors.A[0, 0] * 2.0) == pytest.approx(4.0)
+    assert float(factors.B[1, 1] * factors.A[1, 1] * 4.0) == pytest.approx(1.0)
+
+
+def test_zero_factors_are_plain_lora():
+    g = torch.Generator().manual_seed(0)
+    factors = F.zero_expert_factors(out_features=6, in_features=25, total_rank=4, num_experts=2, scale=3.0, generator=g)
+    assert torch.all(factors.B == 0)
+    assert float(factors.A.abs().max()) <= 1 / math.sqrt(25) + 1e-7  # Kaiming-uniform, a = sqrt(5)
+    assert float(factors.A.abs().max()) > 0.5 / math.sqrt(25)
+    assert factors.expert_scale.tolist() == [3.0, 3.0]
+    assert torch.all(F.residual_weight(factors, 0.5) == 0)
+
+
+# ---- 5. routing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(1, 1), (4, 1), (8, 2), (8, 8), (5, 3)])
+def test_route_keeps_top_k_and_renormalises(num_experts, top_k):
+    logits = torch.randn(50, num_experts) * 3
+    routing = F.route(logits, top_k)
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(routing.probs, probs)
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(50))
+    assert torch.all((routing.weights > 0).sum(-1) <= top_k)
+    # the kept ones are the k largest probabilities, in proportion to them
+    kth = probs.topk(top_k, -1).values[:, -1:]
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, routing.topk_index, True)
+    assert torch.all(probs[chosen].reshape(50, top_k) >= kth - 1e-7)
+    assert torch.all(routing.weights[~chosen] == 0)
+    expected = torch.where(chosen, probs, 0.0)
+    torch.testing.assert_close(routing.weights, expected / expected.sum(-1, keepdim=True))
+
+
+def test_route_in_float32_from_bf16_logits():
+    routing = F.route(torch.randn(4, 8, dtype=torch.bfloat16), 2)
+    assert routing.probs.dtype == routing.weights.dtype == torch.float32
+
+
+def test_route_empty_batch():
+    routing = F.route(torch.zeros(0, 8), 2)
+    assert routing.weights.shape == (0, 8) and routing.topk_index.shape == (0, 2)
+
+
+# ---- 6. experts: batched vs loop --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_experts, top_k, d", [(1, 1, 3), (4, 2, 1), (8, 2, 2), (6, 6, 1), (16, 3, 4)])
+def test_experts_delta_matches_loop_and_explicit_sum(num_experts, top_k, d):
+    T, n, m = 13, 10, 7
+    x = torch.randn(T, n, dtype=torch.float64)
+    A = torch.randn(num_experts * d, n, dtype=torch.float64)
+    B = torch.randn(m, num_experts * d, dtype=torch.float64)
+    scale = torch.rand(num_experts, dtype=torch.float64) + 0.5
+    routing = F.route(torch.randn(T, num_experts), top_k)
+    weights = routing.weights.double()
+    batched = F.experts_delta(x, A, B, weights, scale)
+    loop = F.experts_delta_loop(x, A, B, routing._replace(weights=weights), scale)
+    explicit = torch.zeros(T, m, dtype=torch.float64)
+    for t in range(T):
+        for j in routing.topk_index[t].tolist():
+            sl = slice(j * d, (j + 1) * d)
+            explicit[t] += weights[t, j] * scale[j] * (B[:, sl] @ (A[sl] @ x[t]))
+    torch.testing.assert_close(batched, explicit)
+    torch.testing.assert_close(loop, explicit)
+
+
+def test_experts_delta_is_two_matmuls_whatever_the_number_of_experts():
+    """The batched path's op count does not grow with E (no loop over experts)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for num_experts in (2, 16):
+        x, A, B = torch.randn(5, 32), torch.randn(num_experts * 2, 32), torch.randn(8, num_experts * 2)
+        weights = F.route(torch.randn(5, num_experts), 2).weights
+        with Count() as mode:
+            F.experts_delta(x, A, B, weights, torch.ones(num_experts))
+        counts[num_experts] = mode.names
+    assert counts[2] == counts[16]
+    assert sum(name in ("matmul", "__matmul__", "mm", "linear") for name in counts[16]) == 2
+
+
+# ---- 7. load-balancing loss -------------------------------------------------------------------------
+
+
+def _loss(probs, top_k, form):
+    routing = F.Routing(probs, probs.topk(top_k, -1).indices, torch.zeros_like(probs))
+    return F.load_balance_loss(F.routing_stats(routing), top_k, form)
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (4, 1), (6, 6), (16, 4)])
+def test_balance_loss_at_uniform_routing(num_experts, top_k):
+    """Uniform probabilities and every expert chosen equally often: k (public form), 1 (paper form)."""
+    T = num_experts * 3
+    probs = torch.full((T, num_experts), 1.0 / num_experts)
+    # top-k index chosen round-robin so that counts are exactly balanced
+    topk = (torch.arange(T)[:, None] * top_k + torch.arange(top_k)[None, :]) % num_experts
+    stats = F.routing_stats(F.Routing(probs, topk, torch.zeros_like(probs)))
+    assert float(F.load_balance_loss(stats, top_k, "public")) == pytest.approx(top_k)
+    assert float(F.load_balance_loss(stats, top_k, "paper")) == pytest.approx(1.0)
+
+
+def test_balance_loss_formula_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]])  # top-1: expert 0 twice
+    # public: E * sum_j (count_j / T) P_j = 3 * (2/2 * 0.6) = 1.8
+    assert float(_loss(probs, 1, "public")) == pytest.approx(1.8)
+    # top-2: counts (2, 0, 1+... ) -> token 0 picks {0,1}, token 1 picks {0,2}: counts (2,1,1)/2
+    # 3 * (1 * 0.6 + 0.5 * 0.15 + 0.5 * 0.25) = 2.4; paper = public / k = 1.2
+    assert float(_loss(probs, 2, "public")) == pytest.approx(2.4)
+    assert float(_loss(probs, 2, "paper")) == pytest.approx(1.2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    num_experts=st.integers(1, 16),
+    data=st.data(),
+    temperature=st.floats(0.01, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_balance_loss_is_at_least_its_uniform_value_per_token(num_experts, data, temperature, seed):
+    """For each token, sum over its top-k of p_j >= k/E, so a batch of identical tokens has loss >= k
+    (paper form >= 1): the loss is smallest when routing is uniform."""
+    top_k = data.draw(st.integers(1, num_experts))
+    T = data.draw(st.integers(1, 6))
+    logits = torch.randn(1, num_experts, generator=torch.Generator().manual_seed(seed)) / temperature
+    probs = torch.softmax(logits, -1).expand(T, num_experts)
+    assert float(_loss(probs, top_k, "public")) >= top_k - 1e-5
+    assert float(_loss(probs, top_k, "paper")) >= 1.0 - 1e-6
+
+
+@settings(max_examples=50, deadline=None)
+@given(num_experts=st.integers(1, 16), data=st.data(), seed=st.integers(0, 2**16))
+def test_balance_loss_with_balanced_counts_is_exactly_k(num_experts, data, seed):
+    """With every expert chosen equally often, L = E * sum_j (k/E) P_j = k * sum_j P_j = k for any p."""
+    top_k = data.draw(st.integers(1, num_experts))
+    T = num_experts * data.draw(st.integers(1, 4))
+    probs = torch.softmax(torch.randn(T, num_experts, generator=torch.Generator().manual_seed(seed)), -1)
+    topk = (torch.arange(T)[:, None] * top_k + torch.arange(top_k)[None, :]) % num_experts
+    stats = F.routing_stats(F.Routing(probs, topk, torch.zeros_like(probs)))
+    assert float(F.load_balance_loss(stats, top_k, "public")) == pytest.approx(top_k, rel=1e-5)
+
+
+def test_balance_loss_of_a_mixed_batch_can_dip_below_k():
+    """The Switch-style loss is not bounded below by k for a mixed batch (counts and mean
+    probabilities can be anti-correlated); this pins the formula rather than a false bound."""
+    probs = torch.tensor([[0.51, 0.49], [0.51, 0.49], [0.0, 1.0]])  # counts (2, 1), P = (0.34, 0.66)
+    assert float(_loss(probs, 1, "public")) == pytest.approx(2 * (2 / 3 * 0.34 + 1 / 3 * 0.66))
+    assert float(_loss(probs, 1, "public")) < 1.0
+
+
+def test_balance_loss_gradient_reaches_router_probs_only():
+    logits = torch.randn(10, 4, requires_grad=True)
+    routing = F.route(logits, 2)
+    stats = F.routing_stats(routing)
+    assert not stats.counts.requires_grad
+    F.load_balance_loss(stats, 2).backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_balance_loss_masks_padding_and_survives_empty_batch():
+    probs = torch.softmax(torch.randn(6, 4), -1)
+    routing = F.route(probs.log(), 1)
+    mask = torch.tensor([True, True, False, True, False, False])
+    masked = F.routing_stats(routing, mask)
+    assert float(masked.num_tokens) == 3 and float(masked.counts.sum()) == 3
+    torch.testing.assert_close(masked.prob_sum, probs[mask].sum(0))
+    empty = F.routing_stats(F.route(torch.zeros(0, 4), 2))
+    assert float(F.load_balance_loss(empty, 2)) == 0.0

@@ -1,0 +1,306 @@
+"""GoatLayer around Linear, GPT-2 Conv1D and 1x1 Conv2d (issue 2, acceptance 1, 2, 4, 6, 8).
+
+The batched forward is checked against the per-expert loop reference on outputs and on gradients of
+lora_A, lora_B and the router, and shown to contain no Python loop over experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from goat_lora import functional as F
+from goat_lora.config import GoatConfig
+from goat_lora.inject import initial_factors
+from goat_lora.layer import GoatLayer, base_weight_2d, layer_shape
+
+
+def make_base(kind: str, m: int = 12, n: int = 16, dtype=torch.float32) -> nn.Module:
+    if kind == "linear":
+        module = nn.Linear(n, m)
+    elif kind == "conv1d":
+        module = Conv1D(m, n)  # GPT-2 style: weight (n, m), y = x W + b
+        nn.init.normal_(module.weight, std=0.2)
+        nn.init.normal_(module.bias, std=0.1)
+    elif kind == "conv2d":
+        module = nn.Conv2d(n, m, kernel_size=1)
+    else:
+        raise AssertionError(kind)
+    return module.to(dtype)
+
+
+def make_input(kind: str, n: int = 16, shape=(3, 5), dtype=torch.float32) -> torch.Tensor:
+    if kind == "conv2d":
+        return torch.randn(shape[0], n, 2, shape[1], dtype=dtype)  # (B, C, H, W)
+    return torch.randn(*shape, n, dtype=dtype)
+
+
+def make_layer(kind, config=None, m=12, n=16, dtype=torch.float32, router_scale=1.0):
+    config = config or GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0)
+    base = make_base(kind, m, n, dtype)
+    generator = torch.Generator().manual_seed(0)
+    layer = GoatLayer(
+        base,
+        initial_factors("layer", base, config, generator),
+        top_k=config.top_k,
+        residual_coef=config.residual_coef,
+        dropout=config.dropout,
+        generator=generator,
+    )
+    with torch.no_grad():
+        layer.router.weight.mul_(router_scale)
+        layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))  # move off the init so B matters
+    return layer
+
+
+KINDS = ["linear", "conv1d", "conv2d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_and_reference_layer_equivalence(kind):
+    """The adapted layer equals an explicit (W0 - W_res) x + b + sum_j w_j s B_j A_j x written here."""
+    base = make_base(kind)
+    original = base_weight_2d(base).detach().clone()
+    config = GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0)
+    generator = torch.Generator().manual_seed(0)
+    layer = GoatLayer(base, initial_factors("l", base, config, generator), top_k=2, residual_coef=0.25, generator=generator)
+    x = make_input(kind)
+    y = layer(x)
+    tokens = x.movedim(1, -1).reshape(-1, 16) if kind == "conv2d" else x.reshape(-1, 16)
+    bias = base.bias
+    W_res = 0.25 * layer.expert_scale[0] * layer.init_B @ layer.init_A
+    w = F.route(tokens @ layer.router.weight.T, 2).weights
+    expected = tokens @ (original - W_res).T + bias
+    for j in range(4):
+        expected = expected + w[:, j : j + 1] * layer.expert_scale[j] * (tokens @ layer.lora_A[j : j + 1].T) @ layer.lora_B[:, j : j + 1].T
+    if kind == "conv2d":
+        expected = expected.reshape(3, 2, 5, 12).movedim(-1, 1)
+    else:
+        expected = expected.reshape(3, 5, 12)
+    assert y.shape == expected.shape
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_base_weight_is_w0_minus_residual(kind):
+    """After wrapping, W_base = W0 - init_cof * s * sum_j B_j A_j (the frozen initial factors)."""
+    base = make_base(kind, m=20, n=24)
+    original = base_weight_2d(base).detach().clone()
+    config = GoatConfig(r=8, num_experts=4, top_k=2, init_cof=0.5)
+    layer = GoatLayer(
+        base, initial_factors("l", base, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.5
+    )
+    s = F.scaling_factor("goat", 24, 2)
+    assert torch.allclose(layer.expert_scale, torch.full((4,), s))
+    expected = 0.5 * s * sum(layer.init_B[:, 2 * j : 2 * j + 2] @ layer.init_A[2 * j : 2 * j + 2] for j in range(4))
+    torch.testing.assert_close(original - base_weight_2d(layer.base_layer), expected, atol=1e-6, rtol=1e-5)
+    # and the residual is made of the goat segments: U_j S_j V_j^T / rho summed, times c
+    U, S, Vh = torch.linalg.svd(original.double(), full_matrices=False)
+    idx = F.expert_component_indices("goat", 20, 4, 2).reshape(-1)
+    svd_res = 0.5 * (U[:, idx] * S[idx]) @ Vh[idx] / 10.0
+    torch.testing.assert_close(expected.double(), svd_res, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_experts, top_k", [(1, 1), (4, 2), (4, 4), (8, 3)])
+def test_batched_matches_loop_reference_outputs_and_gradients(kind, num_experts, top_k):
+    config = GoatConfig(r=num_experts * 2 if num_experts < 8 else 8, num_experts=num_experts, top_k=top_k, dropout=0.0)
+    layer = make_layer(kind, config, m=16, n=16, router_scale=5.0)
+    x = make_input(kind)
+    grads = []
+    for fn in (layer.forward, layer.forward_loop_reference):
+        layer.zero_grad()
+        y = fn(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.router.weight.grad.clone()))
+    for name, batched, loop in zip(("output", "lora_A", "lora_B", "router"), *grads):
+        torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-5, msg=f"{name} differs")
+    if num_experts > 1:
+        assert float(grads[0][3].abs().sum()) > 0, "the router gets no gradient"
+
+
+def test_forward_calls_the_batched_path_once_and_never_the_loop(monkeypatch):
+    layer = make_layer("linear", GoatConfig(r=8, num_experts=8, top_k=2, dropout=0.0))
+    calls = {"batched": 0}
+    real = F.experts_delta
+
+    def counting(*args, **kwargs):
+        calls["batched"] += 1
+        return real(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the forward used the per-expert loop")
+
+    monkeypatch.setattr(F, "experts_delta", counting)
+    monkeypatch.setattr(F, "experts_delta_loop", forbidden)
+    layer(torch.randn(2, 5, 16))
+    assert calls["batched"] == 1
+
+
+def test_forward_op_count_does_not_grow_with_experts():
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for num_experts in (2, 16):
+        layer = make_layer("linear", GoatConfig(r=16, num_experts=num_experts, top_k=2, dropout=0.0), m=32, n=32)
+        x = torch.randn(4, 32)
+        with Count() as mode:
+            layer(x)
+        counts[num_experts] = mode.n
+        with Count() as mode:
+            layer.forward_loop_reference(x)
+        counts[f"loop{num_experts}"] = mode.n
+    assert counts[2] == counts[16]
+    assert counts["loop16"] > counts["loop2"], "the counter cannot see a loop"
+
+
+def test_router_sees_the_undropped_input_and_dropout_only_hits_the_experts():
+    layer = make_layer("linear", GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.5))
+    layer.train()
+    seen = []
+    layer.router.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    x = torch.randn(6, 16)
+    layer(x)
+    torch.testing.assert_close(seen[0], x)
+    # with B = 0 the experts vanish; dropout must then change nothing (it is not on the base path)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    layer.eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_base(kind, monkeypatch):
+    """A bf16 base: adapters and router float32, output bf16, the SVD in float32 or better."""
+    svd_dtypes = []
+    real_svd = torch.linalg.svd
+
+    def spy(A, *args, **kwargs):
+        svd_dtypes.append(A.dtype)
+        return real_svd(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    base32 = make_base(kind)
+    base16 = make_base(kind).to(torch.bfloat16)
+    base16.load_state_dict({k: v.to(torch.bfloat16) for k, v in base32.state_dict().items()})
+    config = GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0, svd_method="exact")
+    layer = GoatLayer(base16, initial_factors("l", base16, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25)
+    assert svd_dtypes and all(dt in (torch.float32, torch.float64) for dt in svd_dtypes)
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    for tensor in (layer.lora_A, layer.lora_B, layer.router.weight, layer.init_A, layer.init_B, layer.expert_scale):
+        assert tensor.dtype == torch.float32
+    x = make_input(kind, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.router.weight.grad is not None
+    # the result is close to the float32 layer's (bf16 rounding of W0 - W_res and of the output)
+    ref = GoatLayer(base32, initial_factors("l", base32, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25)
+    with torch.no_grad():
+        ref.router.weight.copy_(layer.router.weight)
+    torch.testing.assert_close(y.float(), ref(x.float()), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("svd_method", ["exact", "gram"])
+def test_svd_routes_run_in_float32_or_better_for_bf16(svd_method, monkeypatch):
+    dtypes = []
+    for fn_name in ("svd", "eigh"):
+        real = getattr(torch.linalg, fn_name)
+
+        def spy(A, *args, _real=real, **kwargs):
+            dtypes.append(A.dtype)
+            return _real(A, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, fn_name, spy)
+    base = make_base("linear", m=20, n=24, dtype=torch.bfloat16)
+    config = GoatConfig(r=8, num_experts=4, svd_method=svd_method)
+    factors = initial_factors("l", base, config, torch.Generator().manual_seed(0))
+    assert dtypes and all(dt in (torch.float32, torch.float64) for dt in dtypes)
+    assert factors.A.dtype == factors.B.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype, unit", [(torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-8)])
+def test_restore_base_weight_within_rounding(kind, dtype, unit):
+    """W0 -> W0 - W_res -> + W_res: two roundings, each at most u * |value| (u the unit roundoff)."""
+    base = make_base(kind, m=20, n=24, dtype=dtype)
+    original = base_weight_2d(base).detach().float().clone()
+    config = GoatConfig(r=8, num_experts=4, top_k=2)
+    layer = GoatLayer(base, initial_factors("l", base, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25)
+    residual = layer.residual()
+    assert float(residual.abs().max()) > 1e-3  # the test means something only if W_res is not tiny
+    restored = base_weight_2d(layer.restore_base_weight()).float()
+    bound = unit * ((original - residual).abs() + original.abs()) * 1.01 + 1e-12
+    assert torch.all((restored - original).abs() <= bound), float(((restored - original).abs() - bound).max())
+
+
+def test_unsupported_layers_raise():
+    factors = F.ExpertFactors(torch.zeros(2, 4), torch.zeros(4, 2), torch.ones(2))
+    for module in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 1, stride=2), nn.Embedding(4, 4), nn.Conv1d(4, 4, 1)):
+        with pytest.raises(ValueError, match=r"cannot adapt .*supported: nn.Linear, transformers Conv1D"):
+            GoatLayer(module, factors, top_k=1, residual_coef=0.5)
+
+
+def test_factors_of_the_wrong_shape_raise():
+    with pytest.raises(ValueError, match=r"do not fit a layer of shape \(out=12, in=16\)"):
+        GoatLayer(nn.Linear(16, 12), F.ExpertFactors(torch.zeros(4, 15), torch.zeros(12, 4), torch.ones(2)), top_k=1, residual_coef=0.5)
+
+
+def test_layer_shape_of_each_kind():
+    assert layer_shape(nn.Linear(16, 12)) == (12, 16)
+    assert layer_shape(Conv1D(12, 16)) == (12, 16)
+    assert layer_shape(nn.Conv2d(16, 12, 1)) == (12, 16)
+
+
+def test_aux_loss_and_expert_load_follow_the_forward():
+    layer = make_layer("linear", GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0))
+    assert float(layer.aux_loss()) == 0.0  # before any forward
+    x = torch.randn(10, 16)
+    layer(x)
+    routing = F.route(layer.router(x), 2)
+    expected = F.load_balance_loss(F.routing_stats(routing), 2)
+    torch.testing.assert_close(layer.aux_loss(), expected)
+    load = layer.expert_load()
+    assert load.shape == (4,) and float(load.sum()) == pytest.approx(1.0)
+    counts = torch.bincount(routing.topk_index.reshape(-1), minlength=4).double()
+    torch.testing.assert_close(load, counts / counts.sum())
+    layer(x)  # counts accumulate; fractions unchanged
+    torch.testing.assert_close(layer.expert_load(), counts / counts.sum())
+    layer.reset_expert_load()
+    assert float(layer.expert_load().sum()) == 0.0
+    layer.aux_loss().backward()
+    assert float(layer.router.weight.grad.abs().sum()) > 0
+
+
+def test_token_mask_excludes_padding_from_the_stats():
+    layer = make_layer("linear", GoatConfig(r=4, num_experts=4, top_k=1, dropout=0.0))
+    x = torch.randn(2, 5, 16)
+    layer.token_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    layer(x)
+    assert float(layer.last_stats.num_tokens) == 8 and float(layer.last_stats.counts.sum()) == 8
+    layer.token_mask = None
+    layer(x)
+    assert float(layer.last_stats.num_tokens) == 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch(kind):
+    layer = make_layer(kind)
+    x = make_input(kind, shape=(0, 5))
+    y = layer(x)
+    assert y.shape[0] == 0 and y.shape == layer.base_layer(x).shape
+    loss = float(layer.aux_loss().detach())
+    assert loss == 0.0 and not math.isnan(loss)
