@@ -45,6 +45,11 @@ def find_modules_to_save(model: nn.Module, config: GoatConfig) -> list[str]:
 
 def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
     """Names of the modules to adapt, in model order; a clear ValueError when none or a wrong type."""
+    adapted = [name for name, module in model.named_modules() if isinstance(module, GoatLayer)]
+    if adapted:  # its routers and base layers are nn.Linear too; adapting them would nest adapters
+        raise ValueError(
+            f"module {adapted[0]!r} is already a GoatLayer; unload() the model before adapting it again"
+        )
     saved = find_modules_to_save(model, config)
     excluded_prefixes = list(saved)
     spec = config.target_modules
@@ -71,8 +76,6 @@ def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
         )
     modules = dict(model.named_modules())
     for name in targets:
-        if isinstance(modules[name], GoatLayer):
-            raise ValueError(f"module {name!r} is already a GoatLayer; unload() the model before adapting it again")
         if not is_supported_layer(modules[name]):
             raise ValueError(
                 f"target module {name!r} is a {type(modules[name]).__name__}, which GOAT cannot adapt; "
