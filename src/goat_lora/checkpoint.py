@@ -78,6 +78,36 @@ def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig
     return config, tensors
 
 
+def _check_layer_tensors(
+    name: str, layer_tensors: dict[str, torch.Tensor], config: GoatConfig, out_features: int, in_features: int
+) -> None:
+    """The saved tensors of one layer must agree with the config (r, num_experts) and with each other."""
+    rank, num_experts = layer_tensors["init_A"].shape[0], layer_tensors["expert_scale"].numel()
+    if rank != config.r:
+        raise ValueError(
+            f"adapter_config.json says r={config.r}, but the saved weights of layer {name!r} have rank {rank}"
+        )
+    if num_experts != config.num_experts:
+        raise ValueError(
+            f"adapter_config.json says num_experts={config.num_experts}, but the saved weights of layer "
+            f"{name!r} have {num_experts} experts"
+        )
+    expected = {
+        "lora_A": (rank, in_features),
+        "lora_B": (out_features, rank),
+        "router.weight": (num_experts, in_features),
+        "init_A": (rank, in_features),
+        "init_B": (out_features, rank),
+        "expert_scale": (num_experts,),
+    }
+    for key, shape in expected.items():
+        if tuple(layer_tensors[key].shape) != shape:
+            raise ValueError(
+                f"adapter weights {name}.{key} has shape {tuple(layer_tensors[key].shape)}, expected {shape}; "
+                f"the file does not match its adapter_config.json"
+            )
+
+
 def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False):
     from .model import GoatModel
 
@@ -106,6 +136,7 @@ def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is
                 f"adapter layer {name!r} was saved for shape (out={init_B.shape[0]}, in={init_A.shape[1]}), "
                 f"but this base model's layer has (out={out_features}, in={in_features})"
             )
+        _check_layer_tensors(name, layer_tensors, config, out_features, in_features)
         if not _fingerprints_match(layer_tensors["base_fingerprint"], weight_fingerprint(base_weight_2d(module))):
             raise ValueError(
                 f"adapter layer {name!r} was trained on other base weights than this model's "
