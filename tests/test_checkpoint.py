@@ -34,20 +34,23 @@ def trained_model(case_id: str, dtype=torch.float32):
 
 
 def forbid_svd(monkeypatch) -> None:
-    """From here on, any SVD (exact, Gram/eigh, or through goat_lora.svd / inject) raises."""
+    """From here on, any SVD or eigendecomposition, and every function of goat_lora.svd (also where
+    inject imported it), raises."""
+    import inspect
 
     def boom(*args, **kwargs):
         raise AssertionError("an SVD ran while loading an adapter")
 
-    for owner, name in [
-        (torch.linalg, "svd"),
-        (torch.linalg, "eigh"),
-        (torch, "svd"),
-        (goat_lora.svd, "singular_components"),
-        (goat_lora.inject, "singular_components"),
-        (goat_lora.inject, "initial_factors"),
-    ]:
+    for owner, name in [(torch.linalg, "svd"), (torch.linalg, "svdvals"), (torch.linalg, "eigh"), (torch.linalg, "eig"), (torch, "svd"), (torch, "svd_lowrank"), (torch, "pca_lowrank")]:
         monkeypatch.setattr(owner, name, boom)
+    for name, fn in inspect.getmembers(goat_lora.svd, inspect.isfunction):
+        if fn.__module__ == goat_lora.svd.__name__:
+            monkeypatch.setattr(goat_lora.svd, name, boom)
+            if hasattr(goat_lora.inject, name):
+                monkeypatch.setattr(goat_lora.inject, name, boom)
+    for name in ("initial_factors", "all_initial_factors"):
+        if hasattr(goat_lora.inject, name):
+            monkeypatch.setattr(goat_lora.inject, name, boom)
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
