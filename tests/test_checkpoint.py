@@ -232,3 +232,17 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME], "temporary files left behind"
     with torch.no_grad():
         assert torch.equal(model_output(GoatModel.from_pretrained(factory(), tmp_path), inputs), expected)
+
+
+def test_modules_to_save_of_another_shape_are_refused_before_touching_the_base(tmp_path):
+    from conftest import tiny_bert
+
+    model, _, _ = trained_model("bert-cls-modules_to_save")  # classifier: 3 labels
+    model.save_pretrained(tmp_path)
+    base = tiny_bert()
+    base.classifier = torch.nn.Linear(32, 5)  # same body, another head
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(ValueError, match=r"saved module 'classifier' does not fit this base model: (weight|bias) has shape \(3"):
+        GoatModel.from_pretrained(base, tmp_path)
+    after = base.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -108,6 +108,25 @@ def _check_layer_tensors(
             )
 
 
+def _saved_module_state(base_model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved state of one of modules_to_save, checked (keys and shapes) against the base model's module."""
+    prefix = f"{name}."
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    current = base_model.get_submodule(name).state_dict()
+    if set(state) != set(current):
+        missing, unexpected = sorted(set(current) - set(state))[:3], sorted(set(state) - set(current))[:3]
+        raise ValueError(
+            f"saved module {name!r} does not fit this base model: missing {missing}, unexpected {unexpected}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ValueError(
+                f"saved module {name!r} does not fit this base model: {key} has shape {tuple(value.shape)}, "
+                f"the base model's has {tuple(current[key].shape)}"
+            )
+    return state
+
+
 def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False):
     from .model import GoatModel
 
@@ -145,8 +164,11 @@ def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is
         factors = F.ExpertFactors(init_A, init_B, layer_tensors["expert_scale"])
         saved_factors[name] = (factors, layer_tensors["router.weight"])
 
-    original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
     saved_modules = find_modules_to_save(base_model, config)
+    saved_states = {name: _saved_module_state(base_model, name, tensors) for name in saved_modules}
+
+    # Every check has passed: only now is the base model changed.
+    original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
     saved_originals = {
         name: {k: v.detach().clone() for k, v in base_model.get_submodule(name).state_dict().items()}
         for name in saved_modules
@@ -156,15 +178,8 @@ def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is
         for name, layer in layers.items():
             layer.lora_A.copy_(tensors[f"{name}.lora_A"])
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-    for name in saved_modules:
-        module = base_model.get_submodule(name)
-        prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise ValueError(f"saved module {name!r} does not fit this base model: {first_line}") from None
+    for name, state in saved_states.items():
+        base_model.get_submodule(name).load_state_dict(state, strict=True)
     model = GoatModel(base_model, config, layers, saved_modules, saved_originals, original_requires_grad)
     if not is_trainable:
         for param in model.parameters():
