@@ -319,3 +319,19 @@ def test_gradient_checkpointing_records_routing_once():
     layer = next(model.goat_layers())
     assert float(layer.load_counts.sum()) == batch["input_ids"].numel() * 2  # one forward's k=2 slots
     assert layer.router.weight.grad is not None
+
+
+def test_all_linear_skips_top_level_classifier_and_score_heads_only():
+    from conftest import tiny_gpt2_classifier
+
+    gpt2 = get_goat_model(tiny_gpt2_classifier(), GoatConfig(r=4, num_experts=2))  # no modules_to_save
+    assert "score" not in gpt2.goat_layer_names and len(gpt2.goat_layer_names) == 8
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.ModuleDict({"classifier": nn.Linear(8, 8), "score": nn.Linear(8, 8)})
+            self.classifier = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))  # a RoBERTa-style head
+
+    model = get_goat_model(Nested(), GoatConfig(r=2, num_experts=2))
+    assert model.goat_layer_names == ["body.classifier", "body.score"]
