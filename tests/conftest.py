@@ -185,15 +185,45 @@ def _features():
 # id -> (model factory, GoatConfig kwargs, inputs factory, number of adapted layers)
 MODEL_CASES = {
     "llama-all-linear-defaults": (tiny_llama, dict(), _tokens, 14),
-    "llama-qv-goat_mini": (tiny_llama, dict(r=8, num_experts=4, target_modules=["q_proj", "v_proj"], init="goat_mini"), _tokens, 4),
+    "llama-qv-goat_mini": (
+        tiny_llama,
+        dict(r=8, num_experts=4, target_modules=["q_proj", "v_proj"], init="goat_mini"),
+        _tokens,
+        4,
+    ),
     "llama-zero-init": (tiny_llama, dict(r=4, num_experts=2, top_k=1, init="zero"), _tokens, 14),
-    "gpt2-conv1d-principal": (tiny_gpt2, dict(r=4, num_experts=4, init="principal", scaling="alpha", lora_alpha=8), _tokens, 8),
-    "gpt2-regex-random": (tiny_gpt2, dict(r=6, num_experts=3, target_modules=r".*\.c_attn", init="random", seed=3), _tokens, 2),
+    "gpt2-conv1d-principal": (
+        tiny_gpt2,
+        dict(r=4, num_experts=4, init="principal", scaling="alpha", lora_alpha=8),
+        _tokens,
+        8,
+    ),
+    "gpt2-regex-random": (
+        tiny_gpt2,
+        dict(r=6, num_experts=3, target_modules=r".*\.c_attn", init="random", seed=3),
+        _tokens,
+        2,
+    ),
     "gpt2-cls-score-skipped": (tiny_gpt2_classifier, dict(r=4, num_experts=2, modules_to_save=["score"]), _tokens, 8),
-    "bert-cls-modules_to_save": (tiny_bert, dict(r=8, num_experts=4, top_k=2, modules_to_save=["classifier"]), _tokens, 13),
+    "bert-cls-modules_to_save": (
+        tiny_bert,
+        dict(r=8, num_experts=4, top_k=2, modules_to_save=["classifier"]),
+        _tokens,
+        13,
+    ),
     "conv2d-1x1": (tiny_convnet, dict(r=4, num_experts=4, target_modules=["pw1", "pw2"], scaling="rslora"), _images, 2),
-    "mlp-minor-goat-s": (tiny_mlp, dict(r=8, num_experts=4, top_k=3, init="minor", per_expert_scaling=True, eta=0.1), _features, 2),
-    "mlp-exclude-gram": (tiny_mlp, dict(r=4, num_experts=2, exclude_modules=["fc2"], svd_method="gram", rho=1.0), _features, 1),
+    "mlp-minor-goat-s": (
+        tiny_mlp,
+        dict(r=8, num_experts=4, top_k=3, init="minor", per_expert_scaling=True, eta=0.1),
+        _features,
+        2,
+    ),
+    "mlp-exclude-gram": (
+        tiny_mlp,
+        dict(r=4, num_experts=2, exclude_modules=["fc2"], svd_method="gram", rho=1.0),
+        _features,
+        1,
+    ),
 }
 
 

@@ -9,10 +9,10 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from conftest import MODEL_CASES, model_output, tiny_gpt2, tiny_llama
 
 import goat_lora.inject
 import goat_lora.svd
-from conftest import MODEL_CASES, model_output, tiny_gpt2, tiny_llama, token_batch
 from goat_lora import GoatConfig, GoatModel, get_goat_model
 from goat_lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
@@ -41,7 +41,15 @@ def forbid_svd(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("an SVD ran while loading an adapter")
 
-    for owner, name in [(torch.linalg, "svd"), (torch.linalg, "svdvals"), (torch.linalg, "eigh"), (torch.linalg, "eig"), (torch, "svd"), (torch, "svd_lowrank"), (torch, "pca_lowrank")]:
+    for owner, name in [
+        (torch.linalg, "svd"),
+        (torch.linalg, "svdvals"),
+        (torch.linalg, "eigh"),
+        (torch.linalg, "eig"),
+        (torch, "svd"),
+        (torch, "svd_lowrank"),
+        (torch, "pca_lowrank"),
+    ]:
         monkeypatch.setattr(owner, name, boom)
     for name, fn in inspect.getmembers(goat_lora.svd, inspect.isfunction):
         if fn.__module__ == goat_lora.svd.__name__:
@@ -113,7 +121,7 @@ def test_loaded_model_can_be_trained_further(tmp_path):
 
 
 def test_unload_after_load_gives_the_original_weights(tmp_path):
-    model, factory, inputs = trained_model("gpt2-conv1d-principal")
+    model, factory, _ = trained_model("gpt2-conv1d-principal")
     model.save_pretrained(tmp_path)
     base = GoatModel.from_pretrained(factory(), tmp_path).unload()
     original = factory()
@@ -132,12 +140,16 @@ def saved_llama(tmp_path):
 
 
 def test_other_shapes_are_refused(saved_llama):
-    with pytest.raises(ValueError, match=r"was saved for shape \(out=32, in=32\), but this base model's layer has \(out=48, in=48\)"):
+    with pytest.raises(
+        ValueError, match=r"was saved for shape \(out=32, in=32\), but this base model's layer has \(out=48, in=48\)"
+    ):
         GoatModel.from_pretrained(tiny_llama(hidden=48), saved_llama)
 
 
 def test_other_weights_are_refused(saved_llama):
-    with pytest.raises(ValueError, match=r"trained on other base weights than this model's \(weight fingerprint differs\)"):
+    with pytest.raises(
+        ValueError, match=r"trained on other base weights than this model's \(weight fingerprint differs\)"
+    ):
         GoatModel.from_pretrained(tiny_llama(seed=1), saved_llama)
 
 
@@ -242,7 +254,9 @@ def test_modules_to_save_of_another_shape_are_refused_before_touching_the_base(t
     base = tiny_bert()
     base.classifier = torch.nn.Linear(32, 5)  # same body, another head
     before = copy.deepcopy(base.state_dict())
-    with pytest.raises(ValueError, match=r"saved module 'classifier' does not fit this base model: (weight|bias) has shape \(3"):
+    with pytest.raises(
+        ValueError, match=r"saved module 'classifier' does not fit this base model: (weight|bias) has shape \(3"
+    ):
         GoatModel.from_pretrained(base, tmp_path)
     after = base.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -61,7 +61,9 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, words", BAD_CONFIGS, ids=[next(iter(k)) + "=" + repr(list(k.values())[-1]) for k, _ in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    "kwargs, words", BAD_CONFIGS, ids=[next(iter(k)) + "=" + repr(list(k.values())[-1]) for k, _ in BAD_CONFIGS]
+)
 def test_bad_config_raises_value_error_naming_field_value_and_allowed(kwargs, words):
     with pytest.raises(ValueError) as info:
         GoatConfig(**kwargs)
@@ -76,10 +78,25 @@ def test_bad_config_raises_value_error_naming_field_value_and_allowed(kwargs, wo
     [
         GoatConfig(),
         GoatConfig(
-            r=16, num_experts=4, top_k=4, init="random", scaling="alpha", lora_alpha=32, eta=0.1, rho=1.0,
-            init_cof=1.0, per_expert_scaling=True, dropout=0.0, target_modules=["q_proj", "v_proj"],
-            exclude_modules=r".*\.0\..*", modules_to_save=["classifier"], aux_loss_coef=0.0,
-            aux_loss_form="paper", aux_loss_ignore_padding=True, svd_method="gram", seed=7,
+            r=16,
+            num_experts=4,
+            top_k=4,
+            init="random",
+            scaling="alpha",
+            lora_alpha=32,
+            eta=0.1,
+            rho=1.0,
+            init_cof=1.0,
+            per_expert_scaling=True,
+            dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            exclude_modules=r".*\.0\..*",
+            modules_to_save=["classifier"],
+            aux_loss_coef=0.0,
+            aux_loss_form="paper",
+            aux_loss_ignore_padding=True,
+            svd_method="gram",
+            seed=7,
             base_model_name_or_path="minilm",
         ),
         GoatConfig(target_modules=r".*(query|value)$", init="zero"),
@@ -96,7 +113,9 @@ def test_json_round_trip(config, tmp_path):
 
 def test_unknown_field_is_refused_and_lists_the_allowed_ones():
     data = GoatConfig().to_dict() | {"num_expert": 4}
-    with pytest.raises(ValueError, match=r"unknown GoatConfig field\(s\) \['num_expert'\].*allowed fields.*num_experts"):
+    with pytest.raises(
+        ValueError, match=r"unknown GoatConfig field\(s\) \['num_expert'\].*allowed fields.*num_experts"
+    ):
         GoatConfig.from_dict(data)
 
 

@@ -67,7 +67,9 @@ def test_shapes_and_reference_layer_equivalence(kind):
     original = base_weight_2d(base).detach().clone()
     config = GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0)
     generator = torch.Generator().manual_seed(0)
-    layer = GoatLayer(base, initial_factors("l", base, config, generator), top_k=2, residual_coef=0.25, generator=generator)
+    layer = GoatLayer(
+        base, initial_factors("l", base, config, generator), top_k=2, residual_coef=0.25, generator=generator
+    )
     x = make_input(kind)
     y = layer(x)
     tokens = x.movedim(1, -1).reshape(-1, 16) if kind == "conv2d" else x.reshape(-1, 16)
@@ -76,7 +78,13 @@ def test_shapes_and_reference_layer_equivalence(kind):
     w = F.route(tokens @ layer.router.weight.T, 2).weights
     expected = tokens @ (original - W_res).T + bias
     for j in range(4):
-        expected = expected + w[:, j : j + 1] * layer.expert_scale[j] * (tokens @ layer.lora_A[j : j + 1].T) @ layer.lora_B[:, j : j + 1].T
+        expected = (
+            expected
+            + w[:, j : j + 1]
+            * layer.expert_scale[j]
+            * (tokens @ layer.lora_A[j : j + 1].T)
+            @ layer.lora_B[:, j : j + 1].T
+        )
     if kind == "conv2d":
         expected = expected.reshape(3, 2, 5, 12).movedim(-1, 1)
     else:
@@ -116,7 +124,9 @@ def test_batched_matches_loop_reference_outputs_and_gradients(kind, num_experts,
         layer.zero_grad()
         y = fn(x)
         (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads.append((y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.router.weight.grad.clone()))
+        grads.append(
+            (y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.router.weight.grad.clone())
+        )
     for name, batched, loop in zip(("output", "lora_A", "lora_B", "router"), *grads):
         torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-5, msg=f"{name} differs")
     if num_experts > 1:
@@ -197,7 +207,9 @@ def test_bfloat16_base(kind, monkeypatch):
     base16 = make_base(kind).to(torch.bfloat16)
     base16.load_state_dict({k: v.to(torch.bfloat16) for k, v in base32.state_dict().items()})
     config = GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0, svd_method="exact")
-    layer = GoatLayer(base16, initial_factors("l", base16, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25)
+    layer = GoatLayer(
+        base16, initial_factors("l", base16, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25
+    )
     assert svd_dtypes and all(dt in (torch.float32, torch.float64) for dt in svd_dtypes)
     assert layer.base_layer.weight.dtype == torch.bfloat16
     for tensor in (layer.lora_A, layer.lora_B, layer.router.weight, layer.init_A, layer.init_B, layer.expert_scale):
@@ -208,7 +220,9 @@ def test_bfloat16_base(kind, monkeypatch):
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.router.weight.grad is not None
     # the result is close to the float32 layer's (bf16 rounding of W0 - W_res and of the output)
-    ref = GoatLayer(base32, initial_factors("l", base32, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25)
+    ref = GoatLayer(
+        base32, initial_factors("l", base32, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25
+    )
     with torch.no_grad():
         ref.router.weight.copy_(layer.router.weight)
     torch.testing.assert_close(y.float(), ref(x.float()), atol=0.05, rtol=0.05)
@@ -239,7 +253,9 @@ def test_restore_base_weight_within_rounding(kind, dtype, unit):
     base = make_base(kind, m=20, n=24, dtype=dtype)
     original = base_weight_2d(base).detach().float().clone()
     config = GoatConfig(r=8, num_experts=4, top_k=2)
-    layer = GoatLayer(base, initial_factors("l", base, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25)
+    layer = GoatLayer(
+        base, initial_factors("l", base, config, torch.Generator().manual_seed(0)), top_k=2, residual_coef=0.25
+    )
     residual = layer.residual()
     assert float(residual.abs().max()) > 1e-3  # the test means something only if W_res is not tiny
     restored = base_weight_2d(layer.restore_base_weight()).float()
@@ -249,14 +265,25 @@ def test_restore_base_weight_within_rounding(kind, dtype, unit):
 
 def test_unsupported_layers_raise():
     factors = F.ExpertFactors(torch.zeros(2, 4), torch.zeros(4, 2), torch.ones(2))
-    for module in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 1, stride=2), nn.Embedding(4, 4), nn.Conv1d(4, 4, 1)):
+    for module in (
+        nn.Conv2d(4, 4, 3),
+        nn.Conv2d(4, 4, 1, padding=1),
+        nn.Conv2d(4, 4, 1, stride=2),
+        nn.Embedding(4, 4),
+        nn.Conv1d(4, 4, 1),
+    ):
         with pytest.raises(ValueError, match=r"cannot adapt .*supported: nn.Linear, transformers Conv1D"):
             GoatLayer(module, factors, top_k=1, residual_coef=0.5)
 
 
 def test_factors_of_the_wrong_shape_raise():
     with pytest.raises(ValueError, match=r"do not fit a layer of shape \(out=12, in=16\)"):
-        GoatLayer(nn.Linear(16, 12), F.ExpertFactors(torch.zeros(4, 15), torch.zeros(12, 4), torch.ones(2)), top_k=1, residual_coef=0.5)
+        GoatLayer(
+            nn.Linear(16, 12),
+            F.ExpertFactors(torch.zeros(4, 15), torch.zeros(12, 4), torch.ones(2)),
+            top_k=1,
+            residual_coef=0.5,
+        )
 
 
 def test_layer_shape_of_each_kind():

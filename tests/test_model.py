@@ -10,10 +10,10 @@ import inspect
 
 import pytest
 import torch
+from conftest import MODEL_CASES, model_output, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import MODEL_CASES, model_output, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
 from goat_lora import GoatConfig, GoatLayer, GoatModel, get_goat_model
 from goat_lora.layer import base_weight_2d
 
@@ -162,7 +162,9 @@ def test_alignment_minilm(minilm, minilm_batch):
 def test_minilm_unload_bf16_within_rounding(minilm, minilm_batch):
     """unload() on a bfloat16 MiniLM: each weight within two bf16 roundings of the original."""
     base = minilm.to(torch.bfloat16)
-    originals = {n: base_weight_2d(m).detach().float().clone() for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    originals = {
+        n: base_weight_2d(m).detach().float().clone() for n, m in base.named_modules() if isinstance(m, nn.Linear)
+    }
     model = get_goat_model(base, GoatConfig(r=8, num_experts=4, dropout=0.0))
     residuals = {n: layer.residual() for n, layer in model.named_goat_layers()}
     with torch.no_grad():
@@ -185,11 +187,16 @@ def test_minilm_unload_bf16_within_rounding(minilm, minilm_batch):
 def test_conv2d_1x1_is_adapted_and_3x3_is_refused():
     model = get_goat_model(tiny_convnet(), GoatConfig(r=4, num_experts=2, target_modules=["pw1", "pw2"]))
     assert model.goat_layer_names == ["pw1", "pw2"]
-    with pytest.raises(ValueError, match=r"target module 'dw' is a Conv2d, which GOAT cannot adapt; supported: nn.Linear"):
+    with pytest.raises(
+        ValueError, match=r"target module 'dw' is a Conv2d, which GOAT cannot adapt; supported: nn.Linear"
+    ):
         get_goat_model(tiny_convnet(), GoatConfig(r=4, num_experts=2, target_modules=["pw1", "dw"]))
 
 
-@pytest.mark.parametrize("target, kind", [(["embed_tokens"], "Embedding"), (["input_layernorm"], "LlamaRMSNorm"), (["self_attn"], "LlamaAttention")])
+@pytest.mark.parametrize(
+    "target, kind",
+    [(["embed_tokens"], "Embedding"), (["input_layernorm"], "LlamaRMSNorm"), (["self_attn"], "LlamaAttention")],
+)
 def test_other_target_types_are_refused(target, kind):
     with pytest.raises(ValueError, match=rf"is a {kind}, which GOAT cannot adapt"):
         get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=8, target_modules=target))
@@ -218,7 +225,10 @@ def test_lm_head_can_be_targeted_explicitly():
 
 
 def test_no_match_is_an_error_listing_adaptable_modules():
-    with pytest.raises(ValueError, match=r"target_modules=\['query'\] matched no adaptable module of LlamaForCausalLM; adaptable modules include"):
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules=\['query'\] matched no adaptable module of LlamaForCausalLM; adaptable modules include",
+    ):
         get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=8, target_modules=["query"]))
 
 
@@ -271,7 +281,7 @@ def test_forward_signature_and_attribute_forwarding_for_the_trainer():
     enable()
     assert model.base_model.model.gradient_checkpointing
     with pytest.raises(AttributeError):
-        model.no_such_attribute
+        _ = model.no_such_attribute
 
 
 def test_aux_loss_is_the_sum_over_layers_and_ignores_padding_when_asked():

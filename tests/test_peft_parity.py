@@ -16,14 +16,20 @@ import torch
 
 peft = pytest.importorskip("peft", reason="peft is needed for the PiSSA cross-check")
 
-from conftest import model_output, tiny_gpt2, tiny_llama, tiny_mlp, token_batch  # noqa: E402
-from goat_lora import GoatConfig, get_goat_model  # noqa: E402
-from goat_lora.layer import base_weight_2d  # noqa: E402
+from conftest import model_output, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
+
+from goat_lora import GoatConfig, get_goat_model
+from goat_lora.layer import base_weight_2d
 
 CASES = {
     "llama-linear": (tiny_llama, ["q_proj", "v_proj", "down_proj"], False, lambda: token_batch()),
     "gpt2-conv1d": (tiny_gpt2, ["c_attn", "c_fc"], True, lambda: token_batch()),
-    "mlp": (tiny_mlp, ["fc1", "fc2"], False, lambda: {"x": torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))}),
+    "mlp": (
+        tiny_mlp,
+        ["fc1", "fc2"],
+        False,
+        lambda: {"x": torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))},
+    ),
 }
 
 
@@ -36,15 +42,28 @@ def test_single_expert_principal_equals_peft_pissa(case, r):
     pissa = peft.get_peft_model(
         copy.deepcopy(base),
         peft.LoraConfig(
-            r=r, lora_alpha=r, lora_dropout=0.0, init_lora_weights="pissa", target_modules=targets,
+            r=r,
+            lora_alpha=r,
+            lora_dropout=0.0,
+            init_lora_weights="pissa",
+            target_modules=targets,
             fan_in_fan_out=fan_in_fan_out,
         ),
     )
     goat = get_goat_model(
         copy.deepcopy(base),
         GoatConfig(
-            r=r, num_experts=1, top_k=1, init="principal", scaling="alpha", lora_alpha=r, rho=1.0,
-            init_cof=1.0, dropout=0.0, target_modules=targets, svd_method="exact",
+            r=r,
+            num_experts=1,
+            top_k=1,
+            init="principal",
+            scaling="alpha",
+            lora_alpha=r,
+            rho=1.0,
+            init_cof=1.0,
+            dropout=0.0,
+            target_modules=targets,
+            svd_method="exact",
         ),
     )
     layers = dict(goat.named_goat_layers())
@@ -53,7 +72,9 @@ def test_single_expert_principal_equals_peft_pissa(case, r):
     # the same residual base weights
     for name, layer in layers.items():
         peft_layer = pissa.base_model.model.get_submodule(name)
-        torch.testing.assert_close(base_weight_2d(layer.base_layer), base_weight_2d(peft_layer.base_layer), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            base_weight_2d(layer.base_layer), base_weight_2d(peft_layer.base_layer), atol=1e-5, rtol=1e-4
+        )
 
     # the same outputs and gradients, after moving B off its init so that every path matters
     perturb = torch.Generator().manual_seed(5)
