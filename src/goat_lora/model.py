@@ -7,7 +7,10 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from . import functional as F
 
 from .config import GoatConfig
 from .inject import find_modules_to_save, find_target_modules, inject_goat_layers, replace_module
@@ -97,16 +100,40 @@ class GoatModel(nn.Module):
         for name in self.goat_layer_names:
             yield name, self.base_model.get_submodule(name)
 
-    def aux_loss(self) -> torch.Tensor:
+    def aux_loss(self, sync_processes: bool = True) -> torch.Tensor:
         """Load-balancing loss of the last forward, summed over adapted layers; differentiable and
         unscaled (multiply by config.aux_loss_coef). Form: config.aux_loss_form ("public": the
-        public code's E * sum_j (count_j/T) P_j per layer, equal to top_k at perfect balance)."""
-        losses = [layer.aux_loss() for layer in self.goat_layers()]
+        public code's E * sum_j (count_j/T) P_j per layer, equal to top_k at perfect balance).
+
+        Under torch.distributed (DDP, FSDP) the routing statistics are summed over processes first,
+        so the loss is that of the global batch, as in a single-process run: the probability sums
+        go through a differentiable all-reduce (its backward sums the gradients of all processes,
+        which DDP's averaging turns back into the global batch's gradient)."""
+        layers = list(self.goat_layers())
+        stats = [layer.last_stats for layer in layers]
+        if any(s is None for s in stats):
+            if all(s is None for s in stats):
+                return torch.zeros((), device=layers[0].lora_A.device)
+            raise RuntimeError("some adapted layers saw no input in the last forward; aux_loss() needs all of them")
+        if sync_processes and _distributed():
+            stats = _all_reduce_stats(stats)
+        losses = [F.load_balance_loss(s, layer.top_k, layer.aux_loss_form) for s, layer in zip(stats, layers)]
         return torch.stack(losses).sum()
 
-    def expert_load(self) -> dict[str, torch.Tensor]:
-        """Per adapted layer: fraction of routed tokens per expert since the last reset, (E,) each."""
-        return {name: layer.expert_load() for name, layer in self.named_goat_layers()}
+    def expert_load(self, sync_processes: bool = True) -> dict[str, torch.Tensor]:
+        """Per adapted layer: fraction of routed tokens per expert since the last reset, (E,) each;
+        counted over all processes under torch.distributed."""
+        names = list(self.goat_layer_names)
+        counts = [layer.load_counts for layer in self.goat_layers()]
+        if not counts:
+            return {}
+        stacked = torch.stack(counts)  # (L, E)
+        if sync_processes and _distributed():
+            stacked = stacked.clone()
+            dist.all_reduce(stacked)
+        totals = stacked.sum(dim=1, keepdim=True)
+        fractions = torch.where(totals > 0, stacked / totals.clamp_min(1), stacked)
+        return dict(zip(names, fractions.unbind(0)))
 
     def reset_expert_load(self) -> None:
         for layer in self.goat_layers():
@@ -173,3 +200,17 @@ class GoatModel(nn.Module):
             param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
         self.goat_layer_names = []
         return self.base_model
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_stats(stats: list[F.RoutingStats]) -> list[F.RoutingStats]:
+    """Sum every layer's routing statistics over processes, in two collectives for all layers."""
+    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+    prob_sums = differentiable_all_reduce(torch.stack([s.prob_sum for s in stats]))  # (L, E)
+    counts = torch.stack([torch.cat([s.counts, s.num_tokens.reshape(1)]) for s in stats]).detach().clone()
+    dist.all_reduce(counts)  # (L, E + 1): counts and the token count, no gradient needed
+    return [F.RoutingStats(p, c[:-1], c[-1]) for p, c in zip(prob_sums.unbind(0), counts.unbind(0))]
