@@ -10,7 +10,7 @@ from torch import nn
 
 from . import functional as F
 from .config import GoatConfig, InitMode
-from .svd import singular_components
+from .svd import batched_singular_components, singular_components
 from .layer import SUPPORTED_LAYER_TYPES, Conv1D, GoatLayer, base_weight_2d, is_supported_layer, layer_shape
 
 # Classification heads that "all-linear" leaves alone (peft does the same for sequence classifiers).
@@ -89,10 +89,10 @@ def layer_generator(seed: int, layer_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + layer_index)
 
 
-def initial_factors(
-    name: str, module: nn.Module, config: GoatConfig, generator: torch.Generator
-) -> F.ExpertFactors:
-    """The experts' starting factors for one layer (the only place an SVD runs)."""
+def _plan_factors(name: str, module: nn.Module, config: GoatConfig, generator: torch.Generator):
+    """Everything of one layer's init except the SVD: (scale, component indices (E, d), weight), or
+    the finished factors for init="zero". Draws from `generator` in the same order as always
+    (indices first; GoatLayer then draws the router), so batching changes no result."""
     out_features, in_features = layer_shape(module)
     expert_rank, num_experts = config.expert_rank, config.num_experts
     scale = F.scaling_factor(config.scaling, in_features, expert_rank, config.eta, config.lora_alpha)
@@ -107,12 +107,52 @@ def initial_factors(
         )
     except ValueError as err:
         raise ValueError(f"layer {name!r} (out={out_features}, in={in_features}): {err}") from None
-    U, S, V = singular_components(weight, indices.reshape(-1), config.svd_method)
+    return scale, indices, weight
+
+
+def _finish_factors(config: GoatConfig, scale: float, U, S, V) -> F.ExpertFactors:
     if config.per_expert_scaling:
-        scales = F.per_expert_scales(scale, S.reshape(num_experts, expert_rank))
+        scales = F.per_expert_scales(scale, S.reshape(config.num_experts, config.expert_rank).cpu())
     else:
-        scales = torch.full((num_experts,), float(scale))
+        scales = torch.full((config.num_experts,), float(scale))
     return F.svd_expert_factors(U.cpu(), S.cpu(), V.cpu(), scales, config.rho)
+
+
+def initial_factors(
+    name: str, module: nn.Module, config: GoatConfig, generator: torch.Generator
+) -> F.ExpertFactors:
+    """The experts' starting factors for one layer (see `all_initial_factors` for many at once)."""
+    plan = _plan_factors(name, module, config, generator)
+    if isinstance(plan, F.ExpertFactors):
+        return plan
+    scale, indices, weight = plan
+    U, S, V = singular_components(weight, indices.reshape(-1), config.svd_method)
+    return _finish_factors(config, scale, U, S, V)
+
+
+def all_initial_factors(
+    modules: dict[str, nn.Module], config: GoatConfig, generators: dict[str, torch.Generator]
+) -> dict[str, F.ExpertFactors]:
+    """Initial factors of many layers: weights of one shape, dtype and device share batched
+    Gram eigendecompositions (svd.batched_singular_components); the result per layer is the one
+    `initial_factors` gives (the same numbers for "exact"; for "gram" up to eigh's batch rounding)."""
+    factors: dict[str, F.ExpertFactors] = {}
+    groups: dict[tuple, list[tuple[str, float, torch.Tensor, torch.Tensor]]] = {}
+    for name, module in modules.items():
+        plan = _plan_factors(name, module, config, generators[name])
+        if isinstance(plan, F.ExpertFactors):
+            factors[name] = plan
+            continue
+        scale, indices, weight = plan
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        groups.setdefault(key, []).append((name, scale, indices.reshape(-1), weight))
+    for members in groups.values():
+        weights = [weight for _, _, _, weight in members]
+        indices = torch.stack([idx for _, _, idx, _ in members])  # (N, K)
+        results = batched_singular_components(weights, indices, config.svd_method)
+        for (name, scale, _, _), (U, S, V) in zip(members, results):
+            factors[name] = _finish_factors(config, scale, U, S, V)
+    return {name: factors[name] for name in modules}
 
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
@@ -130,11 +170,14 @@ def inject_goat_layers(
     """Swap each target for a GoatLayer. Factors come from the SVD, or from `saved_factors`
     (name -> (initial factors, router weight)) when loading a checkpoint: then no SVD runs."""
     layers: dict[str, GoatLayer] = {}
-    for index, name in enumerate(targets):
+    generators = {name: layer_generator(config.seed, index) for index, name in enumerate(targets)}
+    if saved_factors is None:  # all SVDs first, batched over layers of equal shape
+        computed = all_initial_factors({name: model.get_submodule(name) for name in targets}, config, generators)
+    for name in targets:
         module = model.get_submodule(name)
-        generator = layer_generator(config.seed, index)
+        generator = generators[name]
         if saved_factors is None:
-            factors, router_weight = initial_factors(name, module, config, generator), None
+            factors, router_weight = computed[name], None
         else:
             factors, router_weight = saved_factors[name]
         layer = GoatLayer(
