@@ -72,6 +72,21 @@ def _in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _MaskedScale(torch.autograd.Function):
+    """y = x * noise with noise in {0, scale}; saves the keep mask (bool) rather than the float noise.
+    Multiplying by a 0/1 mask is exact, so y and the gradient equal x * noise and g * noise bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(noise != 0, scale)
+        return x * noise
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        keep, scale = ctx.saved_tensors
+        return (grad * keep) * scale, None, None
+
+
 class GoatLayer(nn.Module):
     """E LoRA experts (concatenated: lora_A (r, n), lora_B (m, r)) and a top-k router around a frozen layer."""
 
@@ -136,9 +151,21 @@ class GoatLayer(nn.Module):
         result = self.base_layer(x)  # (W0 - W_res) x + b
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
         routing = F.route(self.router(tokens), self.top_k)
-        delta = F.experts_delta(self.dropout(tokens), self.lora_A, self.lora_B, routing.weights, self.expert_scale)
+        delta = F.experts_delta(self._experts_dropout(tokens), self.lora_A, self.lora_B, routing.weights, self.expert_scale)
         self._record(routing, x)
         return result + self._from_tokens(delta, result).to(result.dtype)
+
+    def _experts_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
+        """dropout(tokens), the same numbers as nn.Dropout's CPU path (noise = bernoulli(1-p) / (1-p)
+        from the same draws), but autograd keeps a 1-byte keep mask instead of the float noise: the
+        router already keeps `tokens` alive, so this holds GOAT's activation memory near LoRA's."""
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        if not self.training or p == 0.0:
+            return tokens
+        with torch.no_grad():
+            noise = torch.empty_like(tokens).bernoulli_(1.0 - p).div_(1.0 - p)  # (T, n): 0 or 1/(1-p)
+            scale = torch.ones((), dtype=tokens.dtype, device=tokens.device).div_(1.0 - p)
+        return _MaskedScale.apply(tokens, noise, scale)
 
     def forward_loop_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer with a per-expert Python loop (slow; used to check the batched path)."""
