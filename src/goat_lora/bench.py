@@ -1,0 +1,588 @@
+r"""`goat bench`: GOAT against peft's LoRA at equal total rank, measured side by side in one run.
+
+Two benchmarks (figures and their meaning: docs/benchmarks.md):
+
+* the step benchmark (default): for each model, four copies of one sequence classifier are trained
+  on the same random batch, one per method:
+
+      head       frozen base, trainable classification head only
+      lora       peft LoRA of rank r on every Linear (lora_alpha = 2r, dropout 0.05)
+      goat       GOAT (r, E, k) on every Linear: experts of rank d = r / E, batched path
+      goat_loop  the same GOAT model running GoatLayer.forward_loop_reference (per-expert loop)
+
+  Each repetition runs one training step (forward, backward, AdamW step) of every method in turn
+  (round robin), so background load on the machine hits all methods alike; after the warm-up
+  repetitions the median and the spread (25th-75th percentile) are printed. Ratios to LoRA are the
+  median over repetitions of the per-repetition ratio. Eval throughput is measured the same way
+  (model.eval(), torch.inference_mode()). Peak memory: on CUDA torch.cuda.max_memory_allocated()
+  over one step; on CPU the bytes of parameters, buffers and optimizer state plus the peak of the
+  bytes allocated during one (separate, untimed) step, from torch.profiler's memory accounting.
+
+* the initialisation benchmark (``--init``): adapting every target matrix of one LLaMA-2-7B-shaped
+  decoder layer (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; random weights), with
+  the public code's full float32 SVD per matrix (svd_method="exact") against this project's method
+  (svd_method="auto"), plus each expert's subspace against the exact SVD's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+METHODS = ("head", "lora", "goat", "goat_loop")
+MODEL_SHAPES = {"minilm": (32, 64), "smollm2": (8, 128)}  # batch x tokens (issue 4)
+TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop" is loop time / GOAT time
+    "step": ("<=", 1.10),
+    "memory": ("<=", 1.10),
+    "eval": (">=", 0.90),
+    "loop_speedup": (">=", 2.2),
+}
+INIT_TARGET = 4.0  # exact SVD time / this project's time
+LLAMA7B_LAYER = (  # (name, out, in) of one LLaMA-2-7B decoder layer's adapted matrices
+    ("q_proj", 4096, 4096),
+    ("k_proj", 4096, 4096),
+    ("v_proj", 4096, 4096),
+    ("o_proj", 4096, 4096),
+    ("gate_proj", 11008, 4096),
+    ("up_proj", 11008, 4096),
+    ("down_proj", 4096, 11008),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `goat bench` (the CLI registers them on its `bench` subcommand)."""
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["minilm", "smollm2"],
+        help="models to benchmark: minilm (batch 32x64), smollm2 (batch 8x128), or a local path / hub name "
+        "(batch from --batch-size/--seq-len); default: minilm smollm2",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="measured repetitions per method (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up repetitions, not measured (default 2)")
+    parser.add_argument("--rank", type=int, default=8, help="total rank r of LoRA and of GOAT's experts (default 8)")
+    parser.add_argument("--experts", type=int, default=8, help="GOAT experts E (default 8)")
+    parser.add_argument("--top-k", type=int, default=2, help="GOAT experts per token k (default 2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the model's batch size")
+    parser.add_argument("--seq-len", type=int, default=None, help="override the model's tokens per example")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run (default: all four)"
+    )
+    parser.add_argument("--no-eval", action="store_true", help="skip the eval-throughput measurement")
+    parser.add_argument(
+        "--init",
+        action="store_true",
+        help="benchmark initialisation instead: one LLaMA-2-7B-shaped layer, exact SVD vs this project's method",
+    )
+    parser.add_argument("--init-repeats", type=int, default=1, help="repetitions of the --init timing (default 1)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE (JSON)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny random models, few steps (seconds); checks that the benchmark runs"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, batches and routers (default 0)")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark selected by `args`, print its table, write --json; exit status 0."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _pick_device(args.device)
+    meta = _meta(args, device)
+    if args.init:
+        result = {"meta": meta, "init": bench_init(args, device)}
+        print(format_init_table(result["init"]))
+    else:
+        models = {}
+        for name in (["tiny-bert", "tiny-llama"] if args.smoke else args.models):
+            models[name] = bench_model(name, args, device)
+            print(format_model_table(name, models[name]))
+            print(flush=True)
+        result = {"meta": meta, "models": models}
+    if args.json:
+        from .config import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def _meta(args: argparse.Namespace, device: torch.device) -> dict:
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "rank": args.rank,
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "steps": args.steps if not args.smoke else min(args.steps, 2),
+        "warmup": args.warmup if not args.smoke else 1,
+        "smoke": bool(args.smoke),
+    }
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------
+# models and methods
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_model(name: str, seed: int) -> nn.Module:
+    """A seeded random sequence classifier a few layers deep (for --smoke and the test suite)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    if name == "tiny-bert":
+        config = BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, num_labels=2,
+        )
+        return BertForSequenceClassification(config)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2, pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def _load_model(name: str, seed: int) -> nn.Module:
+    if name.startswith("tiny-"):
+        return _tiny_model(name, seed)
+    from . import hf
+
+    return hf.load_sequence_classifier(name, 2, dtype=torch.float32)
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    from .hf import default_modules_to_save
+
+    heads = default_modules_to_save(model)
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no 'classifier' or 'score' head to train")
+    return heads
+
+
+def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """A fresh copy of `base` adapted by `method`, with only that method's parameters trainable."""
+    model = copy.deepcopy(base)
+    heads = _head_names(model)
+    if method == "head":
+        for name, param in model.named_parameters():
+            param.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
+        return model
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear",
+            modules_to_save=heads,
+        )
+        return get_peft_model(model, config)
+    from .config import GoatConfig
+    from .model import get_goat_model
+
+    config = GoatConfig(
+        r=args.rank, num_experts=args.experts, top_k=args.top_k, modules_to_save=heads, seed=args.seed
+    )
+    goat = get_goat_model(model, config)
+    if method == "goat_loop":
+        for layer in goat.goat_layers():
+            layer.forward = layer.forward_loop_reference  # the per-expert Python loop
+    return goat
+
+
+class _Runner:
+    """One method's model, optimizer and step / eval closures on a fixed batch."""
+
+    def __init__(self, method: str, model: nn.Module, batch: dict, device: torch.device):
+        self.method, self.model, self.batch, self.device = method, model.to(device), batch, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.aux_coef = model.goat_config.aux_loss_coef if hasattr(model, "goat_layers") else 0.0
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(**self.batch)
+        loss = out.loss
+        if self.aux_coef:
+            loss = loss + self.aux_coef * self.model.aux_loss()  # GOAT's balance loss, as training adds it
+        loss.backward()
+        self.optimizer.step()
+
+    def eval_step(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            inputs = {k: v for k, v in self.batch.items() if k != "labels"}
+            self.model(**inputs)
+
+    def resident_bytes(self) -> int:
+        """Parameters, buffers and optimizer state (what stays allocated between steps)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        seen, total = set(), 0
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def peak_step_memory(runner: _Runner) -> int:
+    """Peak bytes while one training step runs (see the module docstring for how)."""
+    device = runner.device
+    runner.train_step()  # make sure optimizer state exists
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.train_step()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    from torch.profiler import ProfilerActivity, profile
+
+    resident = runner.resident_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.train_step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage  # allocations minus frees made by the op itself
+        peak = max(peak, current)
+    return resident + peak
+
+
+def _stats(values: list[float]) -> dict:
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0], "max": ordered[-1],
+            "n": len(ordered)}
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """All methods on one model, interleaved round robin; returns the figures as a dict."""
+    smoke = args.smoke
+    steps, warmup = (min(args.steps, 2), 1) if smoke else (args.steps, args.warmup)
+    batch_size, seq_len = (4, 16) if smoke else MODEL_SHAPES.get(name, (8, 128))
+    batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
+
+    start = time.perf_counter()
+    base = _load_model(name, args.seed)
+    load_s = time.perf_counter() - start
+    vocab = base.config.vocab_size
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = {
+        "input_ids": torch.randint(3, vocab, (batch_size, seq_len), generator=generator),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    runners, setup_s, trainable = {}, {}, {}
+    for method in args.methods:
+        start = time.perf_counter()
+        model = build_method(method, base, args)
+        setup_s[method] = time.perf_counter() - start
+        trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        runners[method] = _Runner(method, model, batch, device)
+    del base
+
+    step_times = {m: [] for m in runners}
+    eval_times = {m: [] for m in runners}
+    for repetition in range(warmup + steps):  # round robin: every method once per repetition
+        for method, runner in runners.items():
+            elapsed = _timed(runner.train_step, device)
+            if repetition >= warmup:
+                step_times[method].append(elapsed)
+    if not args.no_eval:
+        for repetition in range(warmup + steps):
+            for method, runner in runners.items():
+                elapsed = _timed(runner.eval_step, device)
+                if repetition >= warmup:
+                    eval_times[method].append(elapsed)
+    memory = {m: peak_step_memory(r) for m, r in runners.items()}
+
+    tokens = batch_size * seq_len
+    methods = {}
+    for method in runners:
+        entry = {
+            "trainable_params": trainable[method],
+            "setup_s": setup_s[method],
+            "step_s": _stats(step_times[method]),
+            "peak_memory_bytes": memory[method],
+        }
+        if eval_times[method]:
+            entry["eval_s"] = _stats(eval_times[method])
+            entry["eval_tokens_per_s"] = tokens / entry["eval_s"]["median"]
+        methods[method] = entry
+    return {
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "load_s": load_s,
+        "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
+        "params+buffers+optimizer state + peak of torch.profiler allocations during one step",
+        "methods": methods,
+        "ratios": _ratios(step_times, eval_times, memory),
+    }
+
+
+def _paired_ratio(numerator: list[float], denominator: list[float]) -> float | None:
+    """Median over repetitions of numerator[i] / denominator[i] (both measured in the same round)."""
+    if not numerator or not denominator:
+        return None
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def _ratios(step_times: dict, eval_times: dict, memory: dict) -> dict:
+    ratios = {}
+    if "goat" in step_times and "lora" in step_times:
+        ratios["step"] = _paired_ratio(step_times["goat"], step_times["lora"])
+        ratios["memory"] = memory["goat"] / memory["lora"]
+        # throughput ratio GOAT / LoRA = LoRA time / GOAT time
+        ratios["eval"] = _paired_ratio(eval_times["lora"], eval_times["goat"])
+    if "goat" in step_times and "goat_loop" in step_times:
+        ratios["loop_speedup"] = _paired_ratio(step_times["goat_loop"], step_times["goat"])
+    ratios["met"] = {
+        key: (value <= TARGETS[key][1] if TARGETS[key][0] == "<=" else value >= TARGETS[key][1])
+        for key, value in ratios.items()
+        if key in TARGETS and value is not None
+    }
+    return ratios
+
+
+# ------------------------------------------------------------------------------------------------
+# printing
+# ------------------------------------------------------------------------------------------------
+
+
+def format_model_table(name: str, figures: dict) -> str:
+    methods, ratios = figures["methods"], figures["ratios"]
+    lora = methods.get("lora")
+    lines = [
+        f"model {name}: batch {figures['batch_size']} x {figures['seq_len']} tokens; "
+        f"step = forward + backward + AdamW; median (p25-p75) of {next(iter(methods.values()))['step_s']['n']} "
+        f"interleaved repetitions",
+        f"{'method':<10} {'trainable':>10} {'step ms':>22} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} "
+        f"{'eval tok/s':>11} {'x LoRA':>7}",
+    ]
+    for method, entry in methods.items():
+        step = entry["step_s"]
+        step_text = f"{1e3 * step['median']:.1f} ({1e3 * step['p25']:.1f}-{1e3 * step['p75']:.1f})"
+        mem = entry["peak_memory_bytes"] / 2**20
+        eval_tps = entry.get("eval_tokens_per_s")
+
+        def rel(value, base_value):
+            return f"{value / base_value:.2f}" if lora and base_value else "-"
+
+        lines.append(
+            f"{method:<10} {entry['trainable_params']:>10,d} {step_text:>22} "
+            f"{rel(step['median'], lora['step_s']['median']) if lora else '-':>7} {mem:>9.1f} "
+            f"{rel(entry['peak_memory_bytes'], lora['peak_memory_bytes']) if lora else '-':>7} "
+            f"{(f'{eval_tps:,.0f}' if eval_tps else '-'):>11} "
+            f"{rel(eval_tps, lora.get('eval_tokens_per_s')) if (lora and eval_tps) else '-':>7}"
+        )
+    labels = {
+        "step": "GOAT step time / LoRA",
+        "memory": "GOAT peak memory / LoRA",
+        "eval": "GOAT eval throughput / LoRA",
+        "loop_speedup": "loop reference step time / GOAT",
+    }
+    for key, label in labels.items():
+        if ratios.get(key) is None:
+            continue
+        op, bound = TARGETS[key]
+        verdict = "met" if ratios["met"][key] else "MISSED"
+        lines.append(f"  {label:<34} {ratios[key]:5.2f}x  (target {op} {bound:.2f}x)  {verdict}")
+    return "\n".join(lines)
+
+
+def format_init_table(figures: dict) -> str:
+    lines = [
+        f"initialisation of one LLaMA-2-7B-shaped layer ({figures['shapes']}), r={figures['rank']} "
+        f"E={figures['experts']} (d={figures['expert_rank']}), device {figures['device']}, "
+        f"median of {figures['repeats']} run(s)",
+        f"{'method':<34} {'seconds':>9} {'speed-up':>9}",
+    ]
+    exact = figures["exact_s"]["median"]
+    for key, label in (("exact_s", "exact float32 SVD per matrix"), ("fast_s", f"this project ({figures['fast_method']})")):
+        seconds = figures[key]["median"]
+        lines.append(f"{label:<34} {seconds:>9.2f} {exact / seconds:>8.2f}x")
+    verdict = "met" if figures["speedup"] >= INIT_TARGET else "MISSED"
+    lines.append(f"  speed-up {figures['speedup']:.2f}x (target >= {INIT_TARGET:.1f}x)  {verdict}")
+    q = figures["quality"]
+    lines.append(
+        f"  subspace vs exact SVD over {q['experts_compared']} experts: largest principal angle "
+        f"{q['max_angle_deg']:.3g} deg (median {q['median_angle_deg']:.3g}); relative error of s*B_j*A_j "
+        f"max {q['max_rel_error']:.2e} (median {q['median_rel_error']:.2e}); "
+        f"alignment |W_eff - W0|/|W0| max {q['max_alignment_error']:.1e}"
+    )
+    for name, layer in q["per_layer"].items():
+        lines.append(
+            f"    {name:<10} max angle {layer['max_angle_deg']:.3g} deg, max rel. error {layer['max_rel_error']:.2e}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# initialisation benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """The adapted matrices of one decoder layer, as plain Linear layers (random weights)."""
+
+    def __init__(self, shapes: tuple, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        for name, out_features, in_features in shapes:
+            layer = nn.Linear(in_features, out_features, bias=False)
+            with torch.no_grad():  # Kaiming-uniform like nn.Linear, but seeded and fast
+                bound = 1.0 / math.sqrt(in_features)
+                layer.weight.uniform_(-bound, bound, generator=generator)
+            setattr(self, name, layer)
+
+
+def _init_shapes(smoke: bool) -> tuple:
+    if not smoke:
+        return LLAMA7B_LAYER
+    return tuple((name, max(16, out // 64), max(16, inp // 64)) for name, out, inp in LLAMA7B_LAYER)
+
+
+def bench_init(args: argparse.Namespace, device: torch.device) -> dict:
+    """Exact SVD per matrix against svd_method="auto", interleaved; then each expert's subspace."""
+    from .config import GoatConfig
+    from .inject import inject_goat_layers
+
+    shapes = _init_shapes(args.smoke)
+    repeats = 1 if args.smoke else max(1, args.init_repeats)
+    block = _Block(shapes, args.seed).to(device)
+    originals = {name: getattr(block, name).weight.detach().clone() for name, _, _ in shapes}
+    targets = [name for name, _, _ in shapes]
+    times = {"exact": [], "auto": []}
+    layers = {}
+    for _ in range(repeats):
+        for method in ("exact", "auto"):
+            model = copy.deepcopy(block)
+            config = GoatConfig(r=args.rank, num_experts=args.experts, top_k=args.top_k, svd_method=method)
+            elapsed = _timed(lambda: layers.__setitem__(method, inject_goat_layers(model, config, targets)), device)
+            times[method].append(elapsed)
+    from .svd import resolve_method
+
+    fast_method = resolve_method("auto", originals[targets[0]])
+    quality = init_quality(layers["exact"], layers["auto"], originals)
+    exact_s, fast_s = _stats(times["exact"]), _stats(times["auto"])
+    return {
+        "shapes": ", ".join(f"{n} {o}x{i}" for n, o, i in shapes),
+        "rank": args.rank,
+        "experts": args.experts,
+        "expert_rank": args.rank // args.experts,
+        "device": str(device),
+        "repeats": repeats,
+        "fast_method": fast_method,
+        "exact_s": exact_s,
+        "fast_s": fast_s,
+        "speedup": exact_s["median"] / fast_s["median"],
+        "target_speedup": INIT_TARGET,
+        "met": exact_s["median"] / fast_s["median"] >= INIT_TARGET,
+        "quality": quality,
+    }
+
+
+def init_quality(exact_layers: dict, fast_layers: dict, originals: dict) -> dict:
+    r"""Per expert j: the largest principal angle between the column spaces of B_j (the exact SVD's
+    and ours; the row spaces of A_j give the same figure up to rounding), the relative error
+    |s B_j A_j - s B_j^exact A_j^exact|_F / |s B_j^exact A_j^exact|_F (sign-free), and per layer
+    the alignment error |(W0 - W_res) + c s sum_j B_j A_j - W0|_F / |W0|_F of our layer (k = E)."""
+    angles, errors, alignment, per_layer = [], [], [], {}
+    for name, fast in fast_layers.items():
+        exact = exact_layers[name]
+        d, E = fast.expert_rank, fast.num_experts
+        layer_angles, layer_errors = [], []
+        for j in range(E):
+            cols = slice(j * d, (j + 1) * d)
+            Bf, Be = fast.init_B[:, cols].double(), exact.init_B[:, cols].double()
+            Af, Ae = fast.init_A[cols].double(), exact.init_A[cols].double()
+            Qf, Qe = torch.linalg.qr(Bf)[0], torch.linalg.qr(Be)[0]
+            cosines = torch.linalg.svdvals(Qf.T @ Qe).clamp(max=1.0)
+            layer_angles.append(math.degrees(float(torch.arccos(cosines.min()))))
+            scale_f, scale_e = float(fast.expert_scale[j]), float(exact.expert_scale[j])
+            Pf, Pe = scale_f * Bf @ Af, scale_e * Be @ Ae
+            layer_errors.append(float(torch.linalg.norm(Pf - Pe) / torch.linalg.norm(Pe).clamp_min(1e-300)))
+        W0 = originals[name].double()
+        W_eff = base_weight(fast).double() + fast.residual().double()
+        alignment.append(float(torch.linalg.norm(W_eff - W0) / torch.linalg.norm(W0)))
+        angles += layer_angles
+        errors += layer_errors
+        per_layer[name] = {"max_angle_deg": max(layer_angles), "max_rel_error": max(layer_errors)}
+    return {
+        "experts_compared": len(angles),
+        "max_angle_deg": max(angles),
+        "median_angle_deg": statistics.median(angles),
+        "max_rel_error": max(errors),
+        "median_rel_error": statistics.median(errors),
+        "max_alignment_error": max(alignment),
+        "per_layer": per_layer,
+    }
+
+
+def base_weight(layer) -> torch.Tensor:
+    from .layer import base_weight_2d
+
+    return base_weight_2d(layer.base_layer).detach()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="goat bench", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
