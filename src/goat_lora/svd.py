@@ -35,6 +35,8 @@ from .config import SvdMethod
 
 # Below this many elements an exact SVD is cheap enough (a few ms) and "auto" uses it.
 AUTO_EXACT_MAX_ELEMENTS = 1024 * 1024
+# Rayleigh-Ritz window: spectral neighbours on each side of a wanted run (see gram_singular_components).
+RITZ_MARGIN = 16
 # Largest number of Gram matrices eigendecomposed in one batched call (bounds memory).
 MAX_GRAM_BATCH_ELEMENTS = 8 * 4096 * 4096
 
@@ -102,32 +104,73 @@ def _exact(weight: torch.Tensor, indices: torch.Tensor):
 
 
 def gram_singular_components(
-    weights: list[torch.Tensor], indices: torch.Tensor
+    weights: list[torch.Tensor], indices: torch.Tensor, margin: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     r"""The Gram route for equal-shape weights (m, n); `indices` (N, K) into the descending spectrum.
 
-    n <= m:  W^T W = V diag(S^2) V^T  (n x n, symmetric: eigh),  U = W V diag(1/S).
-    m <  n:  W W^T = U diag(S^2) U^T  (m x m),                   V = W^T U diag(1/S).
+    1. n <= m: G = W^T W = V diag(S^2) V^T (n x n, symmetric); m < n: G = W W^T = U diag(S^2) U^T.
+       One batched float32 eigh for all N matrices.
+    2. Rayleigh-Ritz in a window: float32 eigenvectors of G are mixed mostly with their spectral
+       neighbours (error ~ eps sigma_max^2 / (sigma_i^2 - sigma_k^2)), so for each run of wanted
+       indices [a, b) take the eigenvectors of [a - margin, b + margin), orthonormalise them (Q),
+       and take the SVD of the thin W Q (m x w): its singular triplets, rotated back by Q, are the
+       wanted ones with the neighbours' mixing removed. Costs one m x n x (K + 2 margin E) matmul.
     """
+    margin = RITZ_MARGIN if margin is None else margin
     rows, cols = weights[0].shape
     wide = rows < cols
     device = compute_device(weights[0])
     dtype = _work_dtype(weights[0])
     work = [w.detach().to(device=device, dtype=dtype) for w in weights]
     grams = torch.stack([w @ w.T if wide else w.T @ w for w in work])  # (N, h, h)
-    eigvals, eigvecs = torch.linalg.eigh(grams)  # ascending
+    eigvecs = torch.linalg.eigh(grams).eigenvectors  # ascending eigenvalues
     del grams
-    h = eigvals.shape[-1]
-    idx = (h - 1 - indices).to(device)  # descending index -> ascending position, (N, K)
-    S = eigvals.gather(-1, idx).clamp_min(0.0).sqrt()  # (N, K)
-    side = eigvecs.gather(-1, idx[:, None, :].expand(-1, h, -1))  # (N, h, K)
-    del eigvecs
-    tiny = torch.finfo(dtype).tiny
-    inv_S = torch.where(S > 0, 1.0 / S.clamp_min(tiny), torch.zeros_like(S))
+    h = eigvecs.shape[-1]
     out = []
     for i, w in enumerate(work):
-        other = (w.T @ side[i] if wide else w @ side[i]) * inv_S[i][None, :]  # (n or m, K)
-        U, V = (side[i], other) if wide else (other, side[i])
+        wanted = indices[i].tolist()
+        U, S, V = _windowed_ritz(w, eigvecs[i], wanted, margin, wide)
         target = weights[i].device
-        out.append((U.to(target), S[i].to(target), V.to(target)))
+        out.append((U.to(target), S.to(target), V.to(target)))
     return out
+
+
+def _runs(wanted: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of consecutive descending indices, in the order they appear."""
+    runs: list[tuple[int, int]] = []
+    for index in wanted:
+        if runs and index == runs[-1][1]:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+def _windowed_ritz(W: torch.Tensor, eigvecs: torch.Tensor, wanted: list[int], margin: int, wide: bool):
+    """U (m, K), S (K,), V (n, K) for the descending indices `wanted`, from the ascending
+    eigenvectors (h, h) of W's smaller Gram matrix, refined by Rayleigh-Ritz in spectral windows."""
+    h = eigvecs.shape[-1]
+    out_dtype = W.dtype
+    windows = []
+    for a, b in _runs(wanted):
+        lo, hi = max(0, a - margin), min(h, b + margin)
+        positions = torch.arange(h - 1 - lo, h - 1 - hi, -1, device=eigvecs.device)  # descending lo..hi-1
+        windows.append((a, b, lo, eigvecs[:, positions]))
+    # One matmul for all windows: W Q (tall) or W^T Q (wide), Q orthonormalised in float64.
+    bases = [torch.linalg.qr(Q.double())[0] for _, _, _, Q in windows]
+    stacked = torch.cat(bases, dim=1).to(out_dtype)  # (h, sum w)
+    projected = (W.T @ stacked if wide else W @ stacked).double()  # (n or m, sum w)
+    Us, Ss, Vs, start = [], [], [], 0
+    for (a, b, lo, _), Q in zip(windows, bases):
+        width = Q.shape[1]
+        small_U, small_S, small_Vh = torch.linalg.svd(projected[:, start : start + width], full_matrices=False)
+        start += width
+        keep = slice(a - lo, b - lo)
+        long_side, short_side = small_U[:, keep], Q @ small_Vh[keep].T  # long: W's other side
+        Ss.append(small_S[keep])
+        if wide:  # Q spans left singular vectors (m side); W^T Q = V diag(S) (Q^T U)^T
+            Us.append(short_side), Vs.append(long_side)
+        else:
+            Us.append(long_side), Vs.append(short_side)
+    U, S, V = torch.cat(Us, 1), torch.cat(Ss), torch.cat(Vs, 1)
+    return U.to(out_dtype), S.to(out_dtype), V.to(out_dtype)

@@ -1,0 +1,177 @@
+"""The fast initialisation (svd.py, inject.all_initial_factors): accuracy against the exact SVD on
+matrices with a realistic (decaying) spectrum, batching over equal shapes, and the exact alignment
+of the adapted model with the pretrained one whichever route computed the factors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from goat_lora import functional as F
+from goat_lora.config import GoatConfig
+from goat_lora.inject import all_initial_factors, initial_factors, layer_generator
+from goat_lora.model import get_goat_model
+from goat_lora.svd import (
+    AUTO_EXACT_MAX_ELEMENTS,
+    batched_singular_components,
+    compute_device,
+    resolve_method,
+    singular_components,
+)
+
+
+def realistic_weight(m: int, n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """W = U diag(S) V^T with a decaying spectrum (power law plus a noise floor), as pretrained
+    layers have; singular values distinct, so each singular vector is well defined."""
+    g = torch.Generator().manual_seed(seed)
+    h = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, h, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, h, generator=g, dtype=torch.float64))[0]
+    i = torch.arange(h, dtype=torch.float64)
+    S = 3.0 * (1.0 + i) ** -0.7 + 0.05 * (1.0 - i / h)  # sigma_max / sigma_min about 40
+    return (U * S) @ V.T if dtype == torch.float64 else ((U * S) @ V.T).to(dtype)
+
+
+def components64(W: torch.Tensor, idx: torch.Tensor):
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U[:, idx], S[idx], Vh[idx].T
+
+
+def max_angle_deg(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Largest principal angle between the column spaces of X and Y."""
+    Qx, Qy = torch.linalg.qr(X.double())[0], torch.linalg.qr(Y.double())[0]
+    cos = torch.linalg.svdvals(Qx.T @ Qy).clamp(max=1.0)
+    return math.degrees(float(torch.arccos(cos.min())))
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 160), (128, 128)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("init", ["goat", "goat_mini", "minor"])
+def test_gram_matches_exact_svd_on_a_realistic_spectrum(shape, init):
+    m, n = shape
+    W = realistic_weight(m, n, seed=m + n)
+    E, d = 8, 2
+    idx = F.expert_component_indices(init, min(m, n), E, d).reshape(-1)
+    U, S, V = singular_components(W, idx, "gram")
+    assert U.dtype == S.dtype == V.dtype == torch.float32
+    assert U.shape == (m, E * d) and S.shape == (E * d,) and V.shape == (n, E * d)
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-6)
+    for j in range(E):
+        cols = slice(j * d, (j + 1) * d)
+        # float32 eigh of the Gram alone is off by up to 0.6 degrees at the tail here (eps sigma_max^2 /
+        # (sigma_i^2 - sigma_k^2), gaps 3e-4 sigma_max); the Rayleigh-Ritz window brings it to the
+        # float32 SVD's own error (about 0.002 degrees)
+        assert max_angle_deg(U[:, cols], U64[:, cols]) < 0.02
+        assert max_angle_deg(V[:, cols], V64[:, cols]) < 0.02
+        # the expert's rank-d piece U_j S_j V_j^T, which is free of the singular vectors' signs
+        piece = (U[:, cols].double() * S[cols].double()) @ V[:, cols].double().T
+        piece64 = (U64[:, cols] * S64[cols]) @ V64[:, cols].T
+        assert float(torch.linalg.norm(piece - piece64) / torch.linalg.norm(piece64)) < 1e-4
+
+
+def test_gram_is_about_as_accurate_as_the_float32_exact_svd():
+    W = realistic_weight(200, 120, seed=7)
+    idx = F.expert_component_indices("goat", 120, 8, 1).reshape(-1)
+    U64, S64, V64 = components64(W, idx)
+    for method, bound in (("exact", 1e-5), ("gram", 1e-5)):
+        U, S, V = singular_components(W, idx, method)
+        recon = (U.double() * S.double()) @ V.double().T
+        error = torch.linalg.norm(recon - (U64 * S64) @ V64.T) / torch.linalg.norm(S64)
+        assert float(error) < bound, (method, float(error))
+
+
+def test_float64_weights_stay_float64_and_match_closely():
+    W = realistic_weight(80, 48, seed=1, dtype=torch.float64)
+    idx = torch.tensor([0, 6, 12, 18, 24, 30])
+    U, S, V = singular_components(W, idx, "gram")
+    assert U.dtype == S.dtype == V.dtype == torch.float64
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close((U * S) @ V.T, (U64 * S64) @ V64.T, rtol=1e-9, atol=1e-11)
+
+
+def test_bfloat16_weight_is_decomposed_in_float32():
+    W = realistic_weight(64, 48, seed=2).to(torch.bfloat16)
+    U, S, V = singular_components(W, torch.arange(4), "gram")
+    assert U.dtype == torch.float32
+    U64, S64, V64 = components64(W.float(), torch.arange(4))
+    torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gram", "exact"])
+def test_batched_equals_one_at_a_time_with_different_indices_per_matrix(method):
+    weights = [realistic_weight(72, 40, seed=s) for s in range(3)]
+    g = torch.Generator().manual_seed(0)
+    indices = torch.stack([F.expert_component_indices("random", 40, 4, 2, g).reshape(-1) for _ in weights])
+    batched = batched_singular_components(weights, indices, method)
+    assert len(batched) == 3
+    for W, idx, (U, S, V) in zip(weights, indices, batched):
+        U1, S1, V1 = singular_components(W, idx, method)
+        torch.testing.assert_close(S, S1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((U * S) @ V.T, (U1 * S1) @ V1.T, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_refuses_mixed_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        batched_singular_components([torch.randn(8, 4), torch.randn(4, 8)], torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_auto_is_exact_for_small_layers_and_gram_for_large_ones():
+    small = torch.empty(384, 384, device="meta")
+    large = torch.empty(4096, 4096, device="meta")
+    assert 384 * 384 <= AUTO_EXACT_MAX_ELEMENTS < 4096 * 4096
+    assert resolve_method("auto", small) == "exact"
+    assert resolve_method("auto", large) == "gram"
+    assert resolve_method("exact", large) == "exact" and resolve_method("gram", small) == "gram"
+    with pytest.raises(ValueError):
+        resolve_method("lobpcg", small)
+
+
+def test_compute_device_prefers_the_weights_accelerator_then_cuda():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert compute_device(torch.zeros(2, 2)).type == expected
+
+
+class Stack(nn.Module):
+    """Equal shapes (batched together) and distinct ones, tall and wide."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k = nn.Linear(48, 48), nn.Linear(48, 48)
+        self.up, self.down = nn.Linear(48, 96), nn.Linear(96, 48)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(self.q(x) + self.k(x))))
+
+
+@pytest.mark.parametrize("method", ["gram", "exact"])
+def test_all_initial_factors_equals_initial_factors_layer_by_layer(method):
+    model = Stack()
+    config = GoatConfig(r=8, num_experts=4, init="random", svd_method=method)
+    names = ["q", "k", "up", "down"]
+    modules = {n: model.get_submodule(n) for n in names}
+    batched = all_initial_factors(modules, config, {n: layer_generator(0, i) for i, n in enumerate(names)})
+    for i, name in enumerate(names):
+        single = initial_factors(name, modules[name], config, layer_generator(0, i))
+        torch.testing.assert_close(batched[name].expert_scale, single.expert_scale)
+        torch.testing.assert_close(batched[name].B @ batched[name].A, single.B @ single.A, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gram", "exact"])
+def test_alignment_is_exact_whichever_method(method):
+    """top_k = E and all-zero routers (uniform weights 1/E): the adapted model's output equals the
+    pretrained model's, because W_res is built from the very factors the experts start from."""
+    model = Stack()
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x)
+    config = GoatConfig(r=8, num_experts=4, top_k=4, dropout=0.0, svd_method=method)
+    goat = get_goat_model(model, config).eval()
+    with torch.no_grad():
+        for layer in goat.goat_layers():
+            layer.router.weight.zero_()
+        actual = goat(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-6)
