@@ -47,6 +47,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     x = _batch().chunk(WORLD)[rank]
     aux, grads, load = _step(model, x, ddp)
     torch.save({"aux": aux, "grads": grads, "load": load}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -69,3 +70,49 @@ def test_without_sync_each_process_sees_only_its_tokens():
     global_aux = model.aux_loss().item()
     model(_batch().chunk(WORLD)[0])
     assert abs(model.aux_loss().item() - global_aux) > 1e-4
+
+
+# ---- activation checkpointing: the load-balancing loss must keep reaching the routers -----------
+
+
+def _router_grads(checkpointing: dict | None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = get_goat_model(LlamaForCausalLM(config), GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0))
+    model.train()
+    if checkpointing is not None:
+        model.activation_checkpointing_enable(checkpointing)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    out = model(input_ids=ids)
+    model.aux_loss().backward()  # only the balance loss: the router gradient comes from it alone
+    return {name: layer.router.weight.grad.clone() for name, layer in model.named_goat_layers()}, model
+
+
+def test_checkpointing_keeps_the_balance_loss_gradient():
+    plain, _ = _router_grads(None)
+    checkpointed, model = _router_grads({"use_reentrant": False})
+    assert model.base_model.is_gradient_checkpointing
+    for name in plain:
+        assert plain[name].abs().sum() > 0
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-7, rtol=1e-6)
+    # routing is recorded once per real forward, not again when checkpointing recomputes it
+    assert all(layer.load_counts.sum() == 2 * 9 * 2 for layer in model.goat_layers())
+
+
+def test_reentrant_checkpointing_is_refused():
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        _router_grads({"use_reentrant": True})
+
+
+def test_aux_loss_without_autograd_graph_is_an_error_not_a_silent_zero_gradient():
+    model = _model()
+    model.train()
+    with torch.no_grad():
+        model(_batch())
+    with pytest.raises(RuntimeError, match="no gradient"):
+        model.aux_loss()

@@ -81,6 +81,24 @@ class GoatModel(nn.Module):
     def generate(self, *args, **kwargs):
         return self.base_model.generate(*args, **kwargs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """The transformers method, refusing reentrant checkpointing: it runs the forward without
+        autograd, so the load-balancing loss would silently stop reaching the routers."""
+        checkpoint_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if checkpoint_kwargs["use_reentrant"]:
+            raise ValueError(
+                "use_reentrant=True is not allowed with GOAT: the load-balancing loss would lose its gradient; "
+                "use use_reentrant=False"
+            )
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is None:  # transformers < 5
+            return self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        return enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Older name of activation_checkpointing_enable (same checks)."""
+        return self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     def __getattr__(self, name: str):
         # Attributes the wrapper does not have (config, device, gradient_checkpointing_enable, ...)
         # come from the base model, so code written for the transformers model keeps working.
@@ -115,6 +133,12 @@ class GoatModel(nn.Module):
             if all(s is None for s in stats):
                 return torch.zeros((), device=layers[0].lora_A.device)
             raise RuntimeError("some adapted layers saw no input in the last forward; aux_loss() needs all of them")
+        if torch.is_grad_enabled() and any(l.router.weight.requires_grad for l in layers):
+            if not any(s.prob_sum.requires_grad for s in stats):
+                raise RuntimeError(
+                    "the load-balancing loss has no gradient: the forward ran without autograd, e.g. under "
+                    "reentrant activation checkpointing; use use_reentrant=False (the transformers default)"
+                )
         if sync_processes and _distributed():
             stats = _all_reduce_stats(stats)
         losses = [F.load_balance_loss(s, layer.top_k, layer.aux_loss_form) for s, layer in zip(stats, layers)]
@@ -208,9 +232,24 @@ def _distributed() -> bool:
 
 def _all_reduce_stats(stats: list[F.RoutingStats]) -> list[F.RoutingStats]:
     """Sum every layer's routing statistics over processes, in two collectives for all layers."""
-    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
-    prob_sums = differentiable_all_reduce(torch.stack([s.prob_sum for s in stats]))  # (L, E)
+    prob_sums = _SumOverProcesses.apply(torch.stack([s.prob_sum for s in stats]))  # (L, E)
     counts = torch.stack([torch.cat([s.counts, s.num_tokens.reshape(1)]) for s in stats]).detach().clone()
     dist.all_reduce(counts)  # (L, E + 1): counts and the token count, no gradient needed
     return [F.RoutingStats(p, c[:-1], c[-1]) for p, c in zip(prob_sums.unbind(0), counts.unbind(0))]
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """y = sum over processes of x; the gradient of every process's x is the sum of all processes'
+    gradients of y (each process's loss depends on every process's x through y)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
