@@ -179,10 +179,14 @@ def experts_delta(
     h = x A_cat^T (T, r); each of expert j's d columns is multiplied by w_j s_j (zero when j was not
     chosen); y = h B_cat^T (T, m).
     """
-    expert_rank = A.shape[0] // weights.shape[-1]
+    tokens, num_experts = weights.shape
+    expert_rank = A.shape[0] // num_experts
     hidden = x @ A.T  # (T, r)
-    column_weights = (weights * expert_scale).repeat_interleave(expert_rank, dim=-1)  # (T, r)
-    return (hidden * column_weights) @ B.T  # (T, m)
+    expert_weights = weights * expert_scale  # (T, E): w_j s_j
+    # (T, E, d) * (T, E, 1): each of expert j's d columns times w_j s_j. A broadcast instead of
+    # repeat_interleave, which on CUDA reads its output size back from the GPU (a sync per layer).
+    scaled = (hidden.view(tokens, num_experts, expert_rank) * expert_weights.unsqueeze(-1)).view(tokens, A.shape[0])  # (T, r)
+    return scaled @ B.T  # (T, m)
 
 
 def experts_delta_loop(
@@ -224,7 +228,8 @@ def routing_stats(routing: Routing, token_mask: torch.Tensor | None = None) -> R
         probs, topk_index = probs[token_mask], topk_index[token_mask]
     counts = torch.zeros(probs.shape[-1], device=probs.device, dtype=torch.float32)
     counts.index_add_(0, topk_index.reshape(-1), torch.ones(topk_index.numel(), device=probs.device))
-    num_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+    # a fill on the device, not torch.tensor(..., device=...): that copy from the host waits for the GPU
+    num_tokens = torch.full((), float(probs.shape[0]), device=probs.device)
     return RoutingStats(probs.sum(dim=0), counts, num_tokens)
 
 

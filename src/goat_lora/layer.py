@@ -126,8 +126,11 @@ class GoatLayer(nn.Module):
         if router_weight is not None:
             with torch.no_grad():
                 self.router.weight.copy_(router_weight)
-        else:  # nn.Linear's own init (Kaiming-uniform, a = sqrt(5)), but from our seeded generator
-            nn.init.kaiming_uniform_(self.router.weight, a=5**0.5, generator=generator)
+        else:  # nn.Linear's own init (Kaiming-uniform, a = sqrt(5)), but from our seeded (CPU) generator
+            weight = torch.empty(num_experts, in_features, dtype=torch.float32)
+            nn.init.kaiming_uniform_(weight, a=5**0.5, generator=generator)
+            with torch.no_grad():  # drawn on the CPU, so a CUDA base layer gets the same router
+                self.router.weight.copy_(weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         # Frozen: the initial factors (to rebuild W_res exactly) and the per-expert scales s_j.
