@@ -42,7 +42,9 @@ import torch
 from torch import nn
 
 METHODS = ("head", "lora", "goat", "goat_loop")
-MODEL_SHAPES = {"minilm": (32, 64), "smollm2": (8, 128)}  # batch x tokens (issue 4)
+MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
+    "minilm": (32, 64), "smollm2": (8, 128), "minilm-arch": (32, 64), "smollm2-arch": (8, 128),
+}
 TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop" is loop time / GOAT time
     "step": ("<=", 1.10),
     "memory": ("<=", 1.10),
@@ -72,8 +74,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--models",
         nargs="+",
         default=["minilm", "smollm2"],
-        help="models to benchmark: minilm (batch 32x64), smollm2 (batch 8x128), or a local path / hub name "
-        "(batch from --batch-size/--seq-len); default: minilm smollm2",
+        help="models to benchmark: minilm (batch 32x64), smollm2 (batch 8x128), minilm-arch / smollm2-arch (their "
+        "architectures with random weights, no model package needed), or a local path / hub name (batch 8x128 "
+        "unless --batch-size/--seq-len); default: minilm smollm2",
     )
     parser.add_argument("--steps", type=int, default=10, help="measured repetitions per method (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up repetitions, not measured (default 2)")
@@ -179,9 +182,29 @@ def _tiny_model(name: str, seed: int) -> nn.Module:
     return LlamaForSequenceClassification(config)
 
 
+def _architecture_model(name: str, seed: int) -> nn.Module:
+    """MiniLM's or SmolLM2-135M's exact architecture with random weights: the same step cost
+    without the weights, for machines where the model packages are not installed (a GPU box)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    if name == "minilm-arch":  # all-MiniLM-L6-v2
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+            max_position_embeddings=512, num_labels=2,
+        ))
+    return LlamaForSequenceClassification(LlamaConfig(  # SmolLM2-135M
+        vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_theta=100000.0, num_labels=2, pad_token_id=2,
+    ))
+
+
 def _load_model(name: str, seed: int) -> nn.Module:
     if name.startswith("tiny-"):
         return _tiny_model(name, seed)
+    if name in ("minilm-arch", "smollm2-arch"):
+        return _architecture_model(name, seed)
     from . import hf
 
     return hf.load_sequence_classifier(name, 2, dtype=torch.float32)
@@ -505,19 +528,22 @@ def bench_init(args: argparse.Namespace, device: torch.device) -> dict:
     block = _Block(shapes, args.seed).to(device)
     originals = {name: getattr(block, name).weight.detach().clone() for name, _, _ in shapes}
     targets = [name for name, _, _ in shapes]
-    times = {"exact": [], "auto": []}
+    # "auto" picks the exact SVD for the tiny smoke shapes; force the Gram route there so it runs.
+    fast = "gram" if args.smoke else "auto"
+    times = {"exact": [], fast: []}
     layers = {}
-    for _ in range(repeats):
-        for method in ("exact", "auto"):
+    for _ in range(repeats):  # interleaved, so background load hits both alike
+        for method in ("exact", fast):
             model = copy.deepcopy(block)
             config = GoatConfig(r=args.rank, num_experts=args.experts, top_k=args.top_k, svd_method=method)
             elapsed = _timed(lambda: layers.__setitem__(method, inject_goat_layers(model, config, targets)), device)
             times[method].append(elapsed)
-    from .svd import resolve_method
+            del model
+    from .svd import compute_device, resolve_method
 
-    fast_method = resolve_method("auto", originals[targets[0]])
-    quality = init_quality(layers["exact"], layers["auto"], originals)
-    exact_s, fast_s = _stats(times["exact"]), _stats(times["auto"])
+    fast_method = f"{fast} -> {resolve_method(fast, originals[targets[0]])} on {compute_device(originals[targets[0]])}"
+    quality = init_quality(layers["exact"], layers[fast], originals)
+    exact_s, fast_s = _stats(times["exact"]), _stats(times[fast])
     return {
         "shapes": ", ".join(f"{n} {o}x{i}" for n, o, i in shapes),
         "rank": args.rank,
