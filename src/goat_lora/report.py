@@ -1,0 +1,212 @@
+"""Reports from run folders: plots for one run, tables and a bar chart for a comparison. No torch here.
+
+  write_run_plots(run_dir)            metrics.json -> loss.png, expert_load.png (layers x experts)
+  summarize(results) / write_compare_report(folder, ...)
+                                      per-run results -> report.json, report.md, compare.png
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .config import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+
+def _save_figure(fig, path: str) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+# ---- one run ------------------------------------------------------------------------------------
+def plot_loss(metrics: dict, path: str) -> None:
+    """Training loss per logged step, with validation accuracy per epoch on a second axis."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    logged = metrics.get("train_loss") or []
+    if logged:
+        ax.plot([h["step"] for h in logged], [h["loss"] for h in logged], color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    epochs = [e for e in metrics.get("per_epoch_eval") or [] if e.get("validation_accuracy") is not None]
+    if epochs and metrics.get("steps") and logged:
+        steps_per_epoch = metrics["steps"] / max(e["epoch"] for e in epochs)
+        twin = ax.twinx()
+        twin.plot(
+            [e["epoch"] * steps_per_epoch for e in epochs],
+            [e["validation_accuracy"] for e in epochs],
+            "o--",
+            color="tab:orange",
+            label="validation accuracy",
+        )
+        twin.set_ylabel("validation accuracy")
+    title = f"{metrics.get('method', '')}"
+    if metrics.get("test_accuracy") is not None:
+        title += f"  test accuracy {metrics['test_accuracy']:.3f}"
+    ax.set_title(title)
+    _save_figure(fig, path)
+
+
+def plot_expert_load(load: dict[str, list[float]], path: str, title: str = "expert load") -> None:
+    """Heatmap: one row per adapted layer, one column per expert, colour = fraction of tokens."""
+    names = list(load)
+    height = max(2.5, 0.18 * len(names) + 1.2)
+    fig, ax = plt.subplots(figsize=(6.4, height))
+    if names:
+        rows = [load[n] for n in names]
+        image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0)
+        fig.colorbar(image, ax=ax, label="fraction of tokens")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([_short(n) for n in names], fontsize=5 if len(names) > 30 else 7)
+        ax.set_xticks(range(len(rows[0])))
+        ax.set_xlabel("expert")
+    else:
+        ax.text(0.5, 0.5, "no router in this method", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title(title)
+    _save_figure(fig, path)
+
+
+def _short(name: str) -> str:
+    for prefix in ("base_model.model.", "bert.encoder.", "model.layers.", "backbone._blocks.", "backbone."):
+        name = name.replace(prefix, "")
+    return name.replace("layer.", "L").replace("attention.", "att.")
+
+
+def write_run_plots(run_dir: str) -> None:
+    metrics = _read_json(os.path.join(run_dir, "metrics.json"))
+    if "train_loss" in metrics:
+        plot_loss(metrics, os.path.join(run_dir, "loss.png"))
+    plot_expert_load(
+        metrics.get("expert_load") or {},
+        os.path.join(run_dir, "expert_load.png"),
+        title=f"{metrics.get('method', '')}: fraction of test tokens per expert",
+    )
+
+
+# ---- comparisons --------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: list[dict]) -> dict:
+    """results: one dict per run with method, lr, seed, validation_accuracy, test_accuracy,
+    trainable_percent, step_time_s, peak_memory_mb. Per method, the lr with the best mean
+    validation accuracy is chosen and its test accuracy reported (mean and std over seeds)."""
+    methods: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        by_lr = {}
+        for lr in sorted({r["lr"] for r in runs}):
+            at_lr = [r for r in runs if r["lr"] == lr]
+            val_mean, val_std = _mean_std([r.get("validation_accuracy") for r in at_lr])
+            test_mean, test_std = _mean_std([r.get("test_accuracy") for r in at_lr])
+            by_lr[lr] = {"validation_mean": val_mean, "validation_std": val_std, "test_mean": test_mean,
+                         "test_std": test_std, "seeds": len(at_lr)}  # fmt: skip
+        best_lr = max(by_lr, key=lambda lr: (-1 if math.isnan(by_lr[lr]["validation_mean"]) else by_lr[lr]["validation_mean"]))
+        chosen = [r for r in runs if r["lr"] == best_lr]
+        methods[method] = {
+            "lr": best_lr,
+            "test_mean": by_lr[best_lr]["test_mean"],
+            "test_std": by_lr[best_lr]["test_std"],
+            "validation_mean": by_lr[best_lr]["validation_mean"],
+            "seeds": len(chosen),
+            "test_accuracies": [r.get("test_accuracy") for r in chosen],
+            "trainable_percent": _mean_std([r.get("trainable_percent") for r in chosen])[0],
+            "trainable_params": chosen[0].get("trainable_params"),
+            "step_time_s": _mean_std([r.get("step_time_s") for r in chosen])[0],
+            "peak_memory_mb": _mean_std([r.get("peak_memory_mb") for r in chosen])[0],
+            "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in runs),
+            "router_balance": _mean_std([(r.get("router") or {}).get("balance") for r in chosen])[0],
+            "by_lr": {f"{lr:g}": v for lr, v in by_lr.items()},
+        }
+    return methods
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def markdown_table(methods: dict, majority: float | None = None) -> str:
+    lines = [
+        "| method | test accuracy (mean ± std) | lr (chosen on validation) | trainable % | step time (s) | peak memory (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    best = max((m["test_mean"] for m in methods.values() if not math.isnan(m["test_mean"])), default=None)
+    for name, m in methods.items():
+        accuracy = f"{_fmt(m['test_mean'], '.4f')} ± {_fmt(m['test_std'], '.4f')}"
+        if best is not None and m["test_mean"] == best:
+            accuracy = f"**{accuracy}**"
+        lines.append(
+            f"| {name} | {accuracy} | {m['lr']:g} | {_fmt(m['trainable_percent'], '.3f')} | "
+            f"{_fmt(m['step_time_s'], '.3f')} | {_fmt(m['peak_memory_mb'], '.0f')} |"
+        )
+    if majority is not None:
+        lines.append(f"\nMajority class accuracy on test: {majority:.4f}.")
+    return "\n".join(lines)
+
+
+def plot_compare(methods: dict, path: str, title: str = "") -> None:
+    names = list(methods)
+    means = [methods[n]["test_mean"] for n in names]
+    stds = [methods[n]["test_std"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.75 * len(names) + 2), 4.2))
+    colours = ["tab:red" if n.startswith("goat") else "tab:blue" for n in names]
+    ax.bar(range(len(names)), means, yerr=stds, color=colours, capsize=3)
+    finite = [m for m in means if not math.isnan(m)]
+    if finite:
+        low = min(m - s for m, s in zip(means, stds) if not math.isnan(m))
+        ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(finite) + 0.05))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(
+        [f"{n}\n{methods[n]['trainable_percent']:.2f}%\n{_fmt(methods[n]['step_time_s'], '.2f')}s/step\n"
+         f"{_fmt(methods[n]['peak_memory_mb'], '.0f')}MB" for n in names],  # fmt: skip
+        fontsize=7,
+    )
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title(title or "goat compare")
+    _save_figure(fig, path)
+
+
+def write_compare_report(folder: str, results: list[dict], settings: dict, majority: float | None = None) -> dict:
+    """Write report.json, report.md and compare.png into `folder`; return the summary."""
+    methods = summarize(results)
+    report = {"settings": settings, "majority_accuracy": majority, "methods": methods, "runs": results}
+    atomic_write_text(os.path.join(folder, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
+    text = [
+        "# goat compare",
+        "",
+        f"Command: `{settings.get('command', '')}`",
+        f"Date: {settings.get('date', '')}; machine: {settings.get('machine', '')}",
+        f"Data: {settings.get('data')}, model: {settings.get('model') or 'minilm'}; seeds {settings.get('seeds')}; "
+        "learning rate per method chosen on the validation split (carved from train), accuracy reported on test.",
+        "",
+        markdown_table(methods, majority),
+        "",
+        "![comparison](compare.png)",
+        "",
+    ]
+    atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
+    plot_compare(methods, os.path.join(folder, "compare.png"), title=f"{settings.get('data')}: test accuracy")
+    return methods
