@@ -123,7 +123,10 @@ def gram_singular_components(
     dtype = _work_dtype(weights[0])
     work = [w.detach().to(device=device, dtype=dtype) for w in weights]
     grams = torch.stack([w @ w.T if wide else w.T @ w for w in work])  # (N, h, h)
-    eigvecs = torch.linalg.eigh(grams).eigenvectors  # ascending eigenvalues
+    if device.type == "cpu":  # LAPACK syevd per matrix, the batch spread over the cores
+        eigvecs = torch.linalg.eigh(grams).eigenvectors  # ascending eigenvalues
+    else:  # one matrix per call: batched CUDA eigh may take cuSOLVER's Jacobi path (see docs/benchmarks.md)
+        eigvecs = torch.stack([torch.linalg.eigh(gram).eigenvectors for gram in grams])
     del grams
     h = eigvecs.shape[-1]
     out = []
