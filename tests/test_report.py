@@ -1,0 +1,64 @@
+"""report.py: lr chosen on validation, tables, plots; and report.py itself imports no torch."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+
+import goat_lora.report as report
+
+
+def _runs():
+    rows = []
+    for method, good_lr in (("goat", 1e-3), ("lora", 3e-3)):
+        for lr in (1e-3, 3e-3):
+            for seed in (0, 1):
+                good = lr == good_lr
+                rows.append({
+                    "method": method, "lr": lr, "seed": seed,
+                    "validation_accuracy": 0.8 if good else 0.7,
+                    "test_accuracy": (0.85 if method == "goat" else 0.83) + 0.01 * seed if good else 0.5,
+                    "trainable_percent": 2.0, "step_time_s": 0.1, "peak_memory_mb": 500.0, "wall_time_s": 3.0,
+                    "router": {"balance": 0.9} if method == "goat" else {},
+                })  # fmt: skip
+    return rows
+
+
+def test_summarize_picks_the_lr_on_validation_and_reports_test():
+    methods = report.summarize(_runs())
+    assert methods["goat"]["lr"] == 1e-3 and methods["lora"]["lr"] == 3e-3
+    assert abs(methods["goat"]["test_mean"] - 0.855) < 1e-12
+    assert abs(methods["goat"]["test_std"] - 0.0070710678) < 1e-6
+    assert methods["goat"]["seeds"] == 2
+
+
+def test_compare_report_files(tmp_path):
+    settings = {"command": "goat compare --methods goat lora", "date": "today", "machine": "test", "data": "x", "seeds": [0, 1]}
+    report.write_compare_report(str(tmp_path), _runs(), settings, majority=0.66)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["methods"]) == {"goat", "lora"}
+    text = (tmp_path / "report.md").read_text()
+    assert "| goat | **0.8550 ± 0.0071** |" in text and "goat compare --methods goat lora" in text
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_run_plots(tmp_path):
+    metrics = {
+        "method": "goat", "test_accuracy": 0.8, "steps": 20,
+        "train_loss": [{"step": 10, "loss": 0.7}, {"step": 20, "loss": 0.5}],
+        "per_epoch_eval": [{"epoch": 1.0, "validation_accuracy": 0.7}, {"epoch": 2.0, "validation_accuracy": 0.8}],
+        "expert_load": {"a.query": [0.5, 0.25, 0.25, 0.0], "a.key": [0.25] * 4},
+    }  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    report.write_run_plots(str(tmp_path))
+    for name in ("loss.png", "expert_load.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+def test_report_module_does_not_import_torch():
+    tree = ast.parse(open(report.__file__, encoding="utf-8").read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "torch" not in imported
