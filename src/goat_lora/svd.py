@@ -11,17 +11,20 @@ faster route through the smaller Gram matrix, batched over matrices of equal sha
            It works in float32 for float32 / bf16 / fp16 weights (float64 for float64 weights).
     auto   "exact" for layers of at most AUTO_EXACT_MAX_ELEMENTS elements, "gram" above.
 
-Why "auto" draws the line there: for small layers the exact SVD costs milliseconds and is as
-accurate as float32 allows. For large ones the Gram route is 2-3x faster on a CPU (tridiagonal
-reduction of one h x h symmetric matrix instead of a bidiagonal one of the m x n matrix, plus no
-singular vectors for the long side), and on a GPU cuSOLVER's eigh is much faster than its SVD.
-Its price is accuracy for the smallest singular values: squaring W squares its condition number,
-so a component with singular value sigma_i has its vector perturbed by about
-eps_32 * sigma_max^2 / (sigma_i^2 - sigma_{i+1}^2) instead of eps_32 * sigma_max / (sigma_i - sigma_{i+1}).
-Measured on 7B-shaped random layers and on realistic decaying spectra (tests/test_svd.py,
-docs/benchmarks.md) each expert's subspace is within a fraction of a degree of the exact SVD's,
-which is far below what training moves it. Whichever route, the residual W_res is built from the
-same factors as the experts, so the adapted model equals the pretrained one at k = E exactly.
+Why "auto" draws the line there: for small layers (every layer of MiniLM or SmolLM2-135M) the
+exact SVD costs milliseconds and is as accurate as float32 allows, so there is nothing to win. For
+large ones the Gram route is faster: on 2 CPU cores one LLaMA-2-7B layer took 157 s against 398 s
+for the exact SVD (2.5x, docs/benchmarks.md), because it reduces one h x h symmetric matrix instead
+of bidiagonalising the m x n one and never forms singular vectors of the long side; on a GPU
+cuSOLVER's eigh is much faster than its SVD (8.7x on an H100; the GPU figures' accuracy is still
+to be re-checked, see docs/benchmarks.md). Its price would be accuracy for
+small singular values: squaring W squares its condition number, so the float32 eigh alone perturbs
+the vector of sigma_i by about eps_32 sigma_max^2 / (sigma_i^2 - sigma_k^2) instead of
+eps_32 sigma_max / |sigma_i - sigma_k|. That error is almost all mixing with spectral neighbours,
+which the Rayleigh-Ritz window removes: after it, each expert's subspace agrees with the float32
+SVD's to a few hundredths of a degree (tests/test_svd.py; docs/benchmarks.md). Whichever route,
+the residual W_res is built from the same factors as the experts, so the adapted model equals the
+pretrained one at k = E exactly.
 
 Computation runs on the weight's device, or on CUDA when the weight is on the CPU and a GPU is
 present; results come back on the weight's device.
