@@ -346,6 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("peft").setLevel(logging.ERROR)
     except ImportError:
         pass
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so staging folders are removed
+        raise KeyboardInterrupt
+
+    if hasattr(signal, "SIGTERM"):
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread
+            pass
     try:
         return ns.func(ns)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:

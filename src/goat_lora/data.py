@@ -197,6 +197,10 @@ def _fashion_mnist() -> tuple[Split, Split, list[str], dict]:
 
 
 def _hub_dataset(name: str, text_column: str, label_column: str) -> tuple[Split, Split | None, list[str], dict]:
+    import logging
+
+    for logger in ("huggingface_hub", "datasets"):  # their retry warnings would bury the one-line error
+        logging.getLogger(logger).setLevel(logging.ERROR)
     try:
         import datasets
 

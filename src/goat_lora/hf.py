@@ -68,6 +68,7 @@ def load_sequence_classifier(name_or_path: str | None, num_labels: int, dtype=No
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    _forget_dequantized_gguf(model, extra)
     if model.config.pad_token_id is None:  # decoders classify from the last non-pad token
         tokenizer = load_tokenizer(name_or_path)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -81,7 +82,18 @@ def load_causal_lm(name_or_path: str | None, dtype=None):
     kwargs = dict(extra)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    _forget_dequantized_gguf(model, extra)
+    return model
+
+
+def _forget_dequantized_gguf(model, extra: dict) -> None:
+    """transformers dequantises a GGUF file to ordinary float weights but keeps its GGUF
+    "quantizer" attached, so the Trainer refuses to fine-tune the model ("purely quantized").
+    The weights are plain floats: drop the marker."""
+    if "gguf_file" in extra and all(p.is_floating_point() for p in model.parameters()):
+        model.hf_quantizer = None
+        model.is_quantized = False
 
 
 def default_modules_to_save(model) -> list[str]:

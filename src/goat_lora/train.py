@@ -347,6 +347,7 @@ def train(
     task: TaskData | None = None,
 ) -> dict:
     """Train, evaluate on test, write the run folder; return metrics (also in metrics.json)."""
+    started = time.time()
     args.validate()
     output = output or default_output(args.method)
     check_output(output, overwrite)
@@ -366,7 +367,7 @@ def train(
 
     staging = staging_folder(output)
     try:
-        metrics = _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots)
+        metrics = _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started)
         if trainable == 0:
             raise ValueError("no trainable parameters")
         publish(staging, output)
@@ -384,7 +385,7 @@ def _default(key: str, args: TrainArgs):
     return defaults.get(key)
 
 
-def _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots) -> dict:
+def _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started) -> dict:
     start = time.time()
     reset_peak_memory()
     callback = ExpertLoadCallback(model)
@@ -426,7 +427,7 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
     trainer.train()
     train_time = time.time() - start
     result = evaluate(model, ExamplesDataset(task.test), collator, batch_size=64, device=training_args.device)
-    metrics = _metrics(trainer, callback, result, args, task, trainable, total, train_time, time.time() - start)
+    metrics = _metrics(trainer, callback, result, args, task, trainable, total, train_time, time.time() - started)
     shutil.rmtree(os.path.join(staging, ".trainer"), ignore_errors=True)
     if not trainer.is_world_process_zero():
         return metrics
@@ -475,8 +476,8 @@ def _metrics(trainer, callback, result, args, task, trainable, total, train_time
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
-        "train_time_s": train_time,
-        "wall_time_s": wall_time,
+        "train_time_s": train_time,  # the Trainer's loop, per-epoch validation included
+        "wall_time_s": wall_time,  # data and model loading, initialisation, training, test evaluation
         "step_time_s": sum(steps) / len(steps) if steps else None,
         "steps": trainer.state.global_step,
         "peak_memory_mb": peak_memory_mb(),
