@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -365,12 +366,17 @@ def train(
     model, collator = build_model(args, task)
     trainable, total = count_parameters(model)
 
-    staging = staging_folder(output)
+    # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
     try:
         metrics = _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started)
         if trainable == 0:
             raise ValueError("no trainable parameters")
-        publish(staging, output)
+        if main_process:
+            publish(staging, output)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
