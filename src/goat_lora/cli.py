@@ -55,6 +55,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for splits, init and data order (default 0)")
     p.add_argument("--aux-loss-coef", type=float, default=1e-3, help="load-balancing loss coefficient (default 1e-3)")
     p.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
+    p.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -80,6 +82,8 @@ def _train_args(ns: argparse.Namespace):
         seed=ns.seed,
         aux_loss_coef=ns.aux_loss_coef,
         logging_steps=ns.logging_steps,
+        target_modules=ns.target_modules,
+        save_steps=getattr(ns, "save_steps", 0),  # goat compare: no checkpoints
     )
 
 
@@ -89,20 +93,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     With no arguments: the shipped MiniLM on the shipped Fine Foods reviews, GOAT with the paper's
     defaults (r 8, 8 experts, top-2, s = sqrt(3 n / d)), about 3 minutes on 2 idle CPU cores."""
-    import dataclasses
-    import json
-
-    from .train import TrainArgs, train
+    from .resume import read_config_file, resume
+    from .train import train
 
     args = _train_args(ns)
-    if ns.config:
-        if not os.path.isfile(ns.config):
-            raise FileNotFoundError(f"config {ns.config!r} does not exist")
-        with open(ns.config, encoding="utf-8") as fh:
-            saved = json.load(fh)
-        known = {f.name for f in dataclasses.fields(TrainArgs)}
-        args = TrainArgs(**{k: v for k, v in saved.get("args", saved).items() if k in known})
-    metrics = train(args, ns.output, overwrite=ns.overwrite)
+    if ns.resume:  # a run killed after a checkpoint: its saved settings, its output folder
+        metrics = resume(ns.resume, overwrite=ns.overwrite)
+    else:
+        if ns.config:
+            args = read_config_file(ns.config)
+        metrics = train(args, ns.output, overwrite=ns.overwrite)
     print(
         f"test accuracy {metrics['test_accuracy']:.4f} (majority class {metrics['majority_accuracy']:.4f}) | "
         f"{metrics['method']} | trainable {metrics['trainable_params']:,d} params "
@@ -243,6 +243,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.add_argument("--output", default=None, help="run folder (default runs/<timestamp>-<method>)")
     p.add_argument("--config", default=None, help="rerun: the config.json of an earlier run (other flags ignored)")
+    p.add_argument("--save-steps", type=int, default=500,
+                   help="checkpoint every N steps in the hidden staging folder, for --resume (default 500; 0 none)")  # fmt: skip
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a killed run (its --output) from its last checkpoint (other flags ignored)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved run", description=cmd_eval.__doc__)
@@ -343,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights" bars would bury a one-line error
         logging.getLogger("peft").setLevel(logging.ERROR)
     except ImportError:
         pass

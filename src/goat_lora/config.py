@@ -201,7 +201,11 @@ class GoatConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"adapter config {str(path)!r} does not exist")
         with open(path, encoding="utf-8") as fh:
-            return cls.from_json(fh.read())
+            text = fh.read()
+        try:
+            return cls.from_json(text)
+        except ValueError as err:  # name the file: a folder may hold several configs
+            raise ValueError(f"{str(path)!r}: {err}") from None
 
 
 # Keys written next to the config for tools that read adapter_config.json (PEFT-style metadata).

@@ -82,10 +82,43 @@ def _read_table(path: str):
     except pd.errors.EmptyDataError:
         raise ValueError(f"data file {path!r} is empty") from None
     except ValueError as err:  # pandas' JSON and parquet parse errors
-        raise ValueError(f"data file {path!r} could not be parsed: {str(err).splitlines()[0]}") from None
+        where = _bad_json_line(path) if lower.endswith((".jsonl", ".ndjson")) else ""
+        raise ValueError(f"data file {path!r} could not be parsed{where}: {str(err).splitlines()[0]}") from None
     except Exception as err:  # noqa: BLE001 - pyarrow / csv errors have many types
         raise ValueError(f"data file {path!r} could not be read: {str(err).splitlines()[0]}") from None
     raise ValueError(f"data file {path!r}: unknown format; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def _bad_json_line(path: str) -> str:
+    """' (line N)' for the first line of a JSONL file that is not one JSON object, else ''."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    if isinstance(json.loads(line), dict):
+                        continue
+                except ValueError:
+                    pass
+                return f" (line {number}: {line.strip()[:40]!r})"
+    return ""
+
+
+def _check_label_values(values: list, column: str, source: str) -> None:
+    """Labels name classes: strings, booleans or integers (integral floats too). Fractional numbers
+    (a regression target) and lists / dicts are refused, naming the first such value."""
+    import math
+    import numbers
+
+    for value in values:
+        number = isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+        fractional = number and not (math.isfinite(value) and value == int(value))
+        if fractional or isinstance(value, (list, tuple, dict)):
+            raise ValueError(
+                f"data {source!r}: label column {column!r} holds {value!r}; labels must be class names or integers "
+                "(GOAT here trains classifiers, not regression)"
+            )
 
 
 def _columns(frame, text_column: str, label_column: str, source: str) -> tuple[list[str], list]:
@@ -100,6 +133,7 @@ def _columns(frame, text_column: str, label_column: str, source: str) -> tuple[l
     frame = frame[[text_column, label_column]].dropna()
     if len(frame) == 0:
         raise ValueError(f"data {source!r} has no row with both {text_column!r} and {label_column!r} set")
+    _check_label_values(frame[label_column].tolist(), label_column, source)
     return [str(t) for t in frame[text_column].tolist()], frame[label_column].tolist()
 
 

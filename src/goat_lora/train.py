@@ -78,6 +78,8 @@ class TrainArgs:
     logging_steps: int = 10
     image_size: int = 64
     eval_each_epoch: bool = True  # accuracy on the validation split after every epoch
+    target_modules: list[str] | None = None  # None: every Linear except the head (images: the 1x1 convs)
+    save_steps: int = 500  # a Trainer checkpoint every N steps in the staging folder (--resume); 0: none
 
     def resolved(self, modality: str) -> "TrainArgs":
         """A copy with every None default filled in (what config.json records)."""
@@ -104,6 +106,8 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value <= 0 and not (name == "max_length" and value == 0):
                 raise ValueError(f"--{name.replace('_', '-')} {value} must be > 0")
+        if self.save_steps < 0:
+            raise ValueError(f"--save-steps {self.save_steps} must be >= 0 (0: no checkpoints)")
 
 
 # ---- the Trainer --------------------------------------------------------------------------------
@@ -221,11 +225,25 @@ def load_base(args: TrainArgs, task: TaskData):
         raise ValueError(f"model {args.model or 'minilm'!r} could not be loaded: {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - transformers raises OSError, EnvironmentError, KeyError, ...
         raise ValueError(f"model {args.model or 'minilm'!r} could not be loaded: {_first_line(err)}") from None
+    check_finite_weights(model, args.model or ("efficientnet-lite0" if task.modality == "image" else "minilm"))
+    head = ["classifier"] if task.modality == "image" else hf.default_modules_to_save(model)
+    if args.target_modules:  # names, suffixes or a regex (peft's rules); a ValueError names a miss
+        config = GoatConfig(target_modules=list(args.target_modules), modules_to_save=head or None)
+        targets = find_target_modules(model, config)
+    elif task.modality == "image":
+        targets = hf.image_target_modules(model)
+    else:
+        targets = find_target_modules(model, GoatConfig(target_modules="all-linear", modules_to_save=head or None))
     if task.modality == "image":
-        return model, ImageCollator(args.image_size), hf.image_target_modules(model), ["classifier"]
-    head = hf.default_modules_to_save(model)
-    targets = find_target_modules(model, GoatConfig(target_modules="all-linear", modules_to_save=head or None))
+        return model, ImageCollator(args.image_size), targets, head
     return model, TextCollator(tokenizer, args.max_length), targets, head
+
+
+def check_finite_weights(model, name: str) -> None:
+    """Refuse a base model with NaN or inf in a weight (every method would train on garbage), naming it."""
+    for param_name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param.detach()).all():
+            raise ValueError(f"model {name!r}: weight {param_name!r} has NaN or inf values; refusing to train from it")
 
 
 def _first_line(err: BaseException) -> str:
@@ -346,10 +364,13 @@ def train(
     save_weights: bool = True,
     plots: bool = True,
     task: TaskData | None = None,
+    resume_checkpoint: str | None = None,
 ) -> dict:
-    """Train, evaluate on test, write the run folder; return metrics (also in metrics.json)."""
+    """Train, evaluate on test, write the run folder; return metrics (also in metrics.json).
+    `resume_checkpoint`: continue from a checkpoint in the run's staging folder (goat_lora.resume)."""
     started = time.time()
     args.validate()
+    requested = dataclasses.asdict(args)  # before defaults are filled in: what --resume rebuilds from
     output = output or default_output(args.method)
     check_output(output, overwrite)
     if task is None:
@@ -368,9 +389,17 @@ def train(
 
     # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
+    if resume_checkpoint is not None and main_process:  # keep the killed run's staging folder
+        staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
+    else:
+        staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
     try:
-        metrics = _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started)
+        if args.save_steps and main_process:
+            from .resume import write_resume_state
+
+            write_resume_state(staging, requested, output, overwrite)
+        metrics = _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started,
+                            checkpoint=resume_checkpoint)  # fmt: skip
         if trainable == 0:
             raise ValueError("no trainable parameters")
         if main_process:
@@ -391,7 +420,8 @@ def _default(key: str, args: TrainArgs):
     return defaults.get(key)
 
 
-def _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started) -> dict:
+def _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started,
+              checkpoint=None) -> dict:  # fmt: skip
     start = time.time()
     reset_peak_memory()
     callback = ExpertLoadCallback(model)
@@ -406,7 +436,9 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
         lr_scheduler_type="linear",
         logging_steps=args.logging_steps,
         eval_strategy="epoch" if args.eval_each_epoch and len(task.validation) else "no",
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",  # into staging/.trainer, for --resume
+        save_steps=args.save_steps or 500,
+        save_total_limit=1,
         report_to="none",
         seed=args.seed,
         data_seed=args.seed,
@@ -430,7 +462,7 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.time() - start
     result = evaluate(model, ExamplesDataset(task.test), collator, batch_size=64, device=training_args.device)
     metrics = _metrics(trainer, callback, result, args, task, trainable, total, train_time, time.time() - started)
