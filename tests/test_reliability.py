@@ -447,3 +447,11 @@ def test_crash_while_writing_a_run_leaves_no_run_folder(crash, assets, tmp_path,
         lib_train(assets, tmp_path)(output=str(out))
     assert not out.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_replaces_an_existing_folder(assets, tmp_path, capsys):
+    """The refusal above is lifted by --overwrite: the run replaces the folder, nothing else is left."""
+    mine = write_dir(tmp_path / "mine", "notes.txt")
+    assert main(train_argv(assets, "--output", mine, "--overwrite")) == 0
+    assert sorted(os.listdir(tmp_path)) == ["mine"]
+    assert not (tmp_path / "mine" / "notes.txt").exists() and (tmp_path / "mine" / "metrics.json").is_file()

@@ -128,3 +128,16 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(da
     resumed = json.loads((out / "metrics.json").read_text())
     assert not staging.exists() and not (out / ".trainer").exists()
     assert_close(comparable(resumed), comparable(reference))
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    """A kill during a checkpoint's write leaves a folder without trainer_state.json (the Trainer
+    writes it last): --resume skips it and takes the newest complete one."""
+    from goat_lora.resume import last_checkpoint
+
+    trainer = tmp_path / ".run.partial" / ".trainer"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (trainer / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (trainer / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(str(tmp_path / ".run.partial")) == str(trainer / "checkpoint-8")
