@@ -59,6 +59,15 @@ class GoatModel(nn.Module):
         self._saved_originals = saved_originals
         self._original_requires_grad = original_requires_grad
         self._set_trainable()
+        # DDP must not broadcast the layers' buffers from rank 0 at every forward: load_counts is
+        # per-process bookkeeping (expert_load() sums it over processes; a broadcast replaced every
+        # rank's counts with rank 0's), and init_A / init_B / expert_scale are frozen and equal on
+        # every rank (broadcasting them would cost r(m + n) floats per layer per step).
+        self._ddp_params_and_buffers_to_ignore = [
+            f"base_model.{name}.{buffer}"
+            for name in self.goat_layer_names
+            for buffer in ("load_counts", "init_A", "init_B", "expert_scale")
+        ]
         # Let inspect.signature(model.forward) show the base model's arguments: the transformers
         # Trainer drops dataset columns that the forward does not name.
         self.forward = functools.update_wrapper(functools.partial(GoatModel._forward, self), base_model.forward)
