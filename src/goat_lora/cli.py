@@ -55,6 +55,19 @@ def _add_run_arguments(p: argparse.ArgumentParser, method: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for splits, init and data order (default 0)")
     p.add_argument("--aux-loss-coef", type=float, default=1e-3, help="load-balancing loss coefficient (default 1e-3)")
     p.add_argument("--logging-steps", type=int, default=10, help="log the training loss every N steps")
+    # scale-out and ecosystem (goat_lora.scaleout / causal_lm; docs/scaling.md)
+    p.add_argument("--task", default="classification", choices=("classification", "causal-lm"),
+                   help="classification (default) or causal-lm (a decoder, default smollm2, on --data instructions or "
+                   "a .jsonl/.csv with --text-column)")  # fmt: skip
+    p.add_argument("--mask-prompt", action="store_true", help="causal-lm: no loss on the prompt (rows with a response field)")
+    p.add_argument("--dropout", type=float, default=0.05, help="experts' dropout (default 0.05)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="sequential data order (runs with N processes then see the same global batches)")  # fmt: skip
+    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing (use_reentrant=False)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or GPU); adapters stay float32")
+    p.add_argument("--report-to", default="tensorboard",
+                   help="tensorboard (default, RUN/tensorboard), wandb, both comma-separated, or none")  # fmt: skip
+    p.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed config (GPU), e.g. configs/ds_zero2.json")
     p.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
                    help="layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -84,6 +97,14 @@ def _train_args(ns: argparse.Namespace):
         logging_steps=ns.logging_steps,
         target_modules=ns.target_modules,
         save_steps=getattr(ns, "save_steps", 0),  # goat compare: no checkpoints
+        task=getattr(ns, "task", "classification"),
+        mask_prompt=getattr(ns, "mask_prompt", False),
+        dropout=getattr(ns, "dropout", 0.05),
+        shuffle=getattr(ns, "shuffle", True),
+        gradient_checkpointing=getattr(ns, "gradient_checkpointing", False),
+        bf16=getattr(ns, "bf16", False),
+        report_to=getattr(ns, "report_to", "tensorboard"),
+        deepspeed=getattr(ns, "deepspeed", None),
     )
 
 
@@ -103,6 +124,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.config:
             args = read_config_file(ns.config)
         metrics = train(args, ns.output, overwrite=ns.overwrite)
+    if metrics.get("task") == "causal-lm":
+        from .causal_lm import summary_line
+
+        print(summary_line(metrics))
+        print(f"run folder: {metrics['output']}")
+        return 0
     print(
         f"test accuracy {metrics['test_accuracy']:.4f} (majority class {metrics['majority_accuracy']:.4f}) | "
         f"{metrics['method']} | trainable {metrics['trainable_params']:,d} params "
@@ -304,7 +331,7 @@ def _offline_by_default(ns: argparse.Namespace) -> None:
     model = getattr(ns, "model", None)
     data = getattr(ns, "data", None)
     model_local = model is None or model.lower() in shipped or os.path.exists(model)
-    data_local = data is None or data in ("finefoods", "fashion-mnist") or os.path.exists(data) or "." in os.path.basename(data)
+    data_local = data is None or data in ("finefoods", "fashion-mnist", "instructions") or os.path.exists(data) or "." in os.path.basename(data)
     if model_local and data_local:
         os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -78,6 +78,15 @@ class TrainArgs:
     logging_steps: int = 10
     image_size: int = 64
     eval_each_epoch: bool = True  # accuracy on the validation split after every epoch
+    # scale-out and ecosystem (goat_lora.scaleout, goat_lora.causal_lm; docs/scaling.md)
+    task: str = "classification"  # or "causal-lm": a decoder on a language-modelling loss
+    mask_prompt: bool = False  # causal-lm: no loss on the prompt of instruction data
+    dropout: float = 0.05  # the experts' (and LoRA baselines') dropout
+    shuffle: bool = True  # False: sequential data order (rank r of N then gets batches r, r+N, ...)
+    gradient_checkpointing: bool = False  # activation checkpointing, use_reentrant=False
+    bf16: bool = False  # bfloat16 autocast; adapters, routers and optimiser state stay float32
+    report_to: str = "tensorboard"  # comma list of tensorboard, wandb; none
+    deepspeed: str | None = None  # a DeepSpeed config file (GPU only), e.g. configs/ds_zero2.json
     target_modules: list[str] | None = None  # None: every Linear except the head (images: the 1x1 convs)
     save_steps: int = 500  # a Trainer checkpoint every N steps in the staging folder (--resume); 0: none
 
@@ -106,6 +115,9 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value <= 0 and not (name == "max_length" and value == 0):
                 raise ValueError(f"--{name.replace('_', '-')} {value} must be > 0")
+        from . import scaleout
+
+        scaleout.validate(self)
         if self.save_steps < 0:
             raise ValueError(f"--save-steps {self.save_steps} must be >= 0 (0: no checkpoints)")
 
@@ -124,6 +136,12 @@ class GoatTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean; let Trainer average
         self._aux_sum, self._aux_count = 0.0, 0
+        self.goat_shuffle = True  # False: sequential order (TrainArgs.shuffle)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        from .scaleout import train_sampler
+
+        return train_sampler(self) or super()._get_train_sampler(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -264,6 +282,7 @@ def build_model(args: TrainArgs, task: TaskData):
         seed=args.seed,
         aux_loss_coef=args.aux_loss_coef,
         base_model_name_or_path=args.model,
+        dropout=args.dropout,
     )
     return prepare_model(args.method, model, spec, targets, head), collator
 
@@ -370,6 +389,10 @@ def train(
     `resume_checkpoint`: continue from a checkpoint in the run's staging folder (goat_lora.resume)."""
     started = time.time()
     args.validate()
+    if args.task == "causal-lm":  # a decoder on a language-modelling loss: goat_lora.causal_lm
+        from .causal_lm import train_causal_lm
+
+        return train_causal_lm(args, output, overwrite=overwrite, quiet=quiet, save_weights=save_weights)
     requested = dataclasses.asdict(args)  # before defaults are filled in: what --resume rebuilds from
     output = output or default_output(args.method)
     check_output(output, overwrite)
@@ -424,6 +447,8 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
               checkpoint=None) -> dict:  # fmt: skip
     start = time.time()
     reset_peak_memory()
+    from . import scaleout
+
     callback = ExpertLoadCallback(model)
     training_args = TrainingArguments(
         output_dir=os.path.join(staging, ".trainer"),
@@ -439,7 +464,7 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
         save_strategy="steps" if args.save_steps else "no",  # into staging/.trainer, for --resume
         save_steps=args.save_steps or 500,
         save_total_limit=1,
-        report_to="none",
+        **scaleout.training_kwargs(args),  # report_to, bf16, gradient checkpointing, deepspeed
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,
@@ -455,8 +480,9 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
         train_dataset=ExamplesDataset(task.train),
         eval_dataset=ExamplesDataset(task.validation) if len(task.validation) else None,
         compute_metrics=_accuracy,
-        callbacks=[callback],
+        callbacks=[callback, *scaleout.callbacks(args, staging)],  # TensorBoard into RUN/tensorboard
     )
+    trainer.goat_shuffle = args.shuffle
     if quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
