@@ -1,0 +1,169 @@
+"""Decoders: `goat train --task causal-lm`, labels and prompt masking, generate(), and greedy
+generations that survive save -> reload onto a fresh base.
+
+Fast tests use a tiny random LLaMA saved to disk with a small byte-level BPE tokenizer trained on
+the shipped instruction set; one slow test runs the shipped SmolLM2-135M itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from goat_lora.causal_lm import CausalLMCollator, TextSplit, generate_text, instructions_path, load_causal_run, load_texts
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory) -> str:
+    """A folder with a tiny random LlamaForCausalLM (2 layers, hidden 32) and a 300-token BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("decoder") / "tiny-llama"
+    with open(instructions_path(), encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(str(folder))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_decoder, tmp_path_factory) -> str:
+    from goat_lora.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "causal"
+    code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", "instructions", "--mask-prompt",
+                 "--train-size", "48", "--test-size", "6", "--max-length", "48", "--batch-size", "8", "--rank", "4",
+                 "--experts", "2", "--top-k", "1", "--lr", "1e-2", "--epochs", "2", "--logging-steps", "1",
+                 "--save-steps", "0", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    return str(out)
+
+
+def test_goat_train_causal_lm_writes_a_run(tiny_run):
+    with open(os.path.join(tiny_run, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    assert metrics["task"] == "causal-lm" and metrics["method"] == "goat"
+    losses = [h["loss"] for h in metrics["train_loss"]]
+    assert len(losses) == metrics["steps"] == 12  # 48 examples / batch 8 x 2 epochs
+    assert sum(losses[-3:]) < sum(losses[:3])  # it learns
+    assert all(h["aux_loss"] > 0 for h in metrics["train_loss"])  # the balance loss joined the task loss
+    assert metrics["test_loss"] > 0 and metrics["test_perplexity"] == pytest.approx(2.718281828 ** metrics["test_loss"], rel=1e-6)
+    assert len(metrics["samples"]) == 3 and all(s["prompt"].endswith("### Response:\n") for s in metrics["samples"])
+    for name in ("config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert os.path.isfile(os.path.join(tiny_run, name)), name
+    assert os.listdir(os.path.join(tiny_run, "tensorboard"))
+
+
+def test_reloaded_adapter_generates_the_same_tokens(tiny_run):
+    """The trained model's greedy samples (in metrics.json) = the adapter reloaded onto a fresh base."""
+    with open(os.path.join(tiny_run, "metrics.json")) as fh:
+        samples = json.load(fh)["samples"]
+    model, tokenizer, _ = load_causal_run(tiny_run)
+    again = generate_text(model, tokenizer, [s["prompt"] for s in samples])
+    assert [s["token_ids"] for s in again] == [s["token_ids"] for s in samples]
+    assert all(len(s["token_ids"]) > 0 for s in again)
+    # and the adapter matters: the base alone continues differently
+    base = model.unload()
+    plain = generate_text(base, tokenizer, [s["prompt"] for s in samples])
+    assert [s["token_ids"] for s in plain] != [s["token_ids"] for s in samples]
+
+
+def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
+    items = [{"text": "### Instruction:\nSay hi\n### Response:\nhi", "prompt": "### Instruction:\nSay hi\n### Response:\n"},
+             {"text": "a longer text without any prompt at all", "prompt": None}]  # fmt: skip
+    plain = CausalLMCollator(tokenizer, 64)(items)
+    masked = CausalLMCollator(tokenizer, 64, mask_prompt=True)(items)
+    ids, attention, labels = masked["input_ids"], masked["attention_mask"], masked["labels"]
+    lengths = attention.sum(1)
+    for row in range(2):
+        n = int(lengths[row])
+        assert ids[row, n - 1] == tokenizer.eos_token_id  # every text ends with EOS
+        assert (labels[row, n:] == -100).all() and (ids[row, n:] == tokenizer.pad_token_id).all()
+        assert (plain["labels"][row, :n] == plain["input_ids"][row, :n]).all()
+    prompt_len = len(tokenizer(items[0]["prompt"])["input_ids"])
+    assert (labels[0, :prompt_len] == -100).all()
+    assert (labels[0, prompt_len : int(lengths[0])] == ids[0, prompt_len : int(lengths[0])]).all()
+    assert tokenizer.decode(ids[0, prompt_len : int(lengths[0]) - 1]) == "hi"
+    assert (labels[1, : int(lengths[1])] == ids[1, : int(lengths[1])]).all()  # no prompt: nothing masked
+    truncated = CausalLMCollator(tokenizer, 5)(items)
+    assert truncated["input_ids"].shape[1] == 5
+
+
+def test_user_jsonl_with_a_text_column(tmp_path, tiny_decoder, capsys):
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps({"body": f"note number {i} says hello"}) + "\n" for i in range(20)))
+    train, test, info = load_texts(str(path), "body", seed=0)
+    assert len(train) == 18 and len(test) == 2 and all(p is None for p in train.prompts)
+    from goat_lora.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", str(path), "--text-column", "body", "--max-length", "16",
+                 "--rank", "4", "--experts", "2", "--report-to", "none", "--save-steps", "0", "--output", str(out)])  # fmt: skip
+    assert code == 0 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", str(path), "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no text column 'text'" in err[0] and "--text-column" in err[0]
+
+
+def test_text_split_items():
+    split = TextSplit(["a b", "c"], ["a ", None])
+    assert len(split) == 2 and split[0] == {"text": "a b", "prompt": "a "}
+
+
+@pytest.mark.slow
+def test_smollm2_trains_generates_and_reloads():
+    """The shipped SmolLM2-135M (LLaMA architecture, 211 Linear layers): GOAT on every Linear but the
+    head, two AdamW steps on the causal LM loss plus the balance loss, greedy generate() on the
+    adapted model, then save -> reload onto a fresh copy of the base -> the same tokens."""
+    from goat_lora import GoatConfig, GoatModel, get_goat_model
+    from goat_lora.hf import load_causal_lm, load_tokenizer
+
+    try:
+        base = load_causal_lm("smollm2")
+        tokenizer = load_tokenizer("smollm2")
+    except FileNotFoundError as err:
+        pytest.skip(f"SmolLM2 is not installed: {err}")
+    fresh = copy.deepcopy(base)  # the untouched pretrained model, for the reload
+    model = get_goat_model(base, GoatConfig(r=8, num_experts=4, top_k=2, dropout=0.0, seed=0))
+    assert len(model.goat_layer_names) == 210  # every Linear but lm_head
+    train_split, _, _ = load_texts("instructions", train_size=4)
+    batch = CausalLMCollator(tokenizer, 32, mask_prompt=True)([train_split[i] for i in range(4)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(2):
+        loss = model(**batch).loss + model.goat_config.aux_loss_coef * model.aux_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    prompt = ["### Instruction:\nWhat is 2 plus 3?\n### Response:\n"]
+    before = generate_text(model, tokenizer, prompt, max_new_tokens=8)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        reloaded = GoatModel.from_pretrained(fresh, folder)
+    after = generate_text(reloaded, tokenizer, prompt, max_new_tokens=8)
+    assert after[0]["token_ids"] == before[0]["token_ids"] and len(before[0]["token_ids"]) > 0
