@@ -119,6 +119,8 @@ def test_two_processes_match_one_process(launcher, tiny_task, one_process, tmp_p
     _launch(command)
     one, two = _metrics(one_process), _metrics(out)
     assert two["steps"] == one["steps"] == 4  # 32 examples / global batch 8: the data was sharded
+    assert (one["distributed"], one["processes"]) == ("NO", 1)
+    assert (two["distributed"], two["processes"]) == ("MULTI_CPU", 2)
     for a, b in zip(one["train_loss"], two["train_loss"], strict=True):
         assert a["step"] == b["step"]
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
@@ -234,15 +236,19 @@ def test_reentrant_checkpointing_cannot_be_asked_for():
 # ---- FSDP -------------------------------------------------------------------------------------
 
 
-def _fsdp_model():
+def _fsdp_base():
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from goat_lora import GoatConfig, get_goat_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    return get_goat_model(LlamaForCausalLM(config), GoatConfig(r=4, num_experts=2, top_k=1, dropout=0.0))
+    return LlamaForCausalLM(config)
+
+
+def _fsdp_model():
+    from goat_lora import GoatConfig, get_goat_model
+
+    return get_goat_model(_fsdp_base(), GoatConfig(r=4, num_experts=2, top_k=1, dropout=0.0))
 
 
 def _fsdp_losses(model, ids: torch.Tensor, steps: int = 3) -> list[float]:
@@ -275,8 +281,12 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     losses = _fsdp_losses(model, ids)
     total = torch.tensor(losses)
     dist.all_reduce(total)  # the global loss: mean over the two halves (equal token counts)
+    from goat_lora.scaleout import gather_full_parameters
+
+    gather_full_parameters(model)  # what goat train does before rank 0 saves the adapter
     if rank == 0:
         torch.save({"losses": (total / 2).tolist()}, os.path.join(out_dir, "fsdp.pt"))
+        model.save_pretrained(os.path.join(out_dir, "adapter"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -292,27 +302,39 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path):
     except ImportError:
         pytest.skip("torch without FSDP2 (fully_shard)")
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    from goat_lora import GoatModel
+
     ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(3))
-    reference = _fsdp_losses(_fsdp_model(), ids)
+    model = _fsdp_model()
+    reference = _fsdp_losses(model, ids)
     got = torch.load(tmp_path / "fsdp.pt")["losses"]
     assert got == pytest.approx(reference, abs=1e-5)
+    # the adapter saved from the sharded model (full tensors gathered) = the 1-process trained one
+    reloaded = GoatModel.from_pretrained(_fsdp_base(), str(tmp_path / "adapter")).trainable_state_dict()
+    for name, value in model.trainable_state_dict().items():
+        torch.testing.assert_close(reloaded[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
-    "GPU only (2+ GPUs): accelerate turns FSDP on only for accelerator device types (MULTI_GPU, XPU, "
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "GPU only: accelerate turns FSDP on only for accelerator device types (MULTI_GPU, XPU, "
     "NPU...); a CPU-only run is MULTI_CPU and accelerate ignores ACCELERATE_USE_FSDP there (plain DDP). "
     "FSDP2 itself runs on CPU in test_fsdp2_on_cpu_matches_one_process"))  # fmt: skip
 def test_fsdp_config_through_accelerate_launch(tiny_task, tmp_path):
+    """configs/accelerate_fsdp.yaml through accelerate launch and the Trainer, on 1 or 2 GPUs."""
     model_dir, data = tiny_task
     out = str(tmp_path / "run")
+    processes = min(2, torch.cuda.device_count())
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(REPO, "configs", "accelerate_fsdp.yaml"), "--num_processes", "2",
+               os.path.join(REPO, "configs", "accelerate_fsdp.yaml"), "--num_processes", str(processes),
                "--main_process_port", str(_free_port()), "-m", "goat_lora.cli", "train", *_flags(model_dir, data),
-               "--batch-size", "4", "--output", out]  # fmt: skip
+               "--batch-size", "4", "--report-to", "none", "--output", out]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _metrics(out)["steps"] == 4
+    metrics = _metrics(out)
+    assert metrics["steps"] == 32 // (4 * processes)
+    assert (metrics["distributed"], metrics["processes"]) == ("FSDP", processes)
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in metrics["train_loss"]])))
 
 
 def _has_deepspeed() -> bool:
@@ -329,10 +351,10 @@ def test_deepspeed_zero2_config(tiny_task, tmp_path):
     out = str(tmp_path / "run")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                str(_free_port()), "-m", "goat_lora.cli", "train", *_flags(model_dir, data), "--batch-size", "8",
-               "--deepspeed", os.path.join(REPO, "configs", "ds_zero2.json"), "--output", out]  # fmt: skip
+               "--report-to", "none", "--deepspeed", os.path.join(REPO, "configs", "ds_zero2.json"), "--output", out]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _metrics(out)["steps"] == 4
+    assert _metrics(out)["steps"] == 4 and _metrics(out)["distributed"] == "DEEPSPEED"
 
 
 def test_deepspeed_flag_checks_its_config_and_package(tiny_task, tmp_path):

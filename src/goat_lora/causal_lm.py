@@ -278,6 +278,7 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
         test = evaluate_loss(model, test_split, collator, device=device)
         prompts = [p for p in test_split.prompts if p][:3] or [t[: max(1, len(t) // 2)] for t in test_split.texts[:3]]
         samples = generate_text(model, tokenizer, prompts)
+        scaleout.gather_full_parameters(model)  # FSDP2: full tensors before rank 0 saves (every rank takes part)
         history = trainer.state.log_history
         steps = callback.step_times[1:] or callback.step_times
         metrics = {
@@ -299,6 +300,8 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
             "wall_time_s": time.time() - started,
             "step_time_s": sum(steps) / len(steps) if steps else None,
             "steps": trainer.state.global_step,
+            "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+            "processes": trainer.args.world_size,
             "peak_memory_mb": peak_memory_mb(),
             "expert_load_per_epoch": callback.per_epoch,
             "sizes": {"train": len(train_split), "test": len(test_split)},

@@ -107,3 +107,26 @@ def train_sampler(trainer):
     from torch.utils.data import SequentialSampler
 
     return SequentialSampler(trainer.train_dataset)
+
+
+def gather_full_parameters(model) -> None:
+    """After training under FSDP2 the parameters are sharded DTensors, which the adapter writer
+    cannot read; replace each by its full tensor, in place. A collective: every process must call
+    it (before only the main process saves). The model is for saving afterwards, not for training
+    (FSDP's hooks expect their shards). A no-op without DTensors."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.6
+        return
+    from torch import nn
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        return
+    for unit in units:  # the root stays unsharded after a forward: its parameters view a gather buffer
+        unit.reshard()
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):
+                module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)

@@ -492,6 +492,7 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
     train_time = time.time() - start
     result = evaluate(model, ExamplesDataset(task.test), collator, batch_size=64, device=training_args.device)
     metrics = _metrics(trainer, callback, result, args, task, trainable, total, train_time, time.time() - started)
+    scaleout.gather_full_parameters(model)  # FSDP2: full tensors before rank 0 saves (every rank takes part)
     shutil.rmtree(os.path.join(staging, ".trainer"), ignore_errors=True)
     if not trainer.is_world_process_zero():
         return metrics
@@ -544,6 +545,8 @@ def _metrics(trainer, callback, result, args, task, trainable, total, train_time
         "wall_time_s": wall_time,  # data and model loading, initialisation, training, test evaluation
         "step_time_s": sum(steps) / len(steps) if steps else None,
         "steps": trainer.state.global_step,
+        "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+        "processes": trainer.args.world_size,
         "peak_memory_mb": peak_memory_mb(),
         "expert_load": result["expert_load"],  # over the test set
         "router": result["router"],
