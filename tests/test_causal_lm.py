@@ -84,6 +84,14 @@ def test_reloaded_adapter_generates_the_same_tokens(tiny_run):
     assert [s["token_ids"] for s in plain] != [s["token_ids"] for s in samples]
 
 
+def test_goat_eval_on_a_causal_run_is_a_one_line_error(tiny_run, capsys):
+    from goat_lora.cli import main
+
+    assert main(["eval", "--adapter", tiny_run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "causal-lm run" in err[0]
+
+
 def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
     from transformers import AutoTokenizer
 

@@ -124,6 +124,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.config:
             args = read_config_file(ns.config)
         metrics = train(args, ns.output, overwrite=ns.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: rank 0 reports (and wrote the folder)
+        return 0
     if metrics.get("task") == "causal-lm":
         from .causal_lm import summary_line
 

@@ -309,6 +309,8 @@ def load_run(run_dir: str):
     with open(config_path, encoding="utf-8") as fh:
         saved = json.load(fh)
     args = TrainArgs(**saved["args"])
+    if saved.get("task") == "causal-lm":
+        raise ValueError(f"{run_dir!r} is a causal-lm run; reload it with goat_lora.causal_lm.load_causal_run")
     label_names = saved["label_names"]
     task = TaskData(args.data, saved["modality"], label_names, *([None] * 3))
     adapter = os.path.join(run_dir, "adapter")
