@@ -167,6 +167,19 @@ def test_report_to_wandb_without_wandb_is_one_line_error(tiny_task, tmp_path, ca
     assert parse_report_to("none") == [] and parse_report_to("tensorboard") == ["tensorboard"]
 
 
+def test_report_to_wandb_when_installed(tiny_task, tmp_path, monkeypatch):
+    """--report-to tensorboard,wandb (offline mode, no account): both write their files."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    out = str(tmp_path / "run")
+    train(_args(*tiny_task, report_to="tensorboard,wandb"), out, quiet=True)
+    assert glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "*.wandb"))
+    assert glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+
+
 def test_bf16_trains_with_float32_adapters(tiny_task, one_process, tmp_path):
     """--bf16 on the CPU: bfloat16 autocast (the losses move off the float32 run's by bf16 rounding),
     while lora_A / lora_B / routers / head stay float32, in the model and in the saved adapter."""
