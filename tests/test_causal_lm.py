@@ -92,6 +92,13 @@ def test_goat_eval_on_a_causal_run_is_a_one_line_error(tiny_run, capsys):
     assert len(err) == 1 and "causal-lm run" in err[0]
 
 
+def test_goat_compare_refuses_causal_lm(capsys):
+    from goat_lora.cli import main
+
+    assert main(["compare", "--task", "causal-lm", "--methods", "goat"]) == 2
+    assert "goat compare compares classifiers" in capsys.readouterr().err
+
+
 def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
     from transformers import AutoTokenizer
 

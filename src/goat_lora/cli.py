@@ -162,6 +162,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     from .baselines import DEFAULT_LR_GRID, check_method
     from .train import compare
 
+    if getattr(ns, "task", "classification") != "classification":
+        raise ValueError("goat compare compares classifiers; --task causal-lm runs one at a time with goat train")
     methods = ns.methods
     for method in methods:
         check_method(method)
