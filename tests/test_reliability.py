@@ -455,3 +455,27 @@ def test_overwrite_replaces_an_existing_folder(assets, tmp_path, capsys):
     assert main(train_argv(assets, "--output", mine, "--overwrite")) == 0
     assert sorted(os.listdir(tmp_path)) == ["mine"]
     assert not (tmp_path / "mine" / "notes.txt").exists() and (tmp_path / "mine" / "metrics.json").is_file()
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    """mkstemp creates 0600 files; a written run must be readable by whoever may read the folder."""
+    old_mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "metrics.json", "{}\n")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_disk_full_on_the_command_line_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """A machine failure (not bad input) still ends in one line, with exit code 1."""
+    from goat_lora import cli
+
+    def full(ns):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(cli, "cmd_inspect", full)
+    code = main(["inspect"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]

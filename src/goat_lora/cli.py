@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"goat {ns.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:  # the machine, not the input: disk full, I/O error (exit 1, still one line)
+        print(f"goat {ns.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"goat {ns.command}: interrupted", file=sys.stderr)
         return 130
