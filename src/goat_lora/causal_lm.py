@@ -18,7 +18,6 @@ import dataclasses
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -213,7 +212,7 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
     from .inject import find_target_modules
     from .train import (
         ExpertLoadCallback, GoatTrainer, _goat_config_dict, _versions, check_output, default_output,
-        peak_memory_mb, publish, reset_peak_memory, save_method_weights, staging_folder, write_json,
+        building_run_folder, peak_memory_mb, reset_peak_memory, save_method_weights, write_json,
     )  # fmt: skip
 
     started = time.time()
@@ -238,8 +237,7 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
     collator = CausalLMCollator(tokenizer, args.max_length, args.mask_prompt)
 
     main_process = int(os.environ.get("RANK", "0")) == 0
-    staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
-    try:
+    with building_run_folder(output, main_process) as staging:
         reset_peak_memory()
         start = time.time()
         callback = ExpertLoadCallback(model)
@@ -321,12 +319,6 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
             }
             write_json(os.path.join(staging, "config.json"), config)
             write_json(os.path.join(staging, "metrics.json"), metrics)
-            publish(staging, output)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     metrics["output"] = os.path.abspath(output)
     return metrics
 

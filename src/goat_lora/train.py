@@ -13,6 +13,7 @@ a failed or interrupted run never leaves a half-written run folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -359,6 +360,25 @@ def staging_folder(output: str) -> str:
     return staging
 
 
+@contextlib.contextmanager
+def building_run_folder(output: str, main_process: bool, staging: str | None = None):
+    """Yield the folder a run is built in. When the block ends cleanly, rank 0's folder is renamed
+    to `output` and another rank's scratch folder is removed; when anything Python sees goes wrong
+    (an exception, Ctrl-C, SIGTERM) the folder is removed, so no half-written run is left. A hard
+    kill (SIGKILL) leaves it for `--resume`."""
+    if staging is None:
+        staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
+    try:
+        yield staging
+        if main_process:
+            publish(staging, output)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def publish(staging: str, output: str) -> None:
     """Rename the finished staging folder to `output` (replacing an old run when overwriting)."""
     output = os.path.abspath(output)
@@ -414,11 +434,10 @@ def train(
 
     # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
     main_process = int(os.environ.get("RANK", "0")) == 0
+    staging = None
     if resume_checkpoint is not None and main_process:  # keep the killed run's staging folder
         staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
-    else:
-        staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
-    try:
+    with building_run_folder(output, main_process, staging) as staging:
         if args.save_steps and main_process:
             from .resume import write_resume_state
 
@@ -427,13 +446,6 @@ def train(
                             checkpoint=resume_checkpoint)  # fmt: skip
         if trainable == 0:
             raise ValueError("no trainable parameters")
-        if main_process:
-            publish(staging, output)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     metrics["output"] = os.path.abspath(output)
     return metrics
 
