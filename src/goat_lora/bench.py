@@ -536,7 +536,7 @@ def bench_init(args: argparse.Namespace, device: torch.device) -> dict:
         for method in ("exact", fast):
             model = copy.deepcopy(block)
             config = GoatConfig(r=args.rank, num_experts=args.experts, top_k=args.top_k, svd_method=method)
-            elapsed = _timed(lambda: layers.__setitem__(method, inject_goat_layers(model, config, targets)), device)
+            elapsed = _timed(lambda m=model, c=config, k=method: layers.__setitem__(k, inject_goat_layers(m, c, targets)), device)
             times[method].append(elapsed)
             del model
     from .svd import compute_device, resolve_method

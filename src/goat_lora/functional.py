@@ -19,7 +19,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .config import AuxLossForm, InitMode, ScalingMode
 

@@ -147,7 +147,6 @@ def _plain_1x1_convs(module) -> None:
 def load_image_classifier(name_or_path: str | None, num_labels: int):
     """EfficientNet-Lite0 (ImageNet weights) with a fresh `classifier` head of `num_labels` outputs;
     forward(pixel_values, labels=None) -> SequenceClassifierOutput like a transformers classifier."""
-    import torch
     from torch import nn
     from transformers.modeling_outputs import SequenceClassifierOutput
 

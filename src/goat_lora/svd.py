@@ -131,7 +131,6 @@ def gram_singular_components(
     else:  # one matrix per call: batched CUDA eigh may take cuSOLVER's Jacobi path (see docs/benchmarks.md)
         eigvecs = torch.stack([torch.linalg.eigh(gram).eigenvectors for gram in grams])
     del grams
-    h = eigvecs.shape[-1]
     out = []
     for i, w in enumerate(work):
         wanted = indices[i].tolist()
