@@ -151,10 +151,21 @@ class GoatLayer(nn.Module):
         return F.residual_weight(F.ExpertFactors(self.init_A, self.init_B, self.expert_scale), self.residual_coef)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapted_forward(x, per_expert_loop=False)
+
+    def forward_loop_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer with a per-expert Python loop (slow; used to check the batched path)."""
+        return self._adapted_forward(x, per_expert_loop=True)
+
+    def _adapted_forward(self, x: torch.Tensor, per_expert_loop: bool) -> torch.Tensor:
         result = self.base_layer(x)  # (W0 - W_res) x + b
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
         routing = F.route(self.router(tokens), self.top_k)
-        delta = F.experts_delta(self._experts_dropout(tokens), self.lora_A, self.lora_B, routing.weights, self.expert_scale)
+        dropped = self._experts_dropout(tokens)
+        if per_expert_loop:
+            delta = F.experts_delta_loop(dropped, self.lora_A, self.lora_B, routing, self.expert_scale)
+        else:  # all experts in two matmuls
+            delta = F.experts_delta(dropped, self.lora_A, self.lora_B, routing.weights, self.expert_scale)
         self._record(routing, x)
         return result + self._from_tokens(delta, result).to(result.dtype)
 
@@ -169,15 +180,6 @@ class GoatLayer(nn.Module):
             noise = torch.empty_like(tokens).bernoulli_(1.0 - p).div_(1.0 - p)  # (T, n): 0 or 1/(1-p)
             scale = torch.ones((), dtype=tokens.dtype, device=tokens.device).div_(1.0 - p)
         return _MaskedScale.apply(tokens, noise, scale)
-
-    def forward_loop_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same layer with a per-expert Python loop (slow; used to check the batched path)."""
-        result = self.base_layer(x)
-        tokens = self._to_tokens(x).to(self.lora_A.dtype)
-        routing = F.route(self.router(tokens), self.top_k)
-        delta = F.experts_delta_loop(self.dropout(tokens), self.lora_A, self.lora_B, routing, self.expert_scale)
-        self._record(routing, x)
-        return result + self._from_tokens(delta, result).to(result.dtype)
 
     # ---- layout plumbing --------------------------------------------------------------------
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
