@@ -7,6 +7,8 @@ import argparse
 import json
 
 import pytest
+import torch
+from torch import nn
 
 from goat_lora import bench
 
@@ -35,8 +37,10 @@ def test_smoke_step_benchmark_prints_the_table_and_writes_json(tmp_path, capsys)
     out = tmp_path / "figures.json"
     assert bench.run_bench(parse(["--smoke", "--json", str(out)])) == 0
     printed = capsys.readouterr().out
-    for text in ("head", "lora", "goat_loop", "x LoRA", "GOAT step time / LoRA", "target <= 1.10x",
-                 "GOAT peak memory / LoRA", "GOAT eval throughput / LoRA", "loop reference step time / GOAT"):
+    for text in ("head", "lora", "goat_loop", "goat_public", "x LoRA", "GOAT step time / LoRA", "target <= 1.10x",
+                 "GOAT peak memory / LoRA", "GOAT eval throughput / LoRA",
+                 "public-layer loop reference step time / GOAT", "target >= 2.20x",
+                 "lean loop reference step time / GOAT", "(no target)"):
         assert text in printed
     figures = json.loads(out.read_text())
     assert figures["meta"]["smoke"] is True and figures["meta"]["torch"]
@@ -50,8 +54,10 @@ def test_smoke_step_benchmark_prints_the_table_and_writes_json(tmp_path, capsys)
         # equal total rank: GOAT trains LoRA's adapters plus E routers (n x E each)
         assert methods["goat"]["trainable_params"] > methods["lora"]["trainable_params"] > methods["head"]["trainable_params"]
         assert methods["goat"]["trainable_params"] == methods["goat_loop"]["trainable_params"]
+        assert methods["goat"]["trainable_params"] == methods["goat_public"]["trainable_params"]
         ratios = model["ratios"]
-        assert set(ratios["met"]) == {"step", "memory", "eval", "loop_speedup"}
+        assert ratios["loop_speedup"] > 0 and ratios["lean_loop_speedup"] > 0
+        assert set(ratios["met"]) == {"step", "memory", "eval", "loop_speedup"}  # the lean loop has no target
         assert all(isinstance(v, bool) for v in ratios["met"].values())
 
 
@@ -81,3 +87,78 @@ def test_json_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         bench.run_bench(parse(["--smoke", "--init", "--json", str(out)]))
     assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["figures.json"]
+
+
+# ---- goat_public: the public GOAT layer's forward, reproduced for timing ------------------------
+
+
+def _goat_and_public(model_name: str = "tiny-bert"):
+    """goat and goat_public built from one base exactly as `goat bench --smoke` builds them."""
+    args = parse(["--smoke"])
+    base = bench._load_model(model_name, args.seed)
+    goat, public = bench.build_method("goat", base, args), bench.build_method("goat_public", base, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch = {
+        "input_ids": torch.randint(3, base.config.vocab_size, (4, 16), generator=generator),
+        "attention_mask": torch.ones(4, 16, dtype=torch.long),
+        "labels": torch.randint(0, 2, (4,), generator=generator),
+    }
+    return goat, public, batch
+
+
+def _step_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    aux = model.aux_loss()
+    (out.loss + model.goat_config.aux_loss_coef * aux).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), aux.detach(), grads
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_public_layer_forward_computes_the_same_function_as_goat(model_name):
+    """With dropout off (eval mode; autograd on), the public-layer reproduction gives GOAT's logits,
+    balance loss and gradients for every lora_A, lora_B and router: it times the same function."""
+    goat, public, batch = _goat_and_public(model_name)
+    layers = list(public.goat_layers())
+    assert layers and all(isinstance(layer.forward, bench.functools.partial) for layer in layers)
+    goat.eval()
+    public.eval()
+    logits, aux, grads = _step_grads(goat, batch)
+    public_logits, public_aux, public_grads = _step_grads(public, batch)
+    torch.testing.assert_close(public_logits, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(public_aux, aux, atol=1e-5, rtol=0)
+    assert set(public_grads) == set(grads)
+    checked = 0
+    for name, grad in grads.items():
+        if name.endswith(("lora_A", "lora_B", "router.weight")):
+            torch.testing.assert_close(public_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+            checked += 1
+    assert checked == 3 * len(layers)
+    assert any(float(g.abs().max()) > 0 for n, g in grads.items() if n.endswith("lora_A"))  # not vacuous
+
+
+def test_public_layer_forward_trains_with_per_expert_dropout():
+    """In train mode each expert draws its own dropout (p = GOAT's, 0.05 by default); a step runs."""
+    _, public, batch = _goat_and_public()
+    layer = next(iter(public.goat_layers()))
+    assert len(layer.public_dropouts) == layer.num_experts
+    assert all(isinstance(m, nn.Dropout) and m.p == layer.dropout.p > 0 for m in layer.public_dropouts)
+    public.train()
+    assert all(m.training for m in layer.public_dropouts)
+    out = public(**batch)
+    loss = out.loss + public.goat_config.aux_loss_coef * public.aux_loss()
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+    assert layer.router.weight.grad is not None and torch.isfinite(layer.router.weight.grad).all()
+
+
+def test_public_layer_forward_refuses_layers_other_than_linear():
+    from goat_lora import functional as F
+    from goat_lora.layer import GoatLayer
+
+    factors = F.zero_expert_factors(8, 8, 4, 2, 1.0, torch.Generator().manual_seed(0))
+    layer = GoatLayer(nn.Conv2d(8, 8, 1), factors, top_k=1, residual_coef=0.5)
+    with pytest.raises(TypeError, match="nn.Linear only"):
+        bench.use_public_layer_forward(layer)
