@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from goat_lora import functional as F
+from goat_lora import svd
 from goat_lora.config import GoatConfig
 from goat_lora.inject import all_initial_factors, initial_factors, layer_generator
 from goat_lora.model import get_goat_model
@@ -175,3 +176,96 @@ def test_alignment_is_exact_whichever_method(method):
             layer.router.weight.zero_()
         actual = goat(x)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-6)
+
+
+# ---- the CPU route through LAPACK: only the windows' eigenvectors ---------------------------------
+
+
+def _dense_eigh_only(monkeypatch):
+    monkeypatch.setattr(svd, "_lapack_available", lambda: False)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 160)], ids=["tall", "wide"])
+@pytest.mark.parametrize("init", ["goat", "principal", "minor"])
+def test_lapack_route_equals_the_dense_eigh_route(shape, init, monkeypatch):
+    W = realistic_weight(*shape, seed=11)
+    idx = F.expert_component_indices(init, min(shape), 4, 2).reshape(-1)
+    assert svd._lapack_available()
+    U, S, V = singular_components(W, idx, "gram")
+    _dense_eigh_only(monkeypatch)
+    U2, S2, V2 = singular_components(W, idx, "gram")
+    torch.testing.assert_close(S, S2, rtol=1e-6, atol=1e-7)
+    for j in range(4):
+        cols = slice(2 * j, 2 * j + 2)
+        torch.testing.assert_close((U[:, cols] * S[cols]) @ V[:, cols].T, (U2[:, cols] * S2[cols]) @ V2[:, cols].T,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_lapack_route_forms_only_the_window_eigenvectors(monkeypatch):
+    """E = 8 experts of d = 1 with margin 3: 8 windows of at most 7 vectors, not all 200."""
+    from scipy.linalg import lapack
+
+    formed = []
+    original = lapack.sstein
+
+    def counting_stein(d, e, w, *rest):
+        formed.append(len(w))
+        return original(d, e, w, *rest)
+
+    monkeypatch.setattr(lapack, "sstein", counting_stein)
+    W = realistic_weight(300, 200, seed=4)
+    idx = F.expert_component_indices("goat", 200, 8, 1).reshape(-1)
+    U, S, V = svd.gram_singular_components([W], idx[None], margin=3)[0]
+    assert len(formed) == 8 and sum(formed) <= 8 * 7  # windows at the ends of the spectrum are cut short
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-6)
+    for j in range(8):
+        assert max_angle_deg(V[:, j : j + 1], V64[:, j : j + 1]) < 0.05
+
+
+def test_lapack_route_handles_a_tridiagonal_that_splits():
+    """A block-diagonal W has a block-diagonal Gram matrix: T splits into independent blocks, and the
+    index ranges given to bisection must still select the global spectrum's components."""
+    blocks = [realistic_weight(40, 30, seed=1) * 2.0, realistic_weight(50, 34, seed=2)]
+    W = torch.block_diag(*blocks)  # (90, 64)
+    idx = torch.arange(0, 64, 4)
+    U, S, V = singular_components(W, idx, "gram")
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(((U * S) @ V.T).double(), (U64 * S64) @ V64.T, rtol=1e-4, atol=1e-5)
+
+
+def test_lapack_failure_falls_back_to_the_dense_eigh(monkeypatch):
+    W = realistic_weight(96, 64, seed=5)
+    idx = F.expert_component_indices("goat", 64, 4, 2).reshape(-1)
+    expected = singular_components(W, idx, "gram")
+    monkeypatch.setattr(svd, "_lapack_window_eigenvectors", lambda *args: None)  # as when stein reports info > 0
+    actual = singular_components(W, idx, "gram")
+    for x, y in zip(actual, expected):
+        assert torch.isfinite(x).all()
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50)], ids=["tall", "wide"])
+def test_half_gram_holds_the_gram_matrix_in_its_lower_triangle(shape, monkeypatch):
+    monkeypatch.setattr(svd, "GRAM_BLOCK", 7)  # several blocks, the last one short
+    W = torch.randn(*shape, dtype=torch.float64)
+    wide = shape[0] < shape[1]
+    lower = torch.from_numpy(svd._gram_lower_column_major(W, wide).copy())
+    gram = W @ W.T if wide else W.T @ W
+    torch.testing.assert_close(torch.tril(lower), torch.tril(gram))
+
+
+def test_lapack_runs_with_torchs_thread_count(monkeypatch):
+    import threadpoolctl
+
+    seen = []
+
+    class Recording(threadpoolctl.threadpool_limits):
+        def __init__(self, limits=None, user_api=None):
+            seen.append((limits, user_api))
+            super().__init__(limits=limits, user_api=user_api)
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", Recording)
+    singular_components(realistic_weight(40, 30, seed=0), torch.arange(3), "gram")
+    assert seen == [(torch.get_num_threads(), "blas")]
