@@ -192,6 +192,28 @@ def test_router_sees_the_undropped_input_and_dropout_only_hits_the_experts():
     layer.eval()
 
 
+def test_experts_dropout_gives_nn_dropouts_numbers_and_saves_a_bool_mask():
+    """Same seed, same draws: the experts' dropout equals nn.Dropout's output and gradient bit for bit,
+    while autograd keeps a 1-byte mask (not float noise) for the backward."""
+    layer = make_layer("linear", GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.3))
+    layer.train()
+    x = torch.randn(64, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(7)
+        dropped = layer._experts_dropout(x)
+    torch.manual_seed(7)
+    expected = nn.Dropout(0.3).train()(x_ref)
+    assert torch.equal(dropped, expected) and (dropped == 0).any()
+    g = torch.randn(64, 16)
+    dropped.backward(g)
+    expected.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert big and all(t.dtype == torch.bool for t in big)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_base(kind, monkeypatch):
     """A bf16 base: adapters and router float32, output bf16, the SVD in float32 or better."""

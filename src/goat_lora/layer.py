@@ -73,18 +73,19 @@ def _in_backward_recompute() -> bool:
 
 
 class _MaskedScale(torch.autograd.Function):
-    """y = x * noise with noise in {0, scale}; saves the keep mask (bool) rather than the float noise.
-    Multiplying by a 0/1 mask is exact, so y and the gradient equal x * noise and g * noise bit for bit."""
+    """y = x * keep * scale with a bool keep mask, which is all that autograd saves (1 byte per element
+    instead of float noise). Multiplying by a 0/1 mask is exact, so y and the gradient equal
+    x * noise and g * noise bit for bit, noise = keep * scale being what nn.Dropout multiplies by."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(noise != 0, scale)
-        return x * noise
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep, scale)
+        return x.mul(keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         keep, scale = ctx.saved_tensors
-        return (grad * keep) * scale, None, None
+        return grad.mul(keep).mul_(scale), None, None
 
 
 class GoatLayer(nn.Module):
@@ -170,16 +171,17 @@ class GoatLayer(nn.Module):
         return result + self._from_tokens(delta, result).to(result.dtype)
 
     def _experts_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
-        """dropout(tokens), the same numbers as nn.Dropout's CPU path (noise = bernoulli(1-p) / (1-p)
-        from the same draws), but autograd keeps a 1-byte keep mask instead of the float noise: the
-        router already keeps `tokens` alive, so this holds GOAT's activation memory near LoRA's."""
+        """dropout(tokens), the same numbers as nn.Dropout's CPU path (noise = bernoulli(1-p) / (1-p);
+        a bool bernoulli_ makes the same draws as a float one), but autograd keeps a 1-byte keep mask
+        instead of the float noise: the router already keeps `tokens` alive, so this holds GOAT's
+        activation memory near LoRA's. Drawing the mask as bool also skips the noise's division."""
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if not self.training or p == 0.0:
             return tokens
         with torch.no_grad():
-            noise = torch.empty_like(tokens).bernoulli_(1.0 - p).div_(1.0 - p)  # (T, n): 0 or 1/(1-p)
+            keep = torch.empty_like(tokens, dtype=torch.bool).bernoulli_(1.0 - p)  # (T, n)
             scale = torch.ones((), dtype=tokens.dtype, device=tokens.device).div_(1.0 - p)
-        return _MaskedScale.apply(tokens, noise, scale)
+        return _MaskedScale.apply(tokens, keep, scale)
 
     # ---- layout plumbing --------------------------------------------------------------------
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
