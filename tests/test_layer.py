@@ -193,8 +193,9 @@ def test_router_sees_the_undropped_input_and_dropout_only_hits_the_experts():
 
 
 def test_experts_dropout_gives_nn_dropouts_numbers_and_saves_a_bool_mask():
-    """Same seed, same draws: the experts' dropout equals nn.Dropout's output and gradient bit for bit,
-    while autograd keeps a 1-byte mask (not float noise) for the backward."""
+    """Same seed, same draws: the layer's output and gradients equal those of the same experts fed
+    nn.Dropout(x) (the 1/(1-p) is folded into the expert scales: equal up to float rounding), while
+    autograd keeps a 1-byte mask, not float noise, for the backward."""
     layer = make_layer("linear", GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.3))
     layer.train()
     x = torch.randn(64, 16, requires_grad=True)
@@ -202,16 +203,22 @@ def test_experts_dropout_gives_nn_dropouts_numbers_and_saves_a_bool_mask():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         torch.manual_seed(7)
-        dropped = layer._experts_dropout(x)
+        out = layer(x)
+    routing = F.route(layer.router(x_ref), layer.top_k)
     torch.manual_seed(7)
-    expected = nn.Dropout(0.3).train()(x_ref)
-    assert torch.equal(dropped, expected) and (dropped == 0).any()
-    g = torch.randn(64, 16)
-    dropped.backward(g)
-    expected.backward(g)
-    assert torch.equal(x.grad, x_ref.grad)
-    big = [t for t in saved if t.numel() == x.numel()]
-    assert big and all(t.dtype == torch.bool for t in big)
+    dropped = nn.Dropout(0.3).train()(x_ref)
+    assert (dropped == 0).any()
+    expected = layer.base_layer(x_ref) + F.experts_delta(dropped, layer.lora_A, layer.lora_B, routing.weights,
+                                                         layer.expert_scale)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, layer.lora_A, layer.lora_B, layer.router.weight], g)
+    grads_ref = torch.autograd.grad(expected, [x_ref, layer.lora_A, layer.lora_B, layer.router.weight], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    big_float = {t.data_ptr() for t in saved if t.numel() == x.numel() and t.dtype.is_floating_point}
+    assert len(big_float) == 2  # the undropped tokens (base layer, router) and the masked ones (lora_A's gradient)
+    assert any(t.dtype == torch.bool and t.numel() == x.numel() for t in saved)
 
 
 @pytest.mark.parametrize("kind", KINDS)

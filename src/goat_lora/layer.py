@@ -72,20 +72,19 @@ def _in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _MaskedScale(torch.autograd.Function):
-    """y = x * keep * scale with a bool keep mask, which is all that autograd saves (1 byte per element
-    instead of float noise). Multiplying by a 0/1 mask is exact, so y and the gradient equal
-    x * noise and g * noise bit for bit, noise = keep * scale being what nn.Dropout multiplies by."""
+class _Masked(torch.autograd.Function):
+    """y = x * keep for a bool keep mask, which is all that autograd saves (1 byte per element
+    instead of nn.Dropout's float noise). Multiplying by a 0/1 mask is exact."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(keep, scale)
-        return x.mul(keep).mul_(scale)
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        return x * keep
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        keep, scale = ctx.saved_tensors
-        return grad.mul(keep).mul_(scale), None, None
+        (keep,) = ctx.saved_tensors
+        return grad * keep, None
 
 
 class GoatLayer(nn.Module):
@@ -162,26 +161,29 @@ class GoatLayer(nn.Module):
         result = self.base_layer(x)  # (W0 - W_res) x + b
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
         routing = F.route(self.router(tokens), self.top_k)
-        dropped = self._experts_dropout(tokens)
+        kept, dropout_scale = self._experts_dropout(tokens)
+        # dropout(x) = (x * keep) / (1 - p), and 1 / (1 - p) commutes with A_j and B_j: it is folded into
+        # the per-expert scales (E numbers) instead of multiplying the (T, n) input forward and backward
+        expert_scale = self.expert_scale * dropout_scale
         if per_expert_loop:
-            delta = F.experts_delta_loop(dropped, self.lora_A, self.lora_B, routing, self.expert_scale)
+            delta = F.experts_delta_loop(kept, self.lora_A, self.lora_B, routing, expert_scale)
         else:  # all experts in two matmuls
-            delta = F.experts_delta(dropped, self.lora_A, self.lora_B, routing.weights, self.expert_scale)
+            delta = F.experts_delta(kept, self.lora_A, self.lora_B, routing.weights, expert_scale)
         self._record(routing, x)
         return result + self._from_tokens(delta, result).to(result.dtype)
 
-    def _experts_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
-        """dropout(tokens), the same numbers as nn.Dropout's CPU path (noise = bernoulli(1-p) / (1-p);
-        a bool bernoulli_ makes the same draws as a float one), but autograd keeps a 1-byte keep mask
-        instead of the float noise: the router already keeps `tokens` alive, so this holds GOAT's
-        activation memory near LoRA's. Drawing the mask as bool also skips the noise's division."""
+    def _experts_dropout(self, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(tokens * keep, 1 / (1 - p)): the experts' dropout without its scale, which the caller folds
+        into the expert scales. keep ~ Bernoulli(1 - p) from the same draws as nn.Dropout's CPU path
+        (a bool bernoulli_ draws like a float one), so the experts see nn.Dropout's numbers up to
+        float rounding. Autograd keeps the 1-byte mask, not float noise: the router already keeps
+        `tokens` alive, so this holds GOAT's activation memory near LoRA's."""
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if not self.training or p == 0.0:
-            return tokens
+            return tokens, 1.0
         with torch.no_grad():
             keep = torch.empty_like(tokens, dtype=torch.bool).bernoulli_(1.0 - p)  # (T, n)
-            scale = torch.ones((), dtype=tokens.dtype, device=tokens.device).div_(1.0 - p)
-        return _MaskedScale.apply(tokens, keep, scale)
+        return _Masked.apply(tokens, keep), 1.0 / (1.0 - p)
 
     # ---- layout plumbing --------------------------------------------------------------------
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
