@@ -192,22 +192,26 @@ def test_router_sees_the_undropped_input_and_dropout_only_hits_the_experts():
     layer.eval()
 
 
-def test_experts_dropout_gives_nn_dropouts_numbers_and_saves_a_bool_mask():
-    """Same seed, same draws: the layer's output and gradients equal those of the same experts fed
-    nn.Dropout(x) (the 1/(1-p) is folded into the expert scales: equal up to float rounding), while
-    autograd keeps a 1-byte mask, not float noise, for the backward."""
+def test_experts_dropout_is_inverted_dropout_with_a_saved_bool_mask(monkeypatch):
+    """The layer's output and gradients equal those of the same experts fed x * keep / (1 - p) for the
+    mask it drew (the 1/(1-p) is folded into the expert scales: equal up to float rounding), and
+    autograd keeps that 1-byte mask, not float noise, for the backward."""
+    from goat_lora import layer as layer_module
+
+    masks = []
+    real_keep_mask = layer_module.keep_mask
+    monkeypatch.setattr(layer_module, "keep_mask", lambda *a: masks.append(real_keep_mask(*a)) or masks[-1])
     layer = make_layer("linear", GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.3))
     layer.train()
     x = torch.randn(64, 16, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        torch.manual_seed(7)
         out = layer(x)
+    (keep,) = masks
+    assert keep.dtype == torch.bool and keep.shape == x.shape and not keep.all()
     routing = F.route(layer.router(x_ref), layer.top_k)
-    torch.manual_seed(7)
-    dropped = nn.Dropout(0.3).train()(x_ref)
-    assert (dropped == 0).any()
+    dropped = x_ref * keep / (1 - 0.3)
     expected = layer.base_layer(x_ref) + F.experts_delta(dropped, layer.lora_A, layer.lora_B, routing.weights,
                                                          layer.expert_scale)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
@@ -218,7 +222,28 @@ def test_experts_dropout_gives_nn_dropouts_numbers_and_saves_a_bool_mask():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     big_float = {t.data_ptr() for t in saved if t.numel() == x.numel() and t.dtype.is_floating_point}
     assert len(big_float) == 2  # the undropped tokens (base layer, router) and the masked ones (lora_A's gradient)
-    assert any(t.dtype == torch.bool and t.numel() == x.numel() for t in saved)
+    assert any(t is keep for t in saved)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p):
+    """Frequencies over 3 million draws within 5 standard deviations of 1 - p, overall, in each of the
+    four lanes a 64-bit draw is split into, and for pairs of neighbours (independence)."""
+    from goat_lora.layer import keep_mask
+
+    torch.manual_seed(0)
+    keep = keep_mask(torch.Size((1000, 3001)), p, torch.device("cpu")).reshape(-1).double()
+    n = keep.numel()
+    q = 1.0 - p
+    tolerance = 5 * math.sqrt(q * (1 - q) / (n / 4))
+    assert abs(float(keep.mean()) - q) < tolerance / 2
+    for lane in range(4):
+        assert abs(float(keep[lane::4].mean()) - q) < tolerance
+    pairs = keep[:-1] * keep[1:]
+    assert abs(float(pairs.mean()) - q * q) < 5 * math.sqrt(q * q * (1 - q * q) / n)
+    torch.manual_seed(0)
+    again = keep_mask(torch.Size((1000, 3001)), p, torch.device("cpu")).reshape(-1).double()
+    assert torch.equal(keep, again)  # seeded by torch.manual_seed
 
 
 @pytest.mark.parametrize("kind", KINDS)
