@@ -44,6 +44,7 @@ def test_smoke_step_benchmark_prints_the_table_and_writes_json(tmp_path, capsys)
         assert text in printed
     figures = json.loads(out.read_text())
     assert figures["meta"]["smoke"] is True and figures["meta"]["torch"]
+    assert "git_commit" in figures["meta"]  # None outside a git checkout
     assert set(figures["models"]) == {"tiny-bert", "tiny-llama"}
     for model in figures["models"].values():
         assert set(model["methods"]) == set(bench.METHODS)

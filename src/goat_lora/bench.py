@@ -148,6 +148,21 @@ def _pick_device(name: str) -> torch.device:
     return device
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
 def _meta(args: argparse.Namespace, device: torch.device) -> dict:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -164,6 +179,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict:
         "steps": args.steps if not args.smoke else min(args.steps, 2),
         "warmup": args.warmup if not args.smoke else 1,
         "smoke": bool(args.smoke),
+        "git_commit": _git_commit(),
     }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
