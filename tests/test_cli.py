@@ -75,7 +75,27 @@ def test_console_script_exit_code(tmp_path):
     """The installed entry point, in a fresh process: exit code 2 and one line, no traceback."""
     result = subprocess.run(
         [sys.executable, "-m", "goat_lora.cli", "train", "--data", str(tmp_path / "missing.csv")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "GOAT_NO_REEXEC": "1"},
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_openmp_wait_policy_is_set_before_torch_loads(preset):
+    """`import goat_lora` does not load torch, so the command line can make idle OpenMP threads sleep
+    (OMP_WAIT_POLICY=PASSIVE) before torch's OpenMP runtime reads the variable; a user's value wins."""
+    probe = (
+        "import os, sys\n"
+        "import goat_lora, goat_lora.cli as cli\n"
+        "assert 'torch' not in sys.modules, 'importing goat_lora loaded torch'\n"
+        "cli._prefer_passive_openmp()\n"
+        "import torch\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (preset or "PASSIVE")

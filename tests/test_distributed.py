@@ -48,7 +48,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     aux, grads, load = _step(model, x, ddp)
     torch.save({"aux": aux, "grads": grads, "load": load}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    # Leave without tearing gloo down: when one rank closes its sockets while the other is still in
+    # its own teardown, gloo can abort ("terminate called without an active exception"), which failed
+    # this test in about one run of seven. The results are on disk and both ranks passed the barrier.
+    os._exit(0)
 
 
 def test_aux_loss_and_expert_load_are_reduced_across_processes(tmp_path):

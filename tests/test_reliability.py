@@ -361,7 +361,7 @@ def test_bad_input_in_a_real_process_prints_no_traceback(assets, tmp_path):
     argv = train_argv(assets, "--output", str(tmp_path / "out"), model="nan_bert")
     result = subprocess.run(
         [sys.executable, "-m", "goat_lora.cli", *argv], capture_output=True, text=True, timeout=240,
-        env={**os.environ, "GOAT_NO_REEXEC": "1", "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

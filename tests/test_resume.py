@@ -92,7 +92,7 @@ def test_same_seed_same_metrics(data, reference, tmp_path):
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(data, reference, tmp_path, monkeypatch):
     out, marker = tmp_path / "run", tmp_path / "stalled"
-    env = {**os.environ, "GOAT_NO_REEXEC": "1", "OMP_NUM_THREADS": "1", "STALL_AT": str(STALL_AT),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": str(STALL_AT),
            "STALL_MARKER": str(marker)}  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-c", STALLING_CLI, *RUN, "--data", data, "--output", str(out)],

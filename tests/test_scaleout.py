@@ -301,7 +301,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save({"losses": (total / 2).tolist()}, os.path.join(out_dir, "fsdp.pt"))
         model.save_pretrained(os.path.join(out_dir, "adapter"))
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)  # no gloo teardown: it can abort when the other rank has already closed (test_distributed.py)
 
 
 @pytest.mark.slow

@@ -1,19 +1,43 @@
-"""goat-lora: GOAT (ICML 2025) LoRA mixture-of-experts adapters for PyTorch and transformers models."""
+"""goat-lora: GOAT (ICML 2025) LoRA mixture-of-experts adapters for PyTorch and transformers models.
+
+The public names load on first use (PEP 562), so `import goat_lora` does not import torch: the
+`goat` command sets OMP_WAIT_POLICY before torch's OpenMP runtime starts (see cli.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .config import AuxLossForm, GoatConfig, InitMode, ScalingMode, SvdMethod  # noqa: E402
-from .layer import GoatLayer  # noqa: E402
-from .model import GoatModel, get_goat_model  # noqa: E402
+_EXPORTS = {  # public name -> submodule that defines it
+    "AuxLossForm": "config",
+    "GoatConfig": "config",
+    "InitMode": "config",
+    "ScalingMode": "config",
+    "SvdMethod": "config",
+    "GoatLayer": "layer",
+    "GoatModel": "model",
+    "get_goat_model": "model",
+}
 
-__all__ = [
-    "AuxLossForm",
-    "GoatConfig",
-    "GoatLayer",
-    "GoatModel",
-    "InitMode",
-    "ScalingMode",
-    "SvdMethod",
-    "__version__",
-    "get_goat_model",
-]
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below loads them
+    from .config import AuxLossForm, GoatConfig, InitMode, ScalingMode, SvdMethod
+    from .layer import GoatLayer
+    from .model import GoatModel, get_goat_model
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'goat_lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

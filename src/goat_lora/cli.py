@@ -340,23 +340,18 @@ def _offline_by_default(ns: argparse.Namespace) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def _reexec_with_passive_openmp() -> None:
+def _prefer_passive_openmp() -> None:
     """Idle OpenMP threads should sleep, not spin: on a shared CPU, spinning threads made every
     training step several times slower (measured 11 s against 1.5 s a step on 2 busy cores).
-    OpenMP reads OMP_WAIT_POLICY when torch loads, which importing goat_lora already did, so the
-    console script restarts itself once with the variable set (same pid, so torchrun is unaffected)."""
-    if "OMP_WAIT_POLICY" in os.environ or os.environ.get("GOAT_NO_REEXEC"):
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        os.execv(sys.executable, [sys.executable, "-m", "goat_lora.cli", *sys.argv[1:]])
-    except OSError:
-        pass  # carry on with the default policy
+    OpenMP reads OMP_WAIT_POLICY once, when torch loads; `import goat_lora` does not load torch, so
+    setting it here, before any command runs, is enough. A value the user set wins. If torch is
+    already loaded (main() called from a program that imported it) it is too late and nothing changes."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("train", "eval", "compare", "bench"):
-        _reexec_with_passive_openmp()
+    _prefer_passive_openmp()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
