@@ -99,3 +99,14 @@ def test_openmp_wait_policy_is_set_before_torch_loads(preset):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (preset or "PASSIVE")
+
+
+def test_package_exports_match_all():
+    """Every name in goat_lora.__all__ resolves (lazily) and the lazy table names nothing else."""
+    import goat_lora
+
+    assert set(goat_lora._EXPORTS) | {"__version__"} == set(goat_lora.__all__)
+    for name in goat_lora.__all__:
+        assert getattr(goat_lora, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        goat_lora.nope  # noqa: B018

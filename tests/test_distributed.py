@@ -91,7 +91,7 @@ def _router_grads(checkpointing: dict | None):
     if checkpointing is not None:
         model.activation_checkpointing_enable(checkpointing)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-    out = model(input_ids=ids)
+    model(input_ids=ids)
     model.aux_loss().backward()  # only the balance loss: the router gradient comes from it alone
     return {name: layer.router.weight.grad.clone() for name, layer in model.named_goat_layers()}, model
 

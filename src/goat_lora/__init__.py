@@ -22,7 +22,17 @@ _EXPORTS = {  # public name -> submodule that defines it
     "get_goat_model": "model",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "AuxLossForm",
+    "GoatConfig",
+    "GoatLayer",
+    "GoatModel",
+    "InitMode",
+    "ScalingMode",
+    "SvdMethod",
+    "__version__",
+    "get_goat_model",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below loads them
     from .config import AuxLossForm, GoatConfig, InitMode, ScalingMode, SvdMethod
