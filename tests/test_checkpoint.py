@@ -193,21 +193,65 @@ def test_missing_directory(tmp_path):
         GoatModel.from_pretrained(tiny_llama(), tmp_path / "nope")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
-def test_damaged_safetensors(saved_llama, damage):
-    path = saved_llama / WEIGHTS_NAME
+def _without_checksum(folder) -> None:
+    """Drop weights_sha256 from adapter_config.json: an adapter saved before the checksum existed, or one
+    whose weights a user rewrote on purpose; the checks below the checksum must still hold for it."""
+    config_path = folder / CONFIG_NAME
+    data = json.loads(config_path.read_text())
+    del data["weights_sha256"]
+    config_path.write_text(json.dumps(data))
+
+
+def _damage(path, damage: str) -> None:
     data = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif damage == "corrupt":
         path.write_bytes(b"\xff" * 8 + data[8:])
-    else:
+    elif damage == "empty":
         path.write_bytes(b"")
+    else:  # one bit flipped deep inside the tensor data: still a valid safetensors file
+        flipped = bytearray(data)
+        flipped[len(data) - 100] ^= 0x01
+        path.write_bytes(bytes(flipped))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty", "bit-flip"])
+def test_changed_weights_are_refused_by_the_checksum(saved_llama, damage):
+    config = json.loads((saved_llama / CONFIG_NAME).read_text())
+    assert len(config["weights_sha256"]) == 64
+    _damage(saved_llama / WEIGHTS_NAME, damage)
+    with pytest.raises(ValueError, match="do not match the weights_sha256 of adapter_config.json"):
+        GoatModel.from_pretrained(tiny_llama(), saved_llama)
+
+
+def test_bit_flip_without_the_checksum_would_load_silently(saved_llama):
+    """Why the checksum exists: a flipped bit in tensor data leaves a valid file that loads."""
+    _without_checksum(saved_llama)
+    _damage(saved_llama / WEIGHTS_NAME, "bit-flip")
+    GoatModel.from_pretrained(tiny_llama(), saved_llama)
+
+
+def test_adapter_without_checksum_loads_and_matches(saved_llama):
+    reference = GoatModel.from_pretrained(tiny_llama(), saved_llama)
+    _without_checksum(saved_llama)
+    legacy = GoatModel.from_pretrained(tiny_llama(), saved_llama)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(legacy, {"input_ids": ids}), model_output(reference, {"input_ids": ids}),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
+def test_damaged_safetensors(saved_llama, damage):
+    _without_checksum(saved_llama)
+    _damage(saved_llama / WEIGHTS_NAME, damage)
     with pytest.raises(ValueError, match="unreadable \\(truncated or corrupt\\)"):
         GoatModel.from_pretrained(tiny_llama(), saved_llama)
 
 
 def test_incomplete_safetensors(saved_llama):
+    _without_checksum(saved_llama)
     path = saved_llama / WEIGHTS_NAME
     tensors = safetensors.torch.load_file(path)
     del tensors["model.layers.0.self_attn.q_proj.init_B"]
@@ -217,6 +261,7 @@ def test_incomplete_safetensors(saved_llama):
 
 
 def test_saved_tensor_of_wrong_shape_is_refused(saved_llama):
+    _without_checksum(saved_llama)
     path = saved_llama / WEIGHTS_NAME
     tensors = safetensors.torch.load_file(path)
     tensors["model.layers.0.self_attn.q_proj.lora_B"] = torch.zeros(32, 7)

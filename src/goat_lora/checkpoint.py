@@ -4,11 +4,15 @@ The safetensors file holds, per adapted layer, the trained `lora_A`, `lora_B`, `
 frozen initial factors `init_A`, `init_B` and scales `expert_scale` (so the residual W_res is
 rebuilt bit-for-bit without an SVD), and a small `base_fingerprint` of the original weight (so an
 adapter loaded onto another base model is refused). Files are written to a temporary name and
-renamed, so a crash never leaves a half-written adapter.
+renamed, so a crash never leaves a half-written adapter. adapter_config.json records the SHA-256 of
+the weights file (`weights_sha256`), so bytes changed after saving (or a weights file that does not
+belong to this config) are refused on load instead of silently giving other numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import safetensors.torch
@@ -17,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from . import functional as F
-from .config import GoatConfig, atomic_write_bytes
+from .config import GoatConfig, atomic_write_files
 from .inject import find_modules_to_save, find_target_modules, inject_goat_layers
 from .layer import base_weight_2d, layer_shape
 
@@ -52,12 +56,18 @@ def save_adapter(model, save_directory: str | os.PathLike) -> None:
         tensors[f"{name}.base_fingerprint"] = weight_fingerprint(original)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"format": "pt", "goat_lora_version": __version__}
-    atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), safetensors.torch.save(tensors, metadata=metadata))
+    weights = safetensors.torch.save(tensors, metadata=metadata)
     layers = {name: list(layer_shape(layer.base_layer)) for name, layer in model.named_goat_layers()}
-    model.goat_config.save(
-        os.path.join(save_directory, CONFIG_NAME),
-        extra={"peft_type": PEFT_TYPE, "goat_lora_version": __version__, "layers": layers},
+    config_text = model.goat_config.to_json_text(
+        extra={"peft_type": PEFT_TYPE, "goat_lora_version": __version__, "layers": layers,
+               "weights_sha256": hashlib.sha256(weights).hexdigest()},
     )
+    # Both files are staged before either replaces the old one; if the process dies between the two
+    # renames, the config's checksum refuses the mismatched pair on load.
+    atomic_write_files({
+        os.path.join(save_directory, WEIGHTS_NAME): weights,
+        os.path.join(save_directory, CONFIG_NAME): config_text.encode("utf-8"),
+    })
 
 
 def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig, dict[str, torch.Tensor]]:
@@ -71,8 +81,17 @@ def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig
         if not os.path.isfile(path):
             raise FileNotFoundError(f"adapter file {path!r} is missing")
     config = GoatConfig.load(config_path)
+    with open(config_path, encoding="utf-8") as fh:
+        expected_sha256 = json.load(fh).get("weights_sha256")  # absent in adapters saved before it existed
+    with open(weights_path, "rb") as fh:
+        weights = fh.read()
+    if expected_sha256 is not None and hashlib.sha256(weights).hexdigest() != expected_sha256:
+        raise ValueError(
+            f"adapter weights {weights_path!r} do not match the weights_sha256 of adapter_config.json (changed or "
+            f"corrupted after saving, or from another save); delete weights_sha256 from the config to load them anyway"
+        )
     try:
-        tensors = safetensors.torch.load_file(weights_path)
+        tensors = safetensors.torch.load(weights)
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"adapter weights {weights_path!r} are unreadable (truncated or corrupt): {err}") from None
     return config, tensors

@@ -193,8 +193,12 @@ class GoatConfig:
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Write the config (plus metadata such as peft_type) atomically to `path`."""
+        atomic_write_text(path, self.to_json_text(extra))
+
+    def to_json_text(self, extra: dict[str, Any] | None = None) -> str:
+        """The text `save` writes: the fields plus metadata such as peft_type, sorted, indented."""
         data = {**(extra or {}), **self.to_dict()}
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GoatConfig":
@@ -209,7 +213,7 @@ class GoatConfig:
 
 
 # Keys written next to the config for tools that read adapter_config.json (PEFT-style metadata).
-_METADATA_KEYS = {"peft_type", "goat_lora_version", "task_type", "layers"}
+_METADATA_KEYS = {"peft_type", "goat_lora_version", "task_type", "layers", "weights_sha256"}
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -218,19 +222,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    """Write bytes to a temporary file in the same folder, then rename it over `path`."""
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(contents: dict[str | os.PathLike, bytes]) -> None:
+    """Write several files as one step as far as a filesystem allows: every file goes to a temporary
+    name first (a failure there, such as a full disk, changes nothing), then each is renamed over its
+    path, in the given order."""
+    staged: list[tuple[str, str]] = []
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
+        for path, data in contents.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+            staged.append((tmp, str(path)))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
