@@ -230,3 +230,43 @@ MODEL_CASES = {
 def model_output(model, inputs) -> torch.Tensor:
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# A `goat` process that pauses right after step STALL_AT (dropping the file STALL_MARKER), so a test can
+# SIGKILL it at a known point without racing the clock (tests/test_resume.py, tests/test_causal_lm.py).
+STALLING_CLI = """
+import os, sys, time
+import goat_lora.train as t
+step_end = t.ExpertLoadCallback.on_step_end
+def on_step_end(self, args, state, control, **kwargs):
+    if state.global_step == int(os.environ["STALL_AT"]):
+        open(os.environ["STALL_MARKER"], "w").close()
+        time.sleep(600)
+    return step_end(self, args, state, control, **kwargs)
+t.ExpertLoadCallback.on_step_end = on_step_end
+from goat_lora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_until_stalled_then_kill(argv: list[str], env: dict, marker) -> None:
+    """Run `goat argv` under STALLING_CLI until it stalls (env holds STALL_AT, STALL_MARKER), then SIGKILL it:
+    no Python cleanup runs, as after an out-of-memory kill or a power cut."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", STALLING_CLI, *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the training process never reached the stall point"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL

@@ -182,3 +182,39 @@ def test_smollm2_trains_generates_and_reloads():
         reloaded = GoatModel.from_pretrained(fresh, folder)
     after = generate_text(reloaded, tokenizer, prompt, max_new_tokens=8)
     assert after[0]["token_ids"] == before[0]["token_ids"] and len(before[0]["token_ids"]) > 0
+
+
+def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal_lm_run(tiny_decoder, tmp_path, monkeypatch):
+    """As tests/test_resume.py for classification: 2 epochs x 6 steps, a checkpoint every 4 steps, the
+    process SIGKILLed after step 7; `goat train --resume` runs only the remaining 8 steps and ends
+    with the losses and test loss of a run that was never interrupted."""
+    from conftest import run_until_stalled_then_kill
+
+    import goat_lora.train
+    from goat_lora.cli import main
+
+    run = ["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", "instructions", "--mask-prompt",
+           "--train-size", "24", "--test-size", "6", "--max-length", "32", "--batch-size", "4", "--rank", "4",
+           "--experts", "2", "--top-k", "1", "--lr", "1e-2", "--epochs", "2", "--logging-steps", "1", "--seed", "3",
+           "--save-steps", "4"]  # fmt: skip
+    assert main([*run, "--output", str(tmp_path / "reference")]) == 0
+    reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert reference["steps"] == 12
+
+    out, marker = tmp_path / "run", tmp_path / "stalled"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": "7", "STALL_MARKER": str(marker)}
+    run_until_stalled_then_kill([*run, "--output", str(out)], env, marker)
+    assert not out.exists() and (tmp_path / ".run.partial" / ".trainer" / "checkpoint-4" / "trainer_state.json").is_file()
+
+    steps_run = []
+    training_step = goat_lora.train.GoatTrainer.training_step
+    monkeypatch.setattr(goat_lora.train.GoatTrainer, "training_step",
+                        lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k))  # fmt: skip
+    assert main(["train", "--resume", str(out)]) == 0
+    assert len(steps_run) == 12 - 4
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert not (tmp_path / ".run.partial").exists() and not (out / ".trainer").exists()
+    assert resumed["steps"] == reference["steps"]
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+    for a, b in zip(resumed["train_loss"], reference["train_loss"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
+from conftest import run_until_stalled_then_kill
 
 from goat_lora.cli import main
 
@@ -27,19 +24,6 @@ SAVE_STEPS, STALL_AT = 4, 7  # 2 epochs x 6 steps: killed in epoch 2, resumed fr
 RUN = ["train", "--train-size", "24", "--max-length", "16", "--batch-size", "4", "--epochs", "2",
        "--logging-steps", "1", "--seed", "3", "--save-steps", str(SAVE_STEPS)]  # fmt: skip
 
-STALLING_CLI = """
-import os, sys, time
-import goat_lora.train as t
-step_end = t.ExpertLoadCallback.on_step_end
-def on_step_end(self, args, state, control, **kwargs):
-    if state.global_step == int(os.environ["STALL_AT"]):
-        open(os.environ["STALL_MARKER"], "w").close()
-        time.sleep(600)
-    return step_end(self, args, state, control, **kwargs)
-t.ExpertLoadCallback.on_step_end = on_step_end
-from goat_lora.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +78,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(da
     out, marker = tmp_path / "run", tmp_path / "stalled"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": str(STALL_AT),
            "STALL_MARKER": str(marker)}  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-c", STALLING_CLI, *RUN, "--data", data, "--output", str(out)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the training process never reached the stall point"
-            time.sleep(0.1)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    run_until_stalled_then_kill([*RUN, "--data", data, "--output", str(out)], env, marker)
 
     # What the kill left: no run folder, the staging folder with a complete checkpoint and the settings.
     staging = tmp_path / ".run.partial"

@@ -94,3 +94,45 @@ def test_fashion_mnist_goat_on_1x1_convs(tmp_path):
                  "--batch-size", "8", "--output", str(out)]) == 0  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["expert_load"]) == 32  # the 32 1x1 convolutions of EfficientNet-Lite0
+
+
+def test_interrupted_compare_resumes_with_the_finished_runs(tmp_path, reviews, monkeypatch):
+    """Ctrl-C during the third of four runs: the two finished runs stay in the staging folder; the same
+    command with --resume trains only the other two and reports what an uninterrupted comparison reports."""
+    import goat_lora.train
+
+    common = ["compare", "--methods", "goat", "lora", "--seeds", "2", "--lrs", "1e-3", "--data", reviews,
+              "--text-column", "review", "--label-column", "score", "--train-size", "16", *TINY]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "reference")]) == 0
+    reference = json.loads((tmp_path / "reference" / "report.json").read_text())
+
+    real_train, calls = goat_lora.train.train, []
+
+    def interrupted_train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(goat_lora.train, "train", interrupted_train)
+    out = tmp_path / "cmp"
+    assert main([*common, "--output", str(out)]) == 130
+    staging = tmp_path / ".cmp.partial"
+    assert not out.exists() and len(list((staging / "runs").glob("*/metrics.json"))) == 2
+
+    # other settings are refused, naming what differs
+    assert main([*common[:-len(TINY)], "--seeds", "3", *TINY, "--output", str(out), "--resume"]) == 2
+    calls.clear()
+    assert main([*common, "--output", str(out), "--resume"]) == 0
+    assert len(calls) == 2  # only the unfinished runs
+    resumed = json.loads((out / "report.json").read_text())
+    assert not staging.exists()
+    assert [(r["run"], r["test_accuracy"]) for r in resumed["runs"]] == [
+        (r["run"], r["test_accuracy"]) for r in reference["runs"]]
+
+
+def test_compare_resume_without_an_interrupted_comparison_is_an_error(tmp_path, reviews, capsys):
+    argv = ["compare", "--methods", "goat", "--seeds", "1", "--lrs", "1e-3", "--data", reviews,
+            "--text-column", "review", "--label-column", "score", "--output", str(tmp_path / "none"), "--resume"]  # fmt: skip
+    assert main(argv) == 2
+    assert "no interrupted comparison" in capsys.readouterr().err

@@ -202,8 +202,11 @@ def _resolved(args):
 
 
 def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False, quiet: bool = False,
-                    save_weights: bool = True) -> dict:  # fmt: skip
-    """Fine-tune a decoder with GOAT (or a baseline) on a causal LM loss; write the run folder."""
+                    save_weights: bool = True, resume_checkpoint: str | None = None,
+                    requested: dict | None = None) -> dict:  # fmt: skip
+    """Fine-tune a decoder with GOAT (or a baseline) on a causal LM loss; write the run folder.
+    With --save-steps the Trainer checkpoints into the staging folder, and `resume_checkpoint`
+    continues a killed run from one (goat_lora.resume), as for classification."""
     from transformers import TrainingArguments, set_seed
 
     from . import scaleout
@@ -212,10 +215,11 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
     from .inject import find_target_modules
     from .train import (
         ExpertLoadCallback, GoatTrainer, _goat_config_dict, _versions, check_output, default_output,
-        building_run_folder, peak_memory_mb, reset_peak_memory, save_method_weights, write_json,
+        peak_memory_mb, reset_peak_memory, resumable_run_folder, save_method_weights, write_json,
     )  # fmt: skip
 
     started = time.time()
+    requested = requested if requested is not None else dataclasses.asdict(args)
     args = _resolved(args)
     if args.method == "head":
         raise ValueError("--method head trains a classification head; a causal LM has none to train")
@@ -237,7 +241,7 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
     collator = CausalLMCollator(tokenizer, args.max_length, args.mask_prompt)
 
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with building_run_folder(output, main_process) as staging:
+    with resumable_run_folder(output, main_process, args.save_steps, requested, overwrite, resume_checkpoint) as staging:
         reset_peak_memory()
         start = time.time()
         callback = ExpertLoadCallback(model)
@@ -251,7 +255,9 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
             lr_scheduler_type="linear",
             logging_steps=args.logging_steps,
             eval_strategy="no",
-            save_strategy="no",
+            save_strategy="steps" if args.save_steps else "no",  # into staging/.trainer, for --resume
+            save_steps=args.save_steps or 500,
+            save_total_limit=1,
             seed=args.seed,
             data_seed=args.seed,
             dataloader_num_workers=0,
@@ -270,7 +276,7 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
 
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_checkpoint)
         train_time = time.time() - start
         device = training_args.device
         test = evaluate_loss(model, test_split, collator, device=device)

@@ -198,8 +198,10 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         "max_length": ns.max_length,
         "epochs": ns.epochs,
     }
+    if ns.resume and not ns.output:
+        raise ValueError("--resume needs the interrupted comparison's --output")
     summary = compare(methods, _train_args(ns), output, seeds=seeds, lr_grid=grid, overwrite=ns.overwrite,
-                      settings=settings)  # fmt: skip
+                      settings=settings, resume=ns.resume)  # fmt: skip
     from .report import markdown_table
 
     print(markdown_table(summary))
@@ -300,6 +302,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lr-grid", nargs="+", default=None, metavar="METHOD=LR,LR",
                    help="per-method grids, e.g. goat=1e-3,3e-3 full=1e-4 (others keep their default grid)")  # fmt: skip
     p.add_argument("--output", default=None, help="report folder (default runs/<timestamp>-compare)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison (same command and --output): finished runs are reused")  # fmt: skip
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     _add_run_arguments(p, method=False)
     p.set_defaults(func=cmd_compare)

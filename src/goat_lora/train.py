@@ -379,6 +379,22 @@ def building_run_folder(output: str, main_process: bool, staging: str | None = N
         raise
 
 
+@contextlib.contextmanager
+def resumable_run_folder(output: str, main_process: bool, save_steps: int, requested: dict, overwrite: bool,
+                         resume_checkpoint: str | None):  # fmt: skip
+    """building_run_folder for a run that --resume can continue: a resumed run keeps the killed run's
+    staging folder, and with checkpoints on, rank 0 records the settings (`requested`) next to them."""
+    staging = None
+    if resume_checkpoint is not None and main_process:  # staging/.trainer/checkpoint-N
+        staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
+    with building_run_folder(output, main_process, staging) as staging:
+        if save_steps and main_process:
+            from .resume import write_resume_state
+
+            write_resume_state(staging, requested, output, overwrite)
+        yield staging
+
+
 def publish(staging: str, output: str) -> None:
     """Rename the finished staging folder to `output` (replacing an old run when overwriting)."""
     output = os.path.abspath(output)
@@ -411,11 +427,12 @@ def train(
     `resume_checkpoint`: continue from a checkpoint in the run's staging folder (goat_lora.resume)."""
     started = time.time()
     args.validate()
+    requested = dataclasses.asdict(args)  # before defaults are filled in: what --resume rebuilds from
     if args.task == "causal-lm":  # a decoder on a language-modelling loss: goat_lora.causal_lm
         from .causal_lm import train_causal_lm
 
-        return train_causal_lm(args, output, overwrite=overwrite, quiet=quiet, save_weights=save_weights)
-    requested = dataclasses.asdict(args)  # before defaults are filled in: what --resume rebuilds from
+        return train_causal_lm(args, output, overwrite=overwrite, quiet=quiet, save_weights=save_weights,
+                               resume_checkpoint=resume_checkpoint, requested=requested)  # fmt: skip
     output = output or default_output(args.method)
     check_output(output, overwrite)
     if task is None:
@@ -434,14 +451,7 @@ def train(
 
     # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    staging = None
-    if resume_checkpoint is not None and main_process:  # keep the killed run's staging folder
-        staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
-    with building_run_folder(output, main_process, staging) as staging:
-        if args.save_steps and main_process:
-            from .resume import write_resume_state
-
-            write_resume_state(staging, requested, output, overwrite)
+    with resumable_run_folder(output, main_process, args.save_steps, requested, overwrite, resume_checkpoint) as staging:
         metrics = _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started,
                             checkpoint=resume_checkpoint)  # fmt: skip
         if trainable == 0:
@@ -647,17 +657,26 @@ def compare(
     overwrite: bool = False,
     settings: dict | None = None,
     log=print,
+    resume: bool = False,
 ) -> dict:
     """Each method x learning rate x seed: train on train, validation accuracy after the last epoch
     picks the learning rate per method, the test accuracy at that rate is reported (mean, std).
-    Writes report.md, report.json and compare.png (+ runs/<method>-lr<lr>-seed<seed>/metrics.json)."""
+    Writes report.md, report.json and compare.png (+ runs/<method>-lr<lr>-seed<seed>/metrics.json).
+
+    The comparison is built in the hidden staging folder `.NAME.partial`, and each finished run's
+    metrics.json lands there as it finishes. If the comparison is interrupted or killed, the folder
+    stays; `resume=True` (`goat compare ... --resume`, same settings and output) reuses the finished
+    runs and trains only the others. Without it, a stale folder with finished runs is moved aside to
+    `NAME.failed-<time>` rather than deleted."""
     from .baselines import DEFAULT_LR_GRID
     from .report import write_compare_report
 
     for method in methods:
         check_method(method)
     check_output(output, overwrite)
-    staging = staging_folder(output)
+    plan = {"methods": list(methods), "seeds": list(seeds), "base": dataclasses.asdict(base),
+            "lr_grid": {m: list((lr_grid or {}).get(m) or DEFAULT_LR_GRID[m]) for m in methods}}  # fmt: skip
+    staging = _compare_staging(output, plan, resume)
     results: list[dict] = []
     tasks: dict[int, TaskData] = {}
     try:
@@ -677,10 +696,13 @@ def compare(
                             test_size=args.test_size if args.test_size is not None else _default("test_size", args),
                         )  # fmt: skip
                     run_name = f"{method}-lr{lr:g}-seed{seed}"
-                    metrics = train(
-                        args, os.path.join(staging, "runs", run_name), quiet=True, save_weights=False,
-                        plots=False, task=tasks[seed],
-                    )  # fmt: skip
+                    run_dir = os.path.join(staging, "runs", run_name)
+                    finished = os.path.join(run_dir, "metrics.json")
+                    if os.path.isfile(finished):  # done before an interruption (only with resume)
+                        with open(finished, encoding="utf-8") as fh:
+                            metrics = json.load(fh)
+                    else:
+                        metrics = train(args, run_dir, quiet=True, save_weights=False, plots=False, task=tasks[seed])
                     done += 1
                     row = {k: metrics.get(k) for k in (
                         "method", "validation_accuracy", "test_accuracy", "trainable_params", "trainable_percent",
@@ -696,16 +718,44 @@ def compare(
                     write_json(os.path.join(staging, "results.partial.json"), {"runs": results})
         majority = next(iter(tasks.values())).majority_accuracy() if tasks else None
         summary = write_compare_report(staging, results, settings or {}, majority)
-        os.unlink(os.path.join(staging, "results.partial.json"))
+        for name in ("results.partial.json", COMPARE_PLAN):
+            os.unlink(os.path.join(staging, name))
         publish(staging, output)
     except BaseException:
-        if results:  # keep finished runs for inspection, but never under the final name
-            failed = f"{os.path.abspath(output)}.failed-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(staging, failed)
+        if results:  # keep finished runs for --resume, never under the final name
+            log(f"goat compare: {len(results)} finished run(s) kept in {staging}; "
+                "run the same command with --resume to continue")
         else:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+COMPARE_PLAN = "compare_plan.json"
+
+
+def _compare_staging(output: str, plan: dict, resume: bool) -> str:
+    """The staging folder of a comparison: reused when resuming the same plan, else a fresh one (a
+    stale folder holding finished runs is moved aside, never deleted)."""
+    parent, name = os.path.split(os.path.abspath(output))
+    staging = os.path.join(parent, f".{name}.partial")
+    plan_path = os.path.join(staging, COMPARE_PLAN)
+    plan = json.loads(json.dumps(plan, default=str))  # as it reads back from disk
+    if resume:
+        if not os.path.isfile(plan_path):
+            raise ValueError(f"--resume: no interrupted comparison for {output!r} ({plan_path!r} does not exist)")
+        with open(plan_path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        if saved != plan:
+            differing = sorted(k for k in plan if saved.get(k) != plan.get(k))
+            raise ValueError(f"--resume: the interrupted comparison in {staging!r} ran other settings "
+                             f"(differing: {', '.join(differing)}); use the same command, or drop --resume")  # fmt: skip
+        return staging
+    if os.path.isdir(os.path.join(staging, "runs")) and os.listdir(os.path.join(staging, "runs")):
+        os.replace(staging, f"{os.path.join(parent, name)}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+    staging = staging_folder(output)
+    write_json(plan_path, plan)
+    return staging
 
 
 def _fmt_acc(value) -> str:
