@@ -11,6 +11,8 @@ staging path itself) reads them, rebuilds the same task and model, and continues
 
 Failures that Python sees (an exception, Ctrl-C, SIGTERM) still remove the staging folder, and a new
 run without --resume on the same output starts from scratch (the stale staging folder is replaced).
+Classification and `--task causal-lm` runs resume alike. `goat compare --resume` is different: it
+reuses the whole finished runs of an interrupted comparison (goat_lora.train.compare).
 """
 
 from __future__ import annotations
