@@ -207,15 +207,16 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
     """Fine-tune a decoder with GOAT (or a baseline) on a causal LM loss; write the run folder.
     With --save-steps the Trainer checkpoints into the staging folder, and `resume_checkpoint`
     continues a killed run from one (goat_lora.resume), as for classification."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from . import scaleout
     from .baselines import MethodSpec, count_parameters, prepare_model
     from .config import GoatConfig
     from .inject import find_target_modules
     from .train import (
-        ExpertLoadCallback, GoatTrainer, _goat_config_dict, _versions, check_output, default_output,
-        peak_memory_mb, reset_peak_memory, resumable_run_folder, save_method_weights, write_json,
+        ExpertLoadCallback, _goat_config_dict, _versions, check_output, default_output,
+        peak_memory_mb, reset_peak_memory, resumable_run_folder, run_trainer, run_training_arguments,
+        save_method_weights, write_json,
     )  # fmt: skip
 
     started = time.time()
@@ -245,37 +246,9 @@ def train_causal_lm(args, output: str | None = None, *, overwrite: bool = False,
         reset_peak_memory()
         start = time.time()
         callback = ExpertLoadCallback(model)
-        training_args = TrainingArguments(
-            output_dir=os.path.join(staging, ".trainer"),
-            per_device_train_batch_size=args.batch_size,
-            num_train_epochs=args.epochs,
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_ratio,
-            lr_scheduler_type="linear",
-            logging_steps=args.logging_steps,
-            eval_strategy="no",
-            save_strategy="steps" if args.save_steps else "no",  # into staging/.trainer, for --resume
-            save_steps=args.save_steps or 500,
-            save_total_limit=1,
-            seed=args.seed,
-            data_seed=args.seed,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            disable_tqdm=quiet,
-            log_level="warning" if not quiet else "error",
-            **scaleout.training_kwargs(args),
-        )
-        trainer = GoatTrainer(
-            model=model, args=training_args, data_collator=collator, train_dataset=train_split,
-            callbacks=[callback, *scaleout.callbacks(args, staging)],
-        )  # fmt: skip
-        trainer.goat_shuffle = args.shuffle
-        if quiet:
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
+        training_args = run_training_arguments(args, staging, quiet, eval_strategy="no")
+        trainer = run_trainer(model, training_args, args, staging, callback, quiet, data_collator=collator,
+                              train_dataset=train_split)  # fmt: skip
         trainer.train(resume_from_checkpoint=resume_checkpoint)
         train_time = time.time() - start
         device = training_args.device

@@ -39,6 +39,7 @@ from .baselines import (
 from .config import GoatConfig, atomic_write_bytes, atomic_write_text
 from .data import ExamplesDataset, ImageCollator, TaskData, TextCollator, load_task
 from .evaluate import evaluate, router_statistics
+from .resume import staging_path
 
 # Learning rate when --lr is not given. GOAT's s = sqrt(3 n / d) makes its update behave like a
 # larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
@@ -351,9 +352,8 @@ def check_output(output: str, overwrite: bool) -> None:
 
 
 def staging_folder(output: str) -> str:
-    """A hidden sibling of `output` where the run is built before the final rename."""
-    parent, name = os.path.split(os.path.abspath(output))
-    staging = os.path.join(parent, f".{name}.partial")
+    """A hidden sibling of `output` where the run is built before the final rename (emptied)."""
+    staging = staging_path(output)
     if os.path.exists(staging):
         shutil.rmtree(staging)
     os.makedirs(staging)
@@ -467,24 +467,20 @@ def _default(key: str, args: TrainArgs):
     return defaults.get(key)
 
 
-def _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started,
-              checkpoint=None) -> dict:  # fmt: skip
-    start = time.time()
-    reset_peak_memory()
+def run_training_arguments(args: TrainArgs, staging: str, quiet: bool, **task_kwargs) -> TrainingArguments:
+    """The TrainingArguments every training path shares (schedule, seeds, checkpoints into
+    staging/.trainer for --resume, scale-out settings); `task_kwargs` adds the task's own."""
     from . import scaleout
 
-    callback = ExpertLoadCallback(model)
-    training_args = TrainingArguments(
+    return TrainingArguments(
         output_dir=os.path.join(staging, ".trainer"),
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64,
         num_train_epochs=args.epochs,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type="linear",
         logging_steps=args.logging_steps,
-        eval_strategy="epoch" if args.eval_each_epoch and len(task.validation) else "no",
         save_strategy="steps" if args.save_steps else "no",  # into staging/.trainer, for --resume
         save_steps=args.save_steps or 500,
         save_total_limit=1,
@@ -493,25 +489,49 @@ def _train_in(staging, model, collator, args, task, trainable, total, quiet, sav
         data_seed=args.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        label_names=["labels"],
         disable_tqdm=quiet,
         log_level="warning" if not quiet else "error",
+        **task_kwargs,
     )
-    trainer = GoatTrainer(
-        model=model,
-        args=training_args,
-        data_collator=collator,
-        train_dataset=ExamplesDataset(task.train),
-        eval_dataset=ExamplesDataset(task.validation) if len(task.validation) else None,
-        compute_metrics=_accuracy,
-        callbacks=[callback, *scaleout.callbacks(args, staging)],  # TensorBoard into RUN/tensorboard
-    )
+
+
+def run_trainer(model, training_args: TrainingArguments, args: TrainArgs, staging: str, callback, quiet: bool,
+                **trainer_kwargs) -> "GoatTrainer":  # fmt: skip
+    """A GoatTrainer with the expert-load callback and the scale-out callbacks (TensorBoard into
+    RUN/tensorboard), the run's shuffling, and no printing when `quiet`."""
+    from . import scaleout
+
+    trainer = GoatTrainer(model=model, args=training_args, callbacks=[callback, *scaleout.callbacks(args, staging)],
+                          **trainer_kwargs)  # fmt: skip
     trainer.goat_shuffle = args.shuffle
     if quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _train_in(staging, model, collator, args, task, trainable, total, quiet, save_weights, plots, started,
+              checkpoint=None) -> dict:  # fmt: skip
+    start = time.time()
+    reset_peak_memory()
+    from . import scaleout
+
+    callback = ExpertLoadCallback(model)
+    training_args = run_training_arguments(
+        args, staging, quiet,
+        per_device_eval_batch_size=64,
+        eval_strategy="epoch" if args.eval_each_epoch and len(task.validation) else "no",
+        label_names=["labels"],
+    )  # fmt: skip
+    trainer = run_trainer(
+        model, training_args, args, staging, callback, quiet,
+        data_collator=collator,
+        train_dataset=ExamplesDataset(task.train),
+        eval_dataset=ExamplesDataset(task.validation) if len(task.validation) else None,
+        compute_metrics=_accuracy,
+    )  # fmt: skip
     trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.time() - start
     result = evaluate(model, ExamplesDataset(task.test), collator, batch_size=64, device=training_args.device)
@@ -737,8 +757,7 @@ COMPARE_PLAN = "compare_plan.json"
 def _compare_staging(output: str, plan: dict, resume: bool) -> str:
     """The staging folder of a comparison: reused when resuming the same plan, else a fresh one (a
     stale folder holding finished runs is moved aside, never deleted)."""
-    parent, name = os.path.split(os.path.abspath(output))
-    staging = os.path.join(parent, f".{name}.partial")
+    staging = staging_path(output)
     plan_path = os.path.join(staging, COMPARE_PLAN)
     plan = json.loads(json.dumps(plan, default=str))  # as it reads back from disk
     if resume:
@@ -752,7 +771,7 @@ def _compare_staging(output: str, plan: dict, resume: bool) -> str:
                              f"(differing: {', '.join(differing)}); use the same command, or drop --resume")  # fmt: skip
         return staging
     if os.path.isdir(os.path.join(staging, "runs")) and os.listdir(os.path.join(staging, "runs")):
-        os.replace(staging, f"{os.path.join(parent, name)}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(staging, f"{os.path.abspath(output)}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
     staging = staging_folder(output)
     write_json(plan_path, plan)
     return staging
