@@ -16,8 +16,6 @@ head, or the 1x1 convolutions of the image model) and trains the head in full.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -27,6 +25,21 @@ from .inject import replace_module
 GOAT_METHODS = ("goat", "goat_mini", "goat_s", "molora")
 PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "milora")
 METHODS = GOAT_METHODS + ("hydralora",) + PEFT_METHODS + ("full", "head")
+
+# Learning rate when --lr is not given. GOAT's s = sqrt(3 n / d) makes its update behave like a
+# larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
+DEFAULT_LR = {
+    "goat": 3e-4, "goat_mini": 3e-4, "goat_s": 3e-4, "molora": 1e-3, "hydralora": 1e-3,
+    "lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "pissa": 5e-4, "milora": 1e-3, "full": 5e-5, "head": 3e-3,
+}  # fmt: skip
+
+# What a GOAT-family method changes in GoatConfig when the flag is not given (--init, --scaling).
+GOAT_PRESETS = {
+    "goat": {"init": "goat", "scaling": "goat"},
+    "goat_mini": {"init": "goat_mini", "scaling": "goat"},  # the public code's segment tails
+    "goat_s": {"init": "goat", "scaling": "goat"},  # + per-expert scales (goat_config_for)
+    "molora": {"init": "zero", "scaling": "alpha"},  # plain LoRA-MoE: zero-init B, no residual, s = alpha / d
+}
 
 # Learning-rate grids for `goat compare` (picked on validation). GOAT's theoretical scaling acts
 # like a larger learning rate, so its grid sits lower than LoRA's; full fine-tuning lower still.
@@ -46,62 +59,56 @@ DEFAULT_LR_GRID = {
 }
 
 
-@dataclass
-class MethodSpec:
-    """Knobs shared by all methods (the CLI's --rank --experts --top-k; alpha = 2 * rank)."""
-
-    rank: int = 8
-    experts: int = 8
-    top_k: int = 2
-    seed: int = 0
-    dropout: float = 0.05
-    aux_loss_coef: float = 1e-3
-    base_model_name_or_path: str | None = None
-
-    @property
-    def lora_alpha(self) -> float:
-        return 2.0 * self.rank  # the paper's rank / alpha pairs: 8 / 16, 32 / 64
-
-
 def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method
 
 
-def goat_config_for(method: str, spec: MethodSpec, targets: list[str], head: list[str]) -> GoatConfig:
-    kwargs = dict(
-        r=spec.rank,
-        num_experts=spec.experts,
-        top_k=spec.top_k,
-        dropout=spec.dropout,
+def method_defaults(settings) -> dict:
+    """The method's values for knobs left at None: learning rate; LoRA alpha = 2 x rank (the paper's
+    rank / alpha pairs, 8 / 16 and 32 / 64); GOAT's init and scaling. Knobs a method does not use
+    stay None (recorded as null in config.json)."""
+    defaults = {"lr": DEFAULT_LR[settings.method]}
+    if settings.method not in ("full", "head"):
+        defaults["lora_alpha"] = 2.0 * settings.rank
+    return {**defaults, **GOAT_PRESETS.get(settings.method, {})}
+
+
+def goat_config_for(method: str, settings, targets: list[str], head: list[str]) -> GoatConfig:
+    """The GoatConfig of a GOAT-family method from the run's (resolved) settings."""
+    return GoatConfig(
+        r=settings.rank,
+        num_experts=settings.experts,
+        top_k=settings.top_k,
+        init=settings.init,
+        scaling=settings.scaling,
+        lora_alpha=settings.lora_alpha,
+        eta=settings.eta,
+        rho=settings.rho,
+        init_cof=settings.init_cof,
+        per_expert_scaling=method == "goat_s",
+        dropout=settings.dropout,
         target_modules=targets,
         modules_to_save=head or None,
-        aux_loss_coef=spec.aux_loss_coef,
-        seed=spec.seed,
-        lora_alpha=spec.lora_alpha,
-        base_model_name_or_path=spec.base_model_name_or_path,
+        aux_loss_coef=settings.aux_loss_coef,
+        seed=settings.seed,
+        base_model_name_or_path=settings.model,
     )
-    if method == "goat_mini":
-        kwargs["init"] = "goat_mini"
-    elif method == "goat_s":
-        kwargs["per_expert_scaling"] = True
-    elif method == "molora":  # plain LoRA-MoE: zero-init B, no residual, s = alpha / d
-        kwargs.update(init="zero", scaling="alpha")
-    return GoatConfig(**kwargs)
 
 
-def prepare_model(method: str, model: nn.Module, spec: MethodSpec, targets: list[str], head: list[str]) -> nn.Module:
-    """Adapt `model` for `method` (in place where possible) and return the model to train."""
+def prepare_model(method: str, model: nn.Module, settings, targets: list[str], head: list[str]) -> nn.Module:
+    """Adapt `model` for `method` (in place where possible) and return the model to train.
+    `settings`: the run's resolved RunSettings (rank, experts, top_k, lora_alpha, dropout, seed, ...)."""
     check_method(method)
     if method in GOAT_METHODS:
         from .model import get_goat_model
 
-        return get_goat_model(model, goat_config_for(method, spec, targets, head))
+        return get_goat_model(model, goat_config_for(method, settings, targets, head))
     if method == "hydralora":
-        return get_hydralora_model(model, spec, targets, head)
+        return get_hydralora_model(model, settings, targets, head)
     if method in PEFT_METHODS:
-        return get_peft_baseline(method, model, spec, targets, head)
+        return get_peft_baseline(method, model, settings, targets, head)
     for param in model.parameters():
         param.requires_grad_(method == "full")
     for name in head:
@@ -118,20 +125,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # ---- peft baselines ---------------------------------------------------------------------------
-def get_peft_baseline(method: str, model: nn.Module, spec: MethodSpec, targets: list[str], head: list[str]):
+def get_peft_baseline(method: str, model: nn.Module, settings, targets: list[str], head: list[str]):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.dropout,
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
         target_modules=targets,
         modules_to_save=head or None,
         use_rslora=method == "rslora",
         use_dora=method == "dora",
         init_lora_weights="pissa" if method == "pissa" else True,
     )
-    torch.manual_seed(spec.seed)  # peft draws lora_A from the global generator
+    torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator
     peft_model = get_peft_model(model, config)
     if method == "milora":
         milora_init(peft_model)
@@ -219,12 +226,13 @@ class HydraLoraLayer(nn.Module):
         self.load_sums.zero_()
 
 
-def get_hydralora_model(model: nn.Module, spec: MethodSpec, targets: list[str], head: list[str]) -> nn.Module:
+def get_hydralora_model(model: nn.Module, settings, targets: list[str], head: list[str]) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for index, name in enumerate(targets):
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
-        layer = HydraLoraLayer(model.get_submodule(name), spec.rank, spec.experts, spec.lora_alpha, spec.dropout, generator)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+        layer = HydraLoraLayer(model.get_submodule(name), settings.rank, settings.experts, settings.lora_alpha,
+                               settings.dropout, generator)  # fmt: skip
         layer.base_layer.requires_grad_(False)
         replace_module(model, name, layer)
     for name in head:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import safetensors.torch
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from . import __version__
 from . import functional as F
 from .config import GoatConfig, atomic_write_files
-from .inject import find_modules_to_save, find_target_modules, inject_goat_layers
+from .inject import find_modules_to_save, find_target_modules
 from .layer import base_weight_2d, layer_shape
 
 CONFIG_NAME = "adapter_config.json"
@@ -146,9 +147,20 @@ def _saved_module_state(base_model: nn.Module, name: str, tensors: dict[str, tor
     return state
 
 
-def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False):
-    from .model import GoatModel
+@dataclass
+class SavedAdapter:
+    """A saved adapter read and checked against a base model, which is not changed yet."""
 
+    config: GoatConfig
+    targets: list[str]  # the base model's layers to adapt, in model order
+    factors: dict[str, tuple[F.ExpertFactors, torch.Tensor]]  # layer -> (initial factors, router weight)
+    trained: dict[str, dict[str, torch.Tensor]]  # layer -> {"lora_A", "lora_B"}
+    module_states: dict[str, dict[str, torch.Tensor]]  # modules_to_save -> their saved state
+
+
+def read_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike) -> SavedAdapter:
+    """Read a saved adapter and check every tensor against `base_model` (shapes, weight fingerprints,
+    modules_to_save) without changing the model: a failed check leaves it as it was."""
     config, tensors = read_adapter_files(adapter_directory)
     targets = find_target_modules(base_model, config)
     saved_layers = sorted({key[: -len(".lora_A")] for key in tensors if key.endswith(".lora_A")})
@@ -159,7 +171,8 @@ def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is
             f"adapter in {str(adapter_directory)!r} does not fit this base model: adapted layers "
             f"{missing} are not in it and its layers {extra} have no adapter (another architecture?)"
         )
-    saved_factors: dict[str, tuple[F.ExpertFactors, torch.Tensor]] = {}
+    factors: dict[str, tuple[F.ExpertFactors, torch.Tensor]] = {}
+    trained: dict[str, dict[str, torch.Tensor]] = {}
     for name in targets:
         layer_tensors = {}
         for key in _LAYER_KEYS:
@@ -180,28 +193,8 @@ def load_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike, is
                 f"adapter layer {name!r} was trained on other base weights than this model's "
                 f"(weight fingerprint differs); load it onto the base model it was trained from"
             )
-        factors = F.ExpertFactors(init_A, init_B, layer_tensors["expert_scale"])
-        saved_factors[name] = (factors, layer_tensors["router.weight"])
-
-    saved_modules = find_modules_to_save(base_model, config)
-    saved_states = {name: _saved_module_state(base_model, name, tensors) for name in saved_modules}
-
-    # Every check has passed: only now is the base model changed.
-    original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
-    saved_originals = {
-        name: {k: v.detach().clone() for k, v in base_model.get_submodule(name).state_dict().items()}
-        for name in saved_modules
-    }
-    layers = inject_goat_layers(base_model, config, targets, saved_factors=saved_factors)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-    for name, state in saved_states.items():
-        base_model.get_submodule(name).load_state_dict(state, strict=True)
-    model = GoatModel(base_model, config, layers, saved_modules, saved_originals, original_requires_grad)
-    if not is_trainable:
-        for param in model.parameters():
-            param.requires_grad_(False)
-        model.eval()
-    return model
+        factors[name] = (F.ExpertFactors(init_A, init_B, layer_tensors["expert_scale"]), layer_tensors["router.weight"])
+        trained[name] = {"lora_A": layer_tensors["lora_A"], "lora_B": layer_tensors["lora_B"]}
+    module_states = {name: _saved_module_state(base_model, name, tensors)
+                     for name in find_modules_to_save(base_model, config)}  # fmt: skip
+    return SavedAdapter(config, targets, factors, trained, module_states)

@@ -59,12 +59,13 @@ def load_tokenizer(name_or_path: str | None):
     return tokenizer
 
 
-def load_sequence_classifier(name_or_path: str | None, num_labels: int, dtype=None):
-    """AutoModelForSequenceClassification with a fresh head of `num_labels` outputs."""
+def load_sequence_classifier(name_or_path: str | None, num_labels: int, dtype=None, **config):
+    """AutoModelForSequenceClassification with a fresh head of `num_labels` outputs; `config` overrides
+    fields of the model's config (problem_type="regression" for a regressor)."""
     from transformers import AutoModelForSequenceClassification
 
     path, extra = resolve_model(name_or_path)
-    kwargs = {"num_labels": num_labels, **extra}
+    kwargs = {"num_labels": num_labels, **extra, **config}
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)

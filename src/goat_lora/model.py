@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
-
+from .checkpoint import read_adapter, save_adapter
 from .config import GoatConfig
 from .inject import find_modules_to_save, find_target_modules, inject_goat_layers, replace_module
 from .layer import GoatLayer
@@ -208,18 +208,33 @@ class GoatModel(nn.Module):
     # ---- save / load / unload -----------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write adapter_config.json and adapter_model.safetensors (PEFT's layout), atomically."""
-        from .checkpoint import save_adapter
-
         save_adapter(self, save_directory)
 
     @classmethod
     def from_pretrained(
         cls, base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False
     ) -> "GoatModel":
-        """Rebuild a saved GoatModel on a fresh copy of its base model; no SVD runs."""
-        from .checkpoint import load_adapter
-
-        return load_adapter(base_model, adapter_directory, is_trainable=is_trainable)
+        """Rebuild a saved GoatModel on a fresh copy of its base model; no SVD runs. Every check of
+        the saved files against the base model passes before the model is changed."""
+        saved = read_adapter(base_model, adapter_directory)
+        original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+        saved_originals = {
+            name: {k: v.detach().clone() for k, v in base_model.get_submodule(name).state_dict().items()}
+            for name in saved.module_states
+        }
+        layers = inject_goat_layers(base_model, saved.config, saved.targets, saved_factors=saved.factors)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A.copy_(saved.trained[name]["lora_A"])
+                layer.lora_B.copy_(saved.trained[name]["lora_B"])
+        for name, state in saved.module_states.items():
+            base_model.get_submodule(name).load_state_dict(state, strict=True)
+        model = cls(base_model, saved.config, layers, list(saved.module_states), saved_originals, original_requires_grad)
+        if not is_trainable:
+            for param in model.parameters():
+                param.requires_grad_(False)
+            model.eval()
+        return model
 
     def unload(self) -> nn.Module:
         """Return the base model with its original weights: W_res added back to every adapted layer

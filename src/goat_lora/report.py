@@ -35,30 +35,51 @@ def _read_json(path: str) -> dict:
         return json.load(fh)
 
 
+# ---- routing -------------------------------------------------------------------------------------
+def router_statistics(load: dict[str, list[float]]) -> dict:
+    """Summaries of a layer -> per-expert fraction table.
+
+    balance: mean over layers of the normalised entropy of the load (1 = every expert used equally,
+    0 = one expert takes everything); max_share: the largest fraction any expert got in any layer;
+    unused_experts: (layer, expert) pairs that received under 1% of the tokens."""
+    if not load:
+        return {}
+    entropies, max_share, unused = [], 0.0, 0
+    for fractions in load.values():
+        E = len(fractions)
+        h = -sum(p * math.log(p) for p in fractions if p > 0)
+        entropies.append(h / math.log(E) if E > 1 else 1.0)
+        max_share = max(max_share, max(fractions))
+        unused += sum(1 for p in fractions if p < 0.01)
+    return {
+        "balance": sum(entropies) / len(entropies),
+        "max_share": max_share,
+        "unused_experts": unused,
+        "layers": len(load),
+    }
+
+
 # ---- one run ------------------------------------------------------------------------------------
 def plot_loss(metrics: dict, path: str) -> None:
-    """Training loss per logged step, with validation accuracy per epoch on a second axis."""
+    """Training loss per logged step, with the validation metric per epoch on a second axis."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     logged = metrics.get("train_loss") or []
     if logged:
         ax.plot([h["step"] for h in logged], [h["loss"] for h in logged], color="tab:blue", label="train loss")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    epochs = [e for e in metrics.get("per_epoch_eval") or [] if e.get("validation_accuracy") is not None]
+    metric = metrics.get("metric", "accuracy")
+    key = f"validation_{metric}"
+    epochs = [e for e in metrics.get("per_epoch_eval") or [] if e.get(key) is not None]
     if epochs and metrics.get("steps") and logged:
         steps_per_epoch = metrics["steps"] / max(e["epoch"] for e in epochs)
         twin = ax.twinx()
-        twin.plot(
-            [e["epoch"] * steps_per_epoch for e in epochs],
-            [e["validation_accuracy"] for e in epochs],
-            "o--",
-            color="tab:orange",
-            label="validation accuracy",
-        )
-        twin.set_ylabel("validation accuracy")
+        twin.plot([e["epoch"] * steps_per_epoch for e in epochs], [e[key] for e in epochs], "o--",
+                  color="tab:orange", label=f"validation {metric}")  # fmt: skip
+        twin.set_ylabel(f"validation {metric}")
     title = f"{metrics.get('method', '')}"
-    if metrics.get("test_accuracy") is not None:
-        title += f"  test accuracy {metrics['test_accuracy']:.3f}"
+    if metrics.get(f"test_{metric}") is not None:
+        title += f"  test {metric} {metrics[f'test_{metric}']:.3f}"
     ax.set_title(title)
     _save_figure(fig, path)
 
@@ -108,21 +129,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(results: list[dict]) -> dict:
-    """results: one dict per run with method, lr, seed, validation_accuracy, test_accuracy,
-    trainable_percent, step_time_s, peak_memory_mb. Per method, the lr with the best mean
-    validation accuracy is chosen and its test accuracy reported (mean and std over seeds)."""
+def summarize(results: list[dict], lower_is_better: bool = False) -> dict:
+    """results: one dict per run with method, lr, seed, validation and test (the compared metric),
+    trainable_percent, step_time_s, peak_memory_mb. Per method, the lr with the best mean validation
+    value is chosen and its test value reported (mean and std over seeds)."""
+    sign = -1.0 if lower_is_better else 1.0
     methods: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method]
         by_lr = {}
         for lr in sorted({r["lr"] for r in runs}):
             at_lr = [r for r in runs if r["lr"] == lr]
-            val_mean, val_std = _mean_std([r.get("validation_accuracy") for r in at_lr])
-            test_mean, test_std = _mean_std([r.get("test_accuracy") for r in at_lr])
+            val_mean, val_std = _mean_std([r.get("validation") for r in at_lr])
+            test_mean, test_std = _mean_std([r.get("test") for r in at_lr])
             by_lr[lr] = {"validation_mean": val_mean, "validation_std": val_std, "test_mean": test_mean,
                          "test_std": test_std, "seeds": len(at_lr)}  # fmt: skip
-        best_lr = max(by_lr, key=lambda lr: (-1 if math.isnan(by_lr[lr]["validation_mean"]) else by_lr[lr]["validation_mean"]))
+        best_lr = max(by_lr, key=lambda lr: -math.inf if math.isnan(by_lr[lr]["validation_mean"])
+                      else sign * by_lr[lr]["validation_mean"])  # fmt: skip
         chosen = [r for r in runs if r["lr"] == best_lr]
         methods[method] = {
             "lr": best_lr,
@@ -130,7 +153,7 @@ def summarize(results: list[dict]) -> dict:
             "test_std": by_lr[best_lr]["test_std"],
             "validation_mean": by_lr[best_lr]["validation_mean"],
             "seeds": len(chosen),
-            "test_accuracies": [r.get("test_accuracy") for r in chosen],
+            "test_values": [r.get("test") for r in chosen],
             "trainable_percent": _mean_std([r.get("trainable_percent") for r in chosen])[0],
             "trainable_params": chosen[0].get("trainable_params"),
             "step_time_s": _mean_std([r.get("step_time_s") for r in chosen])[0],
@@ -148,26 +171,28 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
-def markdown_table(methods: dict, majority: float | None = None) -> str:
+def markdown_table(methods: dict, metric: str = "accuracy", baseline: float | None = None,
+                   baseline_name: str = "constant prediction", lower_is_better: bool = False) -> str:  # fmt: skip
     lines = [
-        "| method | test accuracy (mean ± std) | lr (chosen on validation) | trainable % | step time (s) | peak memory (MB) |",
+        f"| method | test {metric} (mean ± std) | lr (chosen on validation) | trainable % | step time (s) | peak memory (MB) |",
         "|---|---|---|---|---|---|",
     ]
-    best = max((m["test_mean"] for m in methods.values() if not math.isnan(m["test_mean"])), default=None)
+    finite = [m["test_mean"] for m in methods.values() if not math.isnan(m["test_mean"])]
+    best = (min(finite) if lower_is_better else max(finite)) if finite else None
     for name, m in methods.items():
-        accuracy = f"{_fmt(m['test_mean'], '.4f')} ± {_fmt(m['test_std'], '.4f')}"
+        value = f"{_fmt(m['test_mean'], '.4f')} ± {_fmt(m['test_std'], '.4f')}"
         if best is not None and m["test_mean"] == best:
-            accuracy = f"**{accuracy}**"
+            value = f"**{value}**"
         lines.append(
-            f"| {name} | {accuracy} | {m['lr']:g} | {_fmt(m['trainable_percent'], '.3f')} | "
+            f"| {name} | {value} | {m['lr']:g} | {_fmt(m['trainable_percent'], '.3f')} | "
             f"{_fmt(m['step_time_s'], '.3f')} | {_fmt(m['peak_memory_mb'], '.0f')} |"
         )
-    if majority is not None:
-        lines.append(f"\nMajority class accuracy on test: {majority:.4f}.")
+    if baseline is not None:
+        lines.append(f"\n{baseline_name.capitalize()} ({metric}) on test: {baseline:.4f}.")
     return "\n".join(lines)
 
 
-def plot_compare(methods: dict, path: str, title: str = "") -> None:
+def plot_compare(methods: dict, path: str, metric: str = "accuracy", title: str = "") -> None:
     names = list(methods)
     means = [methods[n]["test_mean"] for n in names]
     stds = [methods[n]["test_std"] for n in names]
@@ -177,36 +202,42 @@ def plot_compare(methods: dict, path: str, title: str = "") -> None:
     finite = [m for m in means if not math.isnan(m)]
     if finite:
         low = min(m - s for m, s in zip(means, stds) if not math.isnan(m))
-        ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(finite) + 0.05))
+        high = max(m + s for m, s in zip(means, stds) if not math.isnan(m))
+        pad = 0.1 * (high - low) or 0.05
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(
         [f"{n}\n{methods[n]['trainable_percent']:.2f}%\n{_fmt(methods[n]['step_time_s'], '.2f')}s/step\n"
          f"{_fmt(methods[n]['peak_memory_mb'], '.0f')}MB" for n in names],  # fmt: skip
         fontsize=7,
     )
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
     ax.set_title(title or "goat compare")
     _save_figure(fig, path)
 
 
-def write_compare_report(folder: str, results: list[dict], settings: dict, majority: float | None = None) -> dict:
-    """Write report.json, report.md and compare.png into `folder`; return the summary."""
-    methods = summarize(results)
-    report = {"settings": settings, "majority_accuracy": majority, "methods": methods, "runs": results}
+def write_compare_report(folder: str, results: list[dict], settings: dict, baseline: dict | None = None) -> dict:
+    """Write report.json, report.md and compare.png into `folder`; return the summary. `settings`
+    holds metric, lower_is_better, baseline_name, command, date, machine, data, model, seeds."""
+    metric, lower = settings.get("metric", "accuracy"), bool(settings.get("lower_is_better"))
+    methods = summarize(results, lower)
+    report = {"settings": settings, "constant_baseline": baseline, "methods": methods, "runs": results}
     atomic_write_text(os.path.join(folder, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
+    reference = (baseline or {}).get(metric)
     text = [
         "# goat compare",
         "",
         f"Command: `{settings.get('command', '')}`",
         f"Date: {settings.get('date', '')}; machine: {settings.get('machine', '')}",
-        f"Data: {settings.get('data')}, model: {settings.get('model') or 'minilm'}; seeds {settings.get('seeds')}; "
-        "learning rate per method chosen on the validation split (carved from train), accuracy reported on test.",
+        f"Task: {settings.get('task')}; data: {settings.get('data')}, model: {settings.get('model')}; seeds "
+        f"{settings.get('seeds')}; learning rate per method chosen on the validation split (carved from train), "
+        f"{metric} reported on test.",
         "",
-        markdown_table(methods, majority),
+        markdown_table(methods, metric, reference, settings.get("baseline_name", "constant prediction"), lower),
         "",
         "![comparison](compare.png)",
         "",
     ]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
-    plot_compare(methods, os.path.join(folder, "compare.png"), title=f"{settings.get('data')}: test accuracy")
+    plot_compare(methods, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}")
     return methods

@@ -48,7 +48,7 @@ def _tensorboard_available() -> bool:
 
 
 def validate(args) -> None:
-    """Checks of the scale-out fields of a TrainArgs (called from TrainArgs.validate)."""
+    """Checks of the scale-out fields of the run's settings (called when they are resolved)."""
     parse_report_to(getattr(args, "report_to", "tensorboard"))
     dropout = getattr(args, "dropout", 0.05)
     if not 0.0 <= dropout < 1.0:
@@ -59,13 +59,10 @@ def validate(args) -> None:
             raise FileNotFoundError(f"--deepspeed config {deepspeed!r} does not exist")
         if importlib.util.find_spec("deepspeed") is None:
             raise ValueError("--deepspeed: deepspeed is not installed (pip install deepspeed; it needs CUDA)")
-    task = getattr(args, "task", "classification")
-    if task not in ("classification", "causal-lm"):
-        raise ValueError(f"--task {task!r} is not supported; choose classification or causal-lm")
 
 
 def training_kwargs(args) -> dict:
-    """Extra transformers.TrainingArguments for the scale-out fields of a TrainArgs (report_to
+    """Extra transformers.TrainingArguments for the scale-out fields of the settings (report_to
     excludes tensorboard: `callbacks` adds it with its folder inside the run folder)."""
     import torch
     from transformers import TrainingArguments

@@ -1,0 +1,374 @@
+"""One run, for any task family: settings -> data -> model -> Trainer -> test metrics -> run folder.
+
+    resolve_settings(settings)   fill the knobs left at None (task defaults, method presets), validate
+    train(settings, output)      train, evaluate on test, write the run folder; return metrics.json's dict
+    resume(run)                  continue a killed run from its newest complete checkpoint
+    load_run(run_dir)            the trained model of a run folder, rebuilt on a fresh base
+    evaluate_run(run_dir, ...)   `goat eval`: reload a run, evaluate it, write metrics.json
+
+Run folder: config.json (every setting, resolved; `goat train --config RUN/config.json` repeats the
+run; "task_meta" is what the task needs to rebuild the model, e.g. class names), metrics.json
+(`test_<metric>` for each of the task's metrics, validation per epoch, training loss, expert load,
+cost), adapter/ (GOAT methods: the PEFT-layout adapter; other methods: their trained tensors),
+predictions.jsonl (families that generate), loss.png and expert_load.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from .. import __version__, scaleout
+from ..baselines import (
+    GOAT_METHODS,
+    check_method,
+    count_parameters,
+    expert_load,
+    method_defaults,
+    prepare_model,
+    reset_expert_load,
+)
+from ..config import atomic_write_bytes
+from ..report import router_statistics
+from ..settings import RunSettings
+from ..tasks import get_task
+from ..tasks.base import Evaluation, ModelParts, Task
+from .folders import (
+    building_run_folder,
+    check_output,
+    default_output,
+    publish,
+    read_json,
+    staging_folder,
+    write_json,
+    write_jsonl,
+)
+from .resume import TRAINER_DIR, find_resumable, write_resume_state
+from .trainer import ExpertLoadCallback, goat_model, make_trainer, peak_memory_mb, reset_peak_memory, training_arguments
+
+CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE = "config.json", "metrics.json", "predictions.jsonl"
+
+
+# ---- settings -----------------------------------------------------------------------------------
+def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
+    """(settings with every None filled in, the task): the task's defaults, then the method's
+    (learning rate, GOAT init and scaling, LoRA alpha) and the task's first metric; then every
+    check, one line each."""
+    settings.validate()
+    task = get_task(settings.task)
+    check_method(settings.method)
+    values = settings.to_dict()
+    for key, value in [*task.defaults(settings).items(), *method_defaults(settings).items()]:
+        if values.get(key) is None:
+            values[key] = value
+    if values["metric"] is None:
+        values["metric"] = task.metrics[0]
+    elif values["metric"] not in task.metrics:
+        raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
+    resolved = RunSettings(**values).validate()
+    if resolved.method in GOAT_METHODS or resolved.method == "hydralora":
+        if resolved.rank % resolved.experts:
+            raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
+        if resolved.top_k > resolved.experts:
+            raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}")
+    scaleout.validate(resolved)
+    return resolved, task
+
+
+# ---- models -------------------------------------------------------------------------------------
+def build_model(task: Task, settings: RunSettings, meta: dict) -> tuple[ModelParts, torch.nn.Module]:
+    """(the task's parts, its base model prepared for settings.method)."""
+    from transformers import set_seed
+
+    set_seed(settings.seed)
+    parts = task.build(settings, meta)
+    check_finite_weights(parts.model, settings.model)
+    return parts, prepare_model(settings.method, parts.model, settings, parts.targets, parts.head)
+
+
+def check_finite_weights(model, name: str | None) -> None:
+    """Refuse a base model with NaN or inf in a weight (every method would train on garbage), naming it."""
+    for param_name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param.detach()).all():
+            raise ValueError(f"model {name!r}: weight {param_name!r} has NaN or inf values; refusing to train from it")
+
+
+def save_method_weights(model, method: str, folder: str) -> None:
+    """GOAT methods: the GoatModel adapter (PEFT layout). Others: their trainable tensors, which
+    `load_run` puts back onto a model prepared the same way (same seed, same deterministic init)."""
+    import safetensors.torch
+
+    if method in GOAT_METHODS:
+        model.save_pretrained(folder)
+        return
+    state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    atomic_write_bytes(os.path.join(folder, "method_state.safetensors"), safetensors.torch.save(state))
+
+
+def evaluate_split(task: Task, model, split, parts: ModelParts, settings: RunSettings, device) -> tuple[Evaluation, dict]:
+    """(the task's evaluation of `model` on `split`, the experts' load over that pass)."""
+    reset_expert_load(model)
+    evaluation = task.evaluate(model, split, parts, settings, device)
+    load = expert_load(model)
+    reset_expert_load(model)
+    return evaluation, load
+
+
+# ---- training -----------------------------------------------------------------------------------
+def train(settings: RunSettings, output: str | None = None, *, overwrite: bool = False, quiet: bool = False,
+          save_weights: bool = True, plots: bool = True, data=None, resume_checkpoint: str | None = None) -> dict:  # fmt: skip
+    """Train, evaluate on test, write the run folder; return the metrics (also in metrics.json).
+    `data`: the task's data, already loaded (goat compare shares it between methods).
+    `resume_checkpoint`: continue from a checkpoint in the run's staging folder (engine.resume)."""
+    started = time.time()
+    requested = settings.to_dict()  # before defaults are filled in: what --resume rebuilds from
+    settings, task = resolve_settings(settings)
+    output = output or default_output(settings.method)
+    check_output(output, overwrite)
+    data = data if data is not None else task.load_data(settings)
+    parts, model = build_model(task, settings, data.meta)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise ValueError("no trainable parameters")
+
+    # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    staging = None
+    if resume_checkpoint is not None and main_process:  # staging/.trainer/checkpoint-N
+        staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
+    with building_run_folder(output, main_process, staging) as staging:
+        if settings.save_steps and main_process:
+            write_resume_state(staging, requested, output, overwrite)
+        metrics = _train_in(staging, task, settings, data, parts, model, quiet, started, resume_checkpoint,
+                            main_process, save_weights, plots, (trainable, total))  # fmt: skip
+    metrics["output"] = os.path.abspath(output)
+    return metrics
+
+
+def _train_in(staging, task, settings, data, parts, model, quiet, started, checkpoint, main_process, save_weights,
+              plots, counts) -> dict:  # fmt: skip
+    reset_peak_memory()
+    start = time.time()
+    callback = ExpertLoadCallback(model)
+    validating = settings.eval_each_epoch and len(data.validation) > 0
+    training_args = training_arguments(settings, staging, quiet, eval_strategy="epoch" if validating else "no")
+    device = training_args.device
+
+    def validate() -> dict:
+        return evaluate_split(task, model, data.validation, parts, settings, device)[0].metrics
+
+    trainer = make_trainer(model, training_args, settings, staging, [callback], quiet, data_collator=parts.collator,
+                           train_dataset=data.train, eval_dataset=data.validation if validating else None,
+                           goat_validate=validate)  # fmt: skip
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_time = time.time() - start
+    test, load = evaluate_split(task, model, data.test, parts, settings, device)
+    metrics = run_metrics(task, settings, data, trainer, callback, test, load, counts, train_time, time.time() - started)
+    scaleout.gather_full_parameters(model)  # FSDP2: full tensors before rank 0 saves (every rank takes part)
+    shutil.rmtree(os.path.join(staging, TRAINER_DIR), ignore_errors=True)
+    if not main_process:
+        return metrics
+    if save_weights:
+        save_method_weights(model, settings.method, os.path.join(staging, "adapter"))
+    config = {
+        "args": settings.to_dict(),
+        "task_meta": data.meta,
+        "label_names": data.label_names,  # also in task_meta; kept where goat-lora 0.1.0 had it
+        "data_info": data.info,
+        "sizes": metrics["sizes"],
+        "rerun": "goat train --config config.json",
+        "goat_config": _goat_config_dict(model),
+        "versions": versions(),
+    }
+    write_json(os.path.join(staging, CONFIG_FILE), config)
+    write_json(os.path.join(staging, METRICS_FILE), metrics)
+    if test.rows is not None:
+        write_jsonl(os.path.join(staging, PREDICTIONS_FILE), test.rows)
+    if plots:
+        from ..report import write_run_plots
+
+        write_run_plots(staging)
+    return metrics
+
+
+def run_metrics(task, settings, data, trainer, callback, test: Evaluation, load, counts, train_time, wall_time) -> dict:
+    trainable, total = counts
+    history = trainer.state.log_history
+    train_loss = [
+        {k: h[k] for k in ("step", "epoch", "loss", "aux_loss", "expert_balance", "learning_rate") if k in h}
+        for h in history
+        if "loss" in h
+    ]
+    names = [*task.metrics, "loss"]
+    per_epoch = [
+        {"epoch": h.get("epoch"), **{f"validation_{n}": h.get(f"eval_{n}") for n in names}}
+        for h in history
+        if f"eval_{settings.metric}" in h
+    ]
+    steps = callback.step_times[1:] or callback.step_times  # the first step pays one-off costs
+    return {
+        "task": task.name,
+        "method": settings.method,
+        "metric": settings.metric,
+        **{f"test_{name}": value for name, value in test.metrics.items()},
+        "constant_baseline": task.constant_baseline(data),  # the best constant prediction's test metrics
+        f"validation_{settings.metric}": per_epoch[-1][f"validation_{settings.metric}"] if per_epoch else None,
+        "per_epoch_eval": per_epoch,
+        "data_note": data.info.get("note"),
+        **test.extra,
+        "train_loss": train_loss,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "train_time_s": train_time,  # the Trainer's loop, per-epoch validation included
+        "wall_time_s": wall_time,  # data and model loading, initialisation, training, test evaluation
+        "step_time_s": sum(steps) / len(steps) if steps else None,
+        "steps": trainer.state.global_step,
+        "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+        "processes": trainer.args.world_size,
+        "peak_memory_mb": peak_memory_mb(),
+        "expert_load": load,  # over the test set
+        "router": router_statistics(load),
+        "expert_load_per_epoch": callback.per_epoch,  # over each training epoch
+        "sizes": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+    }
+
+
+def _goat_config_dict(model) -> dict | None:
+    goat = goat_model(model)
+    return goat.goat_config.to_dict() if goat is not None else None
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"goat_lora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": sys.version.split()[0]}  # fmt: skip
+
+
+def resume(run: str, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Continue a killed `goat train` run from its newest complete checkpoint; returns its metrics."""
+    state, _, checkpoint, state_path = find_resumable(run)
+    settings = RunSettings.from_dict(state["args"], f"--resume {run!r}: {state_path!r}")
+    return train(settings, state["output"], overwrite=overwrite or bool(state.get("overwrite")), quiet=quiet,
+                 resume_checkpoint=checkpoint)  # fmt: skip
+
+
+def read_config_file(path: str) -> RunSettings:
+    """Settings from `goat train --config FILE` (a run's config.json or a plain JSON object of settings)."""
+    saved = read_json(path, "config")
+    if isinstance(saved, dict) and isinstance(saved.get("args"), dict):
+        saved = saved["args"]
+    return RunSettings.from_dict(saved, f"config {path!r}")
+
+
+# ---- reloading and evaluating a run -------------------------------------------------------------
+def load_run(run_dir: str) -> tuple[torch.nn.Module, ModelParts, RunSettings, Task]:
+    """(model with the run's trained weights, its parts, settings, task) from a run folder, any family,
+    also folders written by goat-lora 0.1.0."""
+    import safetensors.torch
+
+    saved = read_json(os.path.join(run_dir, CONFIG_FILE), f"{run_dir!r} is not a run folder:")
+    settings = RunSettings.from_dict(saved.get("args"), f"{os.path.join(run_dir, CONFIG_FILE)!r}")
+    settings, task = resolve_settings(settings)
+    meta = saved.get("task_meta") or {"label_names": saved.get("label_names")}
+    adapter = os.path.join(run_dir, "adapter")
+    if settings.method in GOAT_METHODS:
+        from transformers import set_seed
+
+        from ..model import GoatModel
+
+        set_seed(settings.seed)
+        parts = task.build(settings, meta)
+        model = GoatModel.from_pretrained(parts.model, adapter)
+    else:
+        parts, model = build_model(task, settings, meta)
+        weights = os.path.join(adapter, "method_state.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"run weights {weights!r} are missing")
+        try:
+            state = safetensors.torch.load_file(weights)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"run weights {weights!r} are unreadable: {str(err).splitlines()[0]}") from None
+        missing = set(state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"run weights {weights!r} do not fit the model: unknown tensors {sorted(missing)[:3]}")
+        model.load_state_dict(state, strict=False)
+    model.eval()
+    return model, parts, settings, task
+
+
+def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | None = None,
+                 overwrite: bool = False) -> dict:  # fmt: skip
+    """Reload a run and evaluate it on its own test split (same seed and sizes), or on
+    overrides["data"] (a built-in data set, a file or a hub name, with the run's classes); write
+    metrics.json (the run's metric names), predictions.jsonl where the task has them, and
+    expert_load.png to `output` (default RUN_DIR/eval-<time>)."""
+    model, parts, settings, task = load_run(run_dir)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    source = overrides.pop("data", None)
+    settings = settings.replace(**overrides).validate()
+    output = output or os.path.join(run_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output(output, overwrite)
+    start = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if source is None:
+        data = task.load_data(settings)
+        split, where = data.test, {"data": settings.data, "split": "the run's test split", "note": data.info.get("note")}
+    else:
+        split, where = task.load_eval_split(settings.replace(data=source), source, parts.meta), {"data": source}
+    if not len(split):
+        raise ValueError(f"evaluation data {source or settings.data!r} has no rows")
+    evaluation, load = evaluate_split(task, model, split, parts, settings, device)
+    metrics = {
+        "task": task.name,
+        "method": settings.method,
+        "metric": settings.metric,
+        "run": os.path.abspath(run_dir),
+        **{f"test_{name}": value for name, value in evaluation.metrics.items()},
+        "num_examples": len(split),
+        "eval_source": where,
+        **evaluation.extra,
+        "expert_load": load,
+        "router": router_statistics(load),
+        "wall_time_s": time.time() - start,
+    }
+    staging = staging_folder(output)
+    try:
+        write_json(os.path.join(staging, METRICS_FILE), metrics)
+        if evaluation.rows is not None:
+            write_jsonl(os.path.join(staging, PREDICTIONS_FILE), evaluation.rows)
+        from ..report import write_run_plots
+
+        write_run_plots(staging)
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    metrics["output"] = os.path.abspath(output)
+    return metrics
+
+
+def summary_line(metrics: dict, task: Task | None = None) -> str:
+    """The printed result: the chosen metric first (with the best constant prediction's value), the
+    task's other metrics, method, trainable parameters, time."""
+    task = task or get_task(metrics["task"])
+    metric = metrics["metric"]
+    baseline = (metrics.get("constant_baseline") or {}).get(metric)
+    text = f"test {metric} {metrics[f'test_{metric}']:.4f}"
+    if baseline is not None:
+        text += f" ({task.baseline_name} {baseline:.4f})"
+    others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]
+    if others:
+        text += " | " + ", ".join(others)
+    text += f" | {metrics['method']}"
+    if "trainable_params" in metrics:
+        text += f" | trainable {metrics['trainable_params']:,d} params ({metrics['trainable_percent']:.2f}%)"
+    return text + f" | {metrics['wall_time_s']:.0f} s"
+

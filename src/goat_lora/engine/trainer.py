@@ -1,0 +1,178 @@
+"""The transformers Trainer, with GOAT's balance loss where a reader can see it.
+
+    loss = task_loss + goat_config.aux_loss_coef * model.aux_loss()        (GoatTrainer.compute_loss)
+
+`GoatTrainer.evaluate` runs the task's own evaluation (accuracy, correlation, exact match of a
+generated answer, ...) on the validation split when the Trainer schedules one, so every family is
+validated after every epoch by the same code that tests it. `ExpertLoadCallback` records the
+experts' load per epoch and the time of every optimisation step. torchrun / accelerate launch work
+unchanged (goat_lora.scaleout holds the scale-out knobs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .. import scaleout
+from ..baselines import expert_load, reset_expert_load
+from ..report import router_statistics
+
+
+def goat_model(model):
+    """The GoatModel inside `model`, or None for the other methods."""
+    from ..model import GoatModel
+
+    return model if isinstance(model, GoatModel) else None
+
+
+class GoatTrainer(Trainer):
+    """transformers.Trainer that adds GOAT's load-balancing loss to the task loss and validates with
+    the task's own metrics (`goat_validate`: a function returning {metric: value})."""
+
+    def __init__(self, *args, goat_validate: Callable[[], dict] | None = None, goat_shuffle: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean; let Trainer average
+        self.goat_validate = goat_validate
+        self.goat_shuffle = goat_shuffle  # False: sequential order (--no-shuffle)
+        self._aux_sum, self._aux_count = 0.0, 0
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return scaleout.train_sampler(self) or super()._get_train_sampler(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss  # the task's loss, computed by the transformers model from `labels`
+        goat = goat_model(self.accelerator.unwrap_model(model))
+        if goat is not None:
+            aux = goat.aux_loss()  # load balance of this forward, summed over adapted layers
+            loss = loss + goat.goat_config.aux_loss_coef * aux
+            if model.training:
+                self._aux_sum += float(aux.detach())
+                self._aux_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if self.goat_validate is None or eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        start = time.time()
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in self.goat_validate().items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            if self._aux_count:
+                logs["aux_loss"] = round(self._aux_sum / self._aux_count, 4)
+                self._aux_sum, self._aux_count = 0.0, 0
+            stats = router_statistics(expert_load(self.accelerator.unwrap_model(self.model)))
+            if stats:
+                logs["expert_balance"] = round(stats["balance"], 4)  # 1 = experts used evenly
+        super().log(logs, *args, **kwargs)
+
+
+class ExpertLoadCallback(TrainerCallback):
+    """Records the experts' load over each epoch (layer -> fraction of tokens per expert) and the
+    time of every optimisation step."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.per_epoch: list[dict[str, list[float]]] = []
+        self.step_times: list[float] = []
+        self._step_start = 0.0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        reset_expert_load(self.model)
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # runs before the epoch's evaluation
+        self.per_epoch.append(expert_load(self.model))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.perf_counter() - self._step_start)
+
+
+def warmup_arguments(ratio: float, fields=None) -> dict:
+    """The TrainingArguments that give a warm-up over `ratio` of the steps: transformers 4.x has
+    `warmup_ratio` (its `warmup_steps` is an integer count, and 0.06 steps would mean no warm-up);
+    transformers 5 dropped `warmup_ratio` and reads a `warmup_steps` below 1 as a ratio."""
+    fields = TrainingArguments.__dataclass_fields__ if fields is None else fields
+    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
+
+
+def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> TrainingArguments:
+    """The TrainingArguments every run shares (schedule, seeds, checkpoints into staging/.trainer
+    for --resume, scale-out settings); `task_kwargs` adds the rest."""
+    return TrainingArguments(
+        output_dir=os.path.join(staging, ".trainer"),
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        **warmup_arguments(settings.warmup_ratio),
+        lr_scheduler_type=settings.lr_scheduler,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps" if settings.save_steps else "no",  # into staging/.trainer, for --resume
+        save_steps=settings.save_steps or 500,
+        save_total_limit=1,
+        **scaleout.training_kwargs(settings),  # report_to, bf16, gradient checkpointing, deepspeed
+        seed=settings.seed,
+        data_seed=settings.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=quiet,
+        log_level="warning" if not quiet else "error",
+        **task_kwargs,
+    )
+
+
+def make_trainer(model, training_args: TrainingArguments, settings, staging: str, callbacks: list, quiet: bool,
+                 **trainer_kwargs) -> GoatTrainer:  # fmt: skip
+    """A GoatTrainer with the given callbacks and the scale-out ones (TensorBoard into
+    RUN/tensorboard), the run's shuffling, and no printing when `quiet`."""
+    trainer = GoatTrainer(model=model, args=training_args, callbacks=[*callbacks, *scaleout.callbacks(settings, staging)],
+                          goat_shuffle=settings.shuffle, **trainer_kwargs)  # fmt: skip
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 to clear_refs resets the process' peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float:
+    """GPU: peak allocated by torch. CPU: the process' peak resident set size since the reset."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,254 @@
+"""Every knob of a run, declared once.
+
+`RunSettings` is the single declaration: each field carries its default, its help text and the
+commands it belongs to. The command line (`cli.py`) is built from these fields, `config.json`
+records them under the same names (`lr`, `rank`, `lora_alpha`, `epochs`, ...), `goat train --config`
+reads them back, and `--print-config` prints them. Nothing here imports torch.
+
+A default of None means "chosen later": by the task family (epochs, batch size, model, data, ...),
+by the method (learning rate, GOAT init and scaling) or by a recipe. `engine.resolve_settings` fills
+them in; config.json records the resolved values.
+
+Precedence, lowest first: the field's default < the task's defaults < the method's preset <
+`--config FILE` < `--recipe NAME` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import InitMode, ScalingMode
+
+TRAIN, COMPARE, EVAL, INSPECT = "train", "compare", "eval", "inspect"
+RUN = (TRAIN, COMPARE)  # knobs of a training run: goat train and goat compare
+ANSWER_TYPES = ("number", "choice", "text")
+SCALINGS = tuple(m.value for m in ScalingMode)
+INITS = tuple(m.value for m in InitMode)
+# transformers' SchedulerType names that need no extra arguments
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")  # fmt: skip
+REPORTERS_HELP = "tensorboard (event files in RUN/tensorboard), wandb, both comma-separated, or none"
+
+
+def knob(default: Any, help: str, *, commands: tuple[str, ...] = RUN, choices: tuple | None = None,
+         minimum: float | None = None, exclusive_minimum: bool = False, metavar: str | None = None) -> Any:  # fmt: skip
+    """A RunSettings field: its default and everything the command line and validation need."""
+    metadata = {"help": help, "commands": commands, "choices": choices, "minimum": minimum,
+                "exclusive_minimum": exclusive_minimum, "metavar": metavar}  # fmt: skip
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunSettings:
+    """The settings of one run (`goat train`), of each run of a comparison, and of `goat eval`."""
+
+    # ---- the task: which family, which data -------------------------------------------------------
+    task: str = knob("classification", "task family: classification, regression, image-classification, qa, causal-lm")
+    data: str | None = knob(
+        None, "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz, instructions), a .csv/.tsv/"
+        ".jsonl/.json/.parquet file, an image folder DIR/<class>/<file>, or a datasets hub name (needs network); "
+        "default: the task's built-in one", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    data_config: str | None = knob(None, "configuration of a hub data set, e.g. --data glue --data-config mrpc",
+                                   commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    train_split: str = knob("train", "hub data set: the split to train on")
+    test_split: str | None = knob(
+        None, "hub data set: the split to test on (default test; when it has no labels, as in GLUE, the validation "
+        "split is used instead and the summary says so)", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    test_data: str | None = knob(None, "a test file or image folder; otherwise a seeded 20% split of --data")
+    text_column: str | None = knob(None, "column of the text (qa: of the prompt); default text (qa: question)",
+                                   commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    text_pair_column: str | None = knob(
+        None, "column of the second text of a pair: both reach the tokenizer as a pair (separator and segment ids)",
+        commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    label_column: str | None = knob(None, "column of the label (regression: a number; qa: the answer); default "
+                                    "label (qa: answer)", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    image_column: str | None = knob(None, "image-classification from a table: column of the image file paths "
+                                    "(relative to the table); default image", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    target_column: str | None = knob(
+        None, "qa: column of the text to train on (e.g. a worked solution); default the --label-column",
+        commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    answer_type: str | None = knob(
+        None, "qa: how the answer is read from a generation and from the gold answer: number (after ####, else the "
+        "last number), choice (the first option word: answer2, option1, B, true) or text (normalised); default "
+        "text", choices=ANSWER_TYPES, commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    prompt_template: str | None = knob(
+        None, "qa: how a prompt is shown to the model: alpaca, instruction (default), plain, or a text holding "
+        "{prompt}", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    max_new_tokens: int | None = knob(None, "qa: tokens generated per answer (default 32)", minimum=1,
+                                      commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    mask_prompt: bool = knob(False, "causal-lm: no loss on the prompt of rows with a response field")
+    metric: str | None = knob(None, "the metric that picks the best epoch and learning rate, printed first "
+                              "(default: the task's first, e.g. accuracy, pearson, exact_match)")  # fmt: skip
+    train_size: int | None = knob(None, "training examples (default: the task's; 0 or a user file: all)", minimum=0)
+    test_size: int | None = knob(None, "test examples (default all; 1000 Fashion-MNIST)", minimum=0)
+    image_size: int = knob(64, "EfficientNet-Lite0 input size in pixels (transformers models use their processor's)",
+                           minimum=1)  # fmt: skip
+
+    # ---- the model and the method -------------------------------------------------------------------
+    method: str = knob("goat", "goat, goat_mini, goat_s, molora, hydralora, lora, rslora, dora, pissa, milora, full, "
+                       "head", commands=(TRAIN,))  # fmt: skip
+    model: str | None = knob(None, "local path or hub name; default the task's shipped model (minilm; smollm2 for "
+                             "qa / causal-lm; EfficientNet-Lite0 for images)", commands=(TRAIN, COMPARE, INSPECT))  # fmt: skip
+    target_modules: list[str] | None = knob(
+        None, "layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head; "
+        "EfficientNet: its 1x1 convolutions)", metavar="NAME")  # fmt: skip
+    rank: int = knob(8, "total LoRA rank r (GOAT: over all experts)", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
+    experts: int = knob(8, "number of experts E", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
+    top_k: int = knob(2, "experts per token k", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
+    dropout: float = knob(0.05, "the adapters' dropout", minimum=0.0)
+    lora_alpha: float | None = knob(None, "LoRA alpha (LoRA family: scale alpha / r; GOAT: with --scaling alpha or "
+                                    "rslora); default 2 x rank, the paper's pairs 8 / 16 and 32 / 64",
+                                    minimum=0.0, exclusive_minimum=True)  # fmt: skip
+    scaling: str | None = knob(None, "GOAT's scale s: goat = sqrt(3 eta n / d) (paper, Theorem 3.5), alpha = "
+                               "lora_alpha / d (what the public scripts ran), rslora = lora_alpha / sqrt(d); "
+                               "default: the method's (goat; molora: alpha)", choices=SCALINGS)  # fmt: skip
+    init: str | None = knob(None, "which singular components GOAT's experts start from: goat (segment heads), "
+                            "goat_mini (segment tails), principal, minor, random, zero (MoLoRA); default: the "
+                            "method's", choices=INITS)  # fmt: skip
+    eta: float = knob(1.0, "eta in s = sqrt(3 eta n / d): full fine-tuning's learning rate over LoRA's",
+                      minimum=0.0, exclusive_minimum=True)  # fmt: skip
+    rho: float = knob(10.0, "prior shrink rho: s B_j A_j = U_j S_j V_j^T / rho", minimum=0.0, exclusive_minimum=True)
+    init_cof: float | None = knob(None, "residual coefficient c in W_res = c s sum_j B_j A_j (default 1/E, which "
+                                  "keeps the start at the pretrained model)")  # fmt: skip
+    aux_loss_coef: float = knob(1e-3, "load-balancing loss coefficient", minimum=0.0)
+
+    # ---- the schedule ------------------------------------------------------------------------------
+    lr: float | None = knob(None, "learning rate (default: per method, goat 3e-4)", minimum=0.0, exclusive_minimum=True)
+    epochs: float | None = knob(None, "epochs (default: the task's, 1 for text)", minimum=0.0, exclusive_minimum=True)
+    batch_size: int | None = knob(None, "training batch size per process (default: the task's, 16 for text)",
+                                  minimum=1)  # fmt: skip
+    eval_batch_size: int = knob(64, "evaluation batch size", minimum=1, commands=(TRAIN, COMPARE, EVAL))
+    max_length: int | None = knob(None, "max tokens per example (default: the task's, 96 for text)", minimum=1)
+    gradient_accumulation_steps: int = knob(1, "batches per optimisation step (effective batch = batch size x this "
+                                            "x processes)", minimum=1)  # fmt: skip
+    lr_scheduler: str = knob("linear", "learning-rate schedule after the warm-up: linear, cosine, constant, ...",
+                             choices=LR_SCHEDULERS)  # fmt: skip
+    warmup_ratio: float = knob(0.06, "fraction of the steps with a linear learning-rate warm-up", minimum=0.0)
+    weight_decay: float = knob(0.0, "AdamW weight decay", minimum=0.0)
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0: none)", minimum=0.0)
+    seed: int = knob(0, "seed for splits, initialisation and data order")
+    logging_steps: int = knob(10, "log the training loss every N steps", minimum=1)
+    eval_each_epoch: bool = knob(True, "the validation metric after every epoch")
+    save_steps: int = knob(500, "checkpoint every N steps in the hidden staging folder, for --resume (0: none)",
+                           minimum=0, commands=(TRAIN,))  # fmt: skip
+
+    # ---- scale-out and reporting (goat_lora.scaleout, docs/scaling.md) ------------------------------
+    shuffle: bool = knob(True, "shuffle the training data (--no-shuffle: sequential, so N processes see the "
+                         "1-process run's global batches)")  # fmt: skip
+    gradient_checkpointing: bool = knob(False, "activation checkpointing (use_reentrant=False)")
+    bf16: bool = knob(False, "bfloat16 autocast (CPU or GPU); weights, adapters and optimiser state stay float32")
+    report_to: str = knob("tensorboard", REPORTERS_HELP)
+    deepspeed: str | None = knob(None, "DeepSpeed config (GPU), e.g. configs/ds_zero2.json", metavar="CONFIG")
+
+    # ---- conversions --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> "RunSettings":
+        """Settings from a saved dict (config.json's "args", goat_resume.json, a --config file),
+        refusing unknown names and values of the wrong type with one line naming `source`."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: the settings must be a JSON object, got {type(values).__name__}")
+        values = upgrade_legacy(values)
+        fields = knob_fields()
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+        for name, value in values.items():
+            if not value_fits(fields[name], value):
+                raise ValueError(f"{source}: setting {name}={value!r} must be {type_text(fields[name])}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "RunSettings":
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def validate(self) -> "RunSettings":
+        """One-line ValueErrors naming the flag, the value and what is allowed; returns self."""
+        for name, spec in knob_fields().items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            meta = spec.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ValueError(f"{flag(name)} {value!r} is not allowed; choose one of {', '.join(meta['choices'])}")
+            minimum = meta["minimum"]
+            if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value) or value < minimum or (meta["exclusive_minimum"] and value == minimum):
+                    relation = ">" if meta["exclusive_minimum"] else ">="
+                    raise ValueError(f"{flag(name)} {value} must be {relation} {minimum:g}")
+        if not self.dropout < 1.0:
+            raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.warmup_ratio >= 1.0:
+            raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        return self
+
+
+# ---- field introspection (the command line and from_dict use it) ------------------------------------
+def knob_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(RunSettings)}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: top_k -> --top-k."""
+    return "--" + name.replace("_", "-")
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def field_type(spec: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a field: int | None -> (int, True); list[str] -> (list, False)."""
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(RunSettings))
+    hint = _HINTS[spec.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, _union_type()) else [hint]
+    optional = hint is not args[0]
+    base = args[0]
+    return (list if typing.get_origin(base) is list else base), optional
+
+
+def _union_type():
+    import types
+
+    return types.UnionType
+
+
+def type_text(spec: dataclasses.Field) -> str:
+    base, optional = field_type(spec)
+    text = "a list of strings" if base is list else {int: "an integer", float: "a number", str: "a string",
+                                                      bool: "true or false"}[base]  # fmt: skip
+    return text + (" or null" if optional else "")
+
+
+def value_fits(spec: dataclasses.Field, value: Any) -> bool:
+    base, optional = field_type(spec)
+    if value is None:
+        return optional
+    if base is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if base is float:
+        return isinstance(value, (int, float))
+    if base is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, base)
+
+
+# ---- settings saved by older versions ----------------------------------------------------------------
+def upgrade_legacy(values: dict) -> dict:
+    """Settings written by goat-lora 0.1.0 (config.json "args") in today's names: an image run was
+    task "classification" on fashion-mnist; now it is the image-classification family."""
+    values = dict(values)
+    if values.get("task") == "classification" and str(values.get("data")).lower().replace("_", "-") in (
+        "fashion-mnist", "fashionmnist"):  # fmt: skip
+        values["task"] = "image-classification"
+    return values

@@ -1,0 +1,26 @@
+"""Task families, registered by name. Adding a family: one module implementing `base.Task`, plus
+one line in TASKS (docs/design.md shows it)."""
+
+from __future__ import annotations
+
+from . import causal_lm, classification, regression
+from .base import Task
+from .causal_lm import CausalLM
+from .classification import Classification
+from .regression import Regression
+
+TASKS: dict[str, Task] = {
+    "classification": Classification(),
+    "regression": Regression(),
+    "causal-lm": CausalLM(),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"--task {name!r} is not a task family; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# Names --data resolves without files or network (each family's built-in data sets).
+BUILTIN_DATA = frozenset({*classification.BUILTINS, *regression.BUILTINS, causal_lm.BUILTIN_INSTRUCTIONS})

