@@ -236,7 +236,7 @@ def model_output(model, inputs) -> torch.Tensor:
 # SIGKILL it at a known point without racing the clock (tests/test_resume.py, tests/test_causal_lm.py).
 STALLING_CLI = """
 import os, sys, time
-import goat_lora.train as t
+import goat_lora.engine.trainer as t
 step_end = t.ExpertLoadCallback.on_step_end
 def on_step_end(self, args, state, control, **kwargs):
     if state.global_step == int(os.environ["STALL_AT"]):

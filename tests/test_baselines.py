@@ -11,16 +11,21 @@ from goat_lora.baselines import (
     DEFAULT_LR_GRID,
     METHODS,
     HydraLoraLayer,
-    MethodSpec,
     count_parameters,
     expert_load,
     goat_config_for,
+    method_defaults,
     prepare_model,
 )
 from goat_lora.config import GoatConfig
 from goat_lora.inject import find_target_modules
+from goat_lora.settings import RunSettings
 
-SPEC = MethodSpec(rank=4, experts=2, top_k=1, seed=0, dropout=0.0)
+
+def spec(method: str = "goat", **knobs) -> RunSettings:
+    """Settings as the engine resolves them: the method's defaults (lr, alpha, init, scaling) filled in."""
+    settings = RunSettings(method=method, **{"rank": 4, "experts": 2, "top_k": 1, "dropout": 0.0, **knobs})
+    return settings.replace(**{k: v for k, v in method_defaults(settings).items() if getattr(settings, k) is None})
 
 
 def _targets(model):
@@ -31,7 +36,7 @@ def _targets(model):
 def test_every_method_trains_something_and_runs(method):
     model = tiny_bert()
     base_total = sum(p.numel() for p in model.parameters())
-    prepared = prepare_model(method, model, SPEC, _targets(model), ["classifier"])
+    prepared = prepare_model(method, model, spec(method), _targets(model), ["classifier"])
     trainable, total = count_parameters(prepared)
     assert 0 < trainable <= total
     if method == "full":
@@ -54,8 +59,7 @@ def test_starting_model_equals_the_pretrained_one(method):
     with torch.no_grad():
         expected = reference(**batch).logits
     model = tiny_bert()
-    spec = MethodSpec(rank=4, experts=2, top_k=2, seed=0, dropout=0.0)
-    prepared = prepare_model(method, model, spec, _targets(model), ["classifier"])
+    prepared = prepare_model(method, model, spec(method, top_k=2), _targets(model), ["classifier"])
     if method.startswith("goat"):
         for layer in prepared.goat_layers():
             torch.nn.init.zeros_(layer.router.weight)
@@ -66,11 +70,14 @@ def test_starting_model_equals_the_pretrained_one(method):
 
 
 def test_goat_variants_configs():
-    assert goat_config_for("goat_mini", SPEC, ["x"], []).init == "goat_mini"
-    assert goat_config_for("goat_s", SPEC, ["x"], []).per_expert_scaling is True
-    molora = goat_config_for("molora", SPEC, ["x"], [])
+    assert goat_config_for("goat_mini", spec("goat_mini"), ["x"], []).init == "goat_mini"
+    assert goat_config_for("goat_s", spec("goat_s"), ["x"], []).per_expert_scaling is True
+    molora = goat_config_for("molora", spec("molora"), ["x"], [])
     assert (molora.init, molora.scaling, molora.lora_alpha) == ("zero", "alpha", 8.0)
-    assert goat_config_for("goat", SPEC, ["x"], ["classifier"]).modules_to_save == ["classifier"]
+    goat = goat_config_for("goat", spec("goat"), ["x"], ["classifier"])
+    assert (goat.init, goat.scaling, goat.modules_to_save) == ("goat", "goat", ["classifier"])
+    # a knob given explicitly wins over the method's preset
+    assert goat_config_for("molora", spec("molora", scaling="goat"), ["x"], []).scaling == "goat"
 
 
 def test_hydralora_shares_A_and_matches_a_per_expert_loop():
@@ -92,4 +99,4 @@ def test_hydralora_shares_A_and_matches_a_per_expert_loop():
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        prepare_model("nope", tiny_bert(), SPEC, [], [])
+        prepare_model("nope", tiny_bert(), spec(), [], [])

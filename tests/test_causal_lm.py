@@ -1,5 +1,6 @@
-"""Decoders: `goat train --task causal-lm`, labels and prompt masking, generate(), and greedy
-generations that survive save -> reload onto a fresh base.
+"""Decoders: `goat train --task causal-lm` (tasks/causal_lm.py), labels and prompt masking,
+generate(), greedy generations that survive save -> reload onto a fresh base, and `goat eval` of a
+causal-lm run.
 
 Fast tests use a tiny random LLaMA saved to disk with a small byte-level BPE tokenizer trained on
 the shipped instruction set; one slow test runs the shipped SmolLM2-135M itself.
@@ -14,7 +15,17 @@ import os
 import pytest
 import torch
 
-from goat_lora.causal_lm import CausalLMCollator, TextSplit, generate_text, instructions_path, load_causal_run, load_texts
+from goat_lora.engine import load_run
+from goat_lora.tasks.causal_lm import CausalLMCollator, instructions_path, read_texts
+from goat_lora.tasks.decoders import generate_greedy
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens=24):
+    return generate_greedy(model, tokenizer, prompts, max_new_tokens)
+
+
+def item(text, prompt):
+    return {"input": {"text": text, "prompt": prompt}, "labels": None}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +72,7 @@ def test_goat_train_causal_lm_writes_a_run(tiny_run):
     assert metrics["task"] == "causal-lm" and metrics["method"] == "goat"
     losses = [h["loss"] for h in metrics["train_loss"]]
     assert len(losses) == metrics["steps"] == 12  # 48 examples / batch 8 x 2 epochs
+    assert metrics["metric"] == "perplexity" and "validation_perplexity" in metrics["per_epoch_eval"][0]
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns
     assert all(h["aux_loss"] > 0 for h in metrics["train_loss"])  # the balance loss joined the task loss
     assert metrics["test_loss"] > 0 and metrics["test_perplexity"] == pytest.approx(2.718281828 ** metrics["test_loss"], rel=1e-6)
@@ -74,37 +86,50 @@ def test_reloaded_adapter_generates_the_same_tokens(tiny_run):
     """The trained model's greedy samples (in metrics.json) = the adapter reloaded onto a fresh base."""
     with open(os.path.join(tiny_run, "metrics.json")) as fh:
         samples = json.load(fh)["samples"]
-    model, tokenizer, _ = load_causal_run(tiny_run)
+    model, parts, _, _ = load_run(tiny_run)
+    tokenizer = parts.tokenizer
     again = generate_text(model, tokenizer, [s["prompt"] for s in samples])
     assert [s["token_ids"] for s in again] == [s["token_ids"] for s in samples]
-    assert all(len(s["token_ids"]) > 0 for s in again)
+    assert any(len(s["token_ids"]) > 0 for s in again)
     # and the adapter matters: the base alone continues differently
     base = model.unload()
     plain = generate_text(base, tokenizer, [s["prompt"] for s in samples])
     assert [s["token_ids"] for s in plain] != [s["token_ids"] for s in samples]
 
 
-def test_goat_eval_on_a_causal_run_is_a_one_line_error(tiny_run, capsys):
+def test_goat_eval_reproduces_a_causal_run(tiny_run, tmp_path):
     from goat_lora.cli import main
 
-    assert main(["eval", "--adapter", tiny_run]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "causal-lm run" in err[0]
+    with open(os.path.join(tiny_run, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    assert main(["eval", "--adapter", tiny_run, "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["test_loss"] == pytest.approx(metrics["test_loss"], abs=1e-9)
+    assert again["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-9)
+    assert [s["token_ids"] for s in again["samples"]] == [s["token_ids"] for s in metrics["samples"]]
 
 
-def test_goat_compare_refuses_causal_lm(capsys):
+def test_goat_compare_runs_causal_lm_selecting_by_perplexity(tiny_decoder, tmp_path):
     from goat_lora.cli import main
 
-    assert main(["compare", "--task", "causal-lm", "--methods", "goat"]) == 2
-    assert "goat compare compares classifiers" in capsys.readouterr().err
+    out = tmp_path / "cmp"
+    assert main(["compare", "--task", "causal-lm", "--model", tiny_decoder, "--methods", "goat", "lora", "--seeds", "1",
+                 "--lrs", "1e-3", "1e-2", "--train-size", "16", "--test-size", "4", "--max-length", "32", "--rank", "4",
+                 "--experts", "2", "--report-to", "none", "--output", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["metric"] == "perplexity" and report["settings"]["lower_is_better"] is True
+    for method, summary in report["methods"].items():
+        by_lr = summary["by_lr"]
+        best = min(by_lr, key=lambda lr: by_lr[lr]["validation_mean"])  # lower perplexity wins
+        assert f"{summary['lr']:g}" == best
 
 
 def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
-    items = [{"text": "### Instruction:\nSay hi\n### Response:\nhi", "prompt": "### Instruction:\nSay hi\n### Response:\n"},
-             {"text": "a longer text without any prompt at all", "prompt": None}]  # fmt: skip
+    items = [item("### Instruction:\nSay hi\n### Response:\nhi", "### Instruction:\nSay hi\n### Response:\n"),
+             item("a longer text without any prompt at all", None)]  # fmt: skip
     plain = CausalLMCollator(tokenizer, 64)(items)
     masked = CausalLMCollator(tokenizer, 64, mask_prompt=True)(items)
     ids, attention, labels = masked["input_ids"], masked["attention_mask"], masked["labels"]
@@ -114,7 +139,7 @@ def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
         assert ids[row, n - 1] == tokenizer.eos_token_id  # every text ends with EOS
         assert (labels[row, n:] == -100).all() and (ids[row, n:] == tokenizer.pad_token_id).all()
         assert (plain["labels"][row, :n] == plain["input_ids"][row, :n]).all()
-    prompt_len = len(tokenizer(items[0]["prompt"])["input_ids"])
+    prompt_len = len(tokenizer(items[0]["input"]["prompt"])["input_ids"])
     assert (labels[0, :prompt_len] == -100).all()
     assert (labels[0, prompt_len : int(lengths[0])] == ids[0, prompt_len : int(lengths[0])]).all()
     assert tokenizer.decode(ids[0, prompt_len : int(lengths[0]) - 1]) == "hi"
@@ -126,8 +151,8 @@ def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
 def test_user_jsonl_with_a_text_column(tmp_path, tiny_decoder, capsys):
     path = tmp_path / "notes.jsonl"
     path.write_text("".join(json.dumps({"body": f"note number {i} says hello"}) + "\n" for i in range(20)))
-    train, test, info = load_texts(str(path), "body", seed=0)
-    assert len(train) == 18 and len(test) == 2 and all(p is None for p in train.prompts)
+    texts = read_texts(str(path), "body", str(path))
+    assert len(texts) == 20 and all(x["prompt"] is None for x in texts.inputs)
     from goat_lora.cli import main
 
     out = tmp_path / "run"
@@ -137,12 +162,14 @@ def test_user_jsonl_with_a_text_column(tmp_path, tiny_decoder, capsys):
     capsys.readouterr()
     code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", str(path), "--output", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "no text column 'text'" in err[0] and "--text-column" in err[0]
+    assert code == 2 and len(err) == 1 and "no column 'text' (--text-column)" in err[0]
 
 
-def test_text_split_items():
-    split = TextSplit(["a b", "c"], ["a ", None])
-    assert len(split) == 2 and split[0] == {"text": "a b", "prompt": "a "}
+def test_rows_with_a_response_field_carry_their_prompt(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "Q: a\nA: b", "response": "b"}) + "\n" + json.dumps({"text": "plain", "response": None}) + "\n")
+    split = read_texts(str(path), "text", str(path))
+    assert split[0]["input"] == {"text": "Q: a\nA: b", "prompt": "Q: a\nA: "} and split[1]["input"]["prompt"] is None
 
 
 @pytest.mark.slow
@@ -161,8 +188,8 @@ def test_smollm2_trains_generates_and_reloads():
     fresh = copy.deepcopy(base)  # the untouched pretrained model, for the reload
     model = get_goat_model(base, GoatConfig(r=8, num_experts=4, top_k=2, dropout=0.0, seed=0))
     assert len(model.goat_layer_names) == 210  # every Linear but lm_head
-    train_split, _, _ = load_texts("instructions", train_size=4)
-    batch = CausalLMCollator(tokenizer, 32, mask_prompt=True)([train_split[i] for i in range(4)])
+    texts = read_texts(instructions_path(), "text", "instructions")
+    batch = CausalLMCollator(tokenizer, 32, mask_prompt=True)([texts[i] for i in range(4)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []
@@ -190,7 +217,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
     with the losses and test loss of a run that was never interrupted."""
     from conftest import run_until_stalled_then_kill
 
-    import goat_lora.train
+    import goat_lora.engine.trainer
     from goat_lora.cli import main
 
     run = ["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", "instructions", "--mask-prompt",
@@ -207,8 +234,8 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
     assert not out.exists() and (tmp_path / ".run.partial" / ".trainer" / "checkpoint-4" / "trainer_state.json").is_file()
 
     steps_run = []
-    training_step = goat_lora.train.GoatTrainer.training_step
-    monkeypatch.setattr(goat_lora.train.GoatTrainer, "training_step",
+    training_step = goat_lora.engine.trainer.GoatTrainer.training_step
+    monkeypatch.setattr(goat_lora.engine.trainer.GoatTrainer, "training_step",
                         lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k))  # fmt: skip
     assert main(["train", "--resume", str(out)]) == 0
     assert len(steps_run) == 12 - 4

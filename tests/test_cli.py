@@ -23,7 +23,7 @@ def _csv(tmp_path, rows, name="d.csv"):
 
 BAD_INPUTS = {
     "missing-file": (lambda t: ["--data", str(t / "nope.csv")], "does not exist"),
-    "missing-column": (lambda t: ["--data", _csv(t, {"review": ["a", "b"], "label": [0, 1]})], "no text column 'text'"),
+    "missing-column": (lambda t: ["--data", _csv(t, {"review": ["a", "b"], "label": [0, 1]})], "no column 'text' (--text-column)"),
     "empty-data": (lambda t: ["--data", _csv(t, {"text": [], "label": []})], "no rows"),
     "single-class": (lambda t: ["--data", _csv(t, {"text": ["a", "b", "c"], "label": ["x", "x", "x"]})], "single class"),
     "unknown-method": (lambda t: ["--method", "gaot"], "unknown method 'gaot'"),

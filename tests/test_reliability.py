@@ -138,9 +138,10 @@ def load_base(path: str):
 
 
 def lib_train(a, t, **kwargs):
-    from goat_lora.train import TrainArgs, train
+    from goat_lora.engine import train
+    from goat_lora.settings import RunSettings
 
-    args = TrainArgs(model=a["bert"], max_length=16, epochs=1, train_size=16, test_size=8, save_steps=0, **kwargs)
+    args = RunSettings(model=a["bert"], max_length=16, epochs=1, train_size=16, test_size=8, save_steps=0, **kwargs)
     return lambda output=None, data=a["data"]: train(dataclasses_replace(args, data=data), output or str(t / "out"))
 
 
@@ -155,10 +156,12 @@ def call(fn, *args, **kwargs):
     return lambda: fn(*args, **kwargs)
 
 
-def lib_load_task(path: str):
-    from goat_lora.data import load_task
+def lib_load_task(path: str, task: str = "classification", **knobs):
+    from goat_lora.engine import resolve_settings
+    from goat_lora.settings import RunSettings
+    from goat_lora.tasks import get_task
 
-    return lambda: load_task(path)
+    return lambda: get_task(task).load_data(resolve_settings(RunSettings(task=task, data=path, **knobs))[0])
 
 
 def lib_from_pretrained(base: str, run: str):
@@ -166,7 +169,7 @@ def lib_from_pretrained(base: str, run: str):
 
 
 def lib_resume(run: str):
-    from goat_lora.resume import resume
+    from goat_lora.engine import resume
 
     return lambda: resume(run)
 
@@ -252,6 +255,19 @@ CASES = {
         lambda t, a: train_argv(a, "--output", str(t / "out"), data=write(t / "l.jsonl", '{"text": "a", "label": [1, 2]}\n')),
         lambda t, a: lib_load_task(write(t / "l.jsonl", '{"text": "a", "label": [1, 2]}\n')), ValueError,
         lambda t, a: "[1, 2]"),
+    "text-pair-column-missing": Case(
+        lambda t, a: train_argv(a, "--text-pair-column", "sentence2", "--output", str(t / "out")),
+        lambda t, a: lib_load_task(a["data"], text_pair_column="sentence2"), ValueError,
+        lambda t, a: "no column 'sentence2' (--text-pair-column)"),
+    "regression-label-not-a-number": Case(
+        lambda t, a: train_argv(a, "--task", "regression", "--output", str(t / "out"),
+                                data=csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.5, "high", 2.0]})),
+        lambda t, a: lib_load_task(csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.5, "high", 2.0]}),
+                                   task="regression"), ValueError,
+        lambda t, a: "holds 'high' in row 3"),
+    "unknown-task-family": Case(
+        lambda t, a: train_argv(a, "--task", "segmentation", "--output", str(t / "out")),
+        lambda t, a: lib_load_task(a["data"], task="segmentation"), ValueError, lambda t, a: "'segmentation'"),
     "a-single-class": Case(
         lambda t, a: train_argv(a, "--output", str(t / "out"), data=csv(t / "s.csv", {"text": list("abcd"), "label": ["x"] * 4})),
         lambda t, a: lib_load_task(csv(t / "s.csv", {"text": list("abcd"), "label": ["x"] * 4})), ValueError,
@@ -299,9 +315,9 @@ def write_dir(folder: Path, name: str) -> str:
 
 
 def run_eval(run: str, output: str):
-    from goat_lora.train import run_eval as _run_eval
+    from goat_lora.engine import evaluate_run
 
-    return _run_eval(run, output=output)
+    return evaluate_run(run, output)
 
 
 def named(fragment: str) -> str:
@@ -423,17 +439,17 @@ def test_crash_while_writing_a_run_leaves_no_run_folder(crash, assets, tmp_path,
     folder, no temporary file. Plots are rendered to memory and written atomically like the rest."""
     import matplotlib.figure
 
-    import goat_lora.train
+    import goat_lora.engine.run
 
     if crash == "metrics":
-        real = goat_lora.train.write_json
+        real = goat_lora.engine.run.write_json
 
         def write_json(path, data):
             if path.endswith("metrics.json"):
                 _disk_full_on_call(monkeypatch, 1)
             return real(path, data)
 
-        monkeypatch.setattr(goat_lora.train, "write_json", write_json)
+        monkeypatch.setattr(goat_lora.engine.run, "write_json", write_json)
     else:
         real_savefig = matplotlib.figure.Figure.savefig
 
@@ -479,3 +495,21 @@ def test_disk_full_on_the_command_line_is_one_line_not_a_traceback(tmp_path, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and "No space left on device" in err[0] and "Traceback" not in err[0]
+
+
+def test_hub_data_set_that_needs_a_configuration_lists_them(tmp_path, monkeypatch, capsys):
+    """`--data glue` without --data-config: the datasets library refuses; the one line names the flag
+    and lists the configurations the hub gives (here the hub is simulated: no network on this machine)."""
+    import datasets
+
+    def load_dataset(name, config=None, **kwargs):
+        raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['cola', 'mrpc']\n"
+                         "Example of usage:\n\t`load_dataset('glue', 'cola')`")  # fmt: skip
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_config_names", lambda name, **kwargs: ["ax", "cola", "mrpc", "stsb"])
+    before = snapshot(tmp_path)
+    assert main(["train", "--data", "glue", "--output", str(tmp_path / "out"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["goat train: error: hub data set 'glue' needs a configuration: --data-config one of ax, cola, mrpc, stsb"]
+    check_nothing_written(before, tmp_path)

@@ -17,8 +17,8 @@ def _runs():
                 good = lr == good_lr
                 rows.append({
                     "method": method, "lr": lr, "seed": seed,
-                    "validation_accuracy": 0.8 if good else 0.7,
-                    "test_accuracy": (0.85 if method == "goat" else 0.83) + 0.01 * seed if good else 0.5,
+                    "validation": 0.8 if good else 0.7,
+                    "test": (0.85 if method == "goat" else 0.83) + 0.01 * seed if good else 0.5,
                     "trainable_percent": 2.0, "step_time_s": 0.1, "peak_memory_mb": 500.0, "wall_time_s": 3.0,
                     "router": {"balance": 0.9} if method == "goat" else {},
                 })  # fmt: skip
@@ -33,13 +33,23 @@ def test_summarize_picks_the_lr_on_validation_and_reports_test():
     assert methods["goat"]["seeds"] == 2
 
 
+def test_summarize_picks_the_lowest_validation_value_for_an_error_metric():
+    runs = [{**r, "validation": 1.0 - r["validation"]} for r in _runs()]  # an error: lower is better
+    methods = report.summarize(runs, lower_is_better=True)
+    assert methods["goat"]["lr"] == 1e-3 and methods["lora"]["lr"] == 3e-3
+    flipped = report.summarize(runs)  # read as "higher is better", the other rate wins
+    assert flipped["goat"]["lr"] == 3e-3
+
+
 def test_compare_report_files(tmp_path):
-    settings = {"command": "goat compare --methods goat lora", "date": "today", "machine": "test", "data": "x", "seeds": [0, 1]}
-    report.write_compare_report(str(tmp_path), _runs(), settings, majority=0.66)
+    settings = {"command": "goat compare --methods goat lora", "date": "today", "machine": "test", "data": "x",
+                "seeds": [0, 1], "metric": "accuracy", "baseline_name": "majority class"}  # fmt: skip
+    report.write_compare_report(str(tmp_path), _runs(), settings, {"accuracy": 0.66})
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["methods"]) == {"goat", "lora"}
     text = (tmp_path / "report.md").read_text()
     assert "| goat | **0.8550 ± 0.0071** |" in text and "goat compare --methods goat lora" in text
+    assert "Majority class (accuracy) on test: 0.6600." in text
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 

@@ -87,11 +87,11 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(da
     assert (trainer / "goat_resume.json").is_file()
     assert (trainer / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json").is_file()
 
-    import goat_lora.train
+    import goat_lora.engine.trainer
 
     steps_run = []
-    training_step = goat_lora.train.GoatTrainer.training_step
-    monkeypatch.setattr(goat_lora.train.GoatTrainer, "training_step",
+    training_step = goat_lora.engine.trainer.GoatTrainer.training_step
+    monkeypatch.setattr(goat_lora.engine.trainer.GoatTrainer, "training_step",
                         lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k))  # fmt: skip
     assert main(["train", "--resume", str(out)]) == 0
     assert len(steps_run) == reference["steps"] - SAVE_STEPS  # continued from the checkpoint, not from scratch
@@ -103,7 +103,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(da
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     """A kill during a checkpoint's write leaves a folder without trainer_state.json (the Trainer
     writes it last): --resume skips it and takes the newest complete one."""
-    from goat_lora.resume import last_checkpoint
+    from goat_lora.engine.checkpoints import last_checkpoint
 
     trainer = tmp_path / ".run.partial" / ".trainer"
     for step, complete in ((4, True), (8, True), (12, False)):

@@ -24,7 +24,8 @@ import sys
 import pytest
 import torch
 
-from goat_lora.train import TrainArgs, train
+from goat_lora.engine import resolve_settings, train
+from goat_lora.settings import RunSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "bad", "great", "awful", "tasty", "stale", "fresh", "cheap",
@@ -62,14 +63,13 @@ def _flags(model_dir: str, data: str) -> list[str]:
     # 60 rows -> 12 test, 5 validation, 32 train: 4 full global batches of 8
     return ["--data", data, "--model", model_dir, "--train-size", "32", "--test-size", "8", "--rank", "4",
             "--experts", "2", "--top-k", "1", "--dropout", "0", "--no-shuffle", "--logging-steps", "1",
-            "--epochs", "1", "--lr", "1e-2", "--save-steps", "0"]  # fmt: skip
+            "--epochs", "1", "--lr", "1e-2", "--save-steps", "0", "--max-length", "32"]  # fmt: skip
 
 
-def _args(model_dir: str, data: str, **overrides) -> TrainArgs:
-    args = TrainArgs(data=data, model=model_dir, train_size=32, test_size=8, rank=4, experts=2, top_k=1, dropout=0.0,
-                     shuffle=False, logging_steps=1, epochs=1, lr=1e-2, batch_size=8)  # fmt: skip
-    if "save_steps" in {f.name for f in dataclasses.fields(TrainArgs)}:
-        args.save_steps = 0
+def _args(model_dir: str, data: str, **overrides) -> RunSettings:
+    args = RunSettings(data=data, model=model_dir, train_size=32, test_size=8, rank=4, experts=2, top_k=1, dropout=0.0,
+                       shuffle=False, logging_steps=1, epochs=1, lr=1e-2, batch_size=8, save_steps=0,
+                       max_length=32)  # fmt: skip
     return dataclasses.replace(args, **overrides)
 
 
@@ -206,7 +206,7 @@ def test_bf16_trains_with_float32_adapters(tiny_task, one_process, tmp_path):
 def _router_grads_of_one_step(monkeypatch, model_dir, data, out, **overrides):
     """Router gradients of the first optimisation step of `train()` (taken just before the optimiser
     step) and whether the base model ran with activation checkpointing."""
-    import goat_lora.train as train_module
+    import goat_lora.engine.run as train_module
 
     seen: dict = {}
 
@@ -241,7 +241,7 @@ def test_gradient_checkpointing_keeps_the_balance_loss_reaching_the_routers(tiny
 def test_reentrant_checkpointing_cannot_be_asked_for():
     from goat_lora.scaleout import training_kwargs
 
-    kwargs = training_kwargs(TrainArgs(gradient_checkpointing=True))
+    kwargs = training_kwargs(RunSettings(gradient_checkpointing=True))
     key = next(k for k in kwargs if k.endswith("checkpointing_kwargs"))
     assert kwargs[key] == {"use_reentrant": False}
 
@@ -372,10 +372,10 @@ def test_deepspeed_zero2_config(tiny_task, tmp_path):
 
 def test_deepspeed_flag_checks_its_config_and_package(tiny_task, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        TrainArgs(deepspeed=str(tmp_path / "missing.json")).validate()
+        resolve_settings(RunSettings(deepspeed=str(tmp_path / "missing.json")))
     if not _has_deepspeed():
         with pytest.raises(ValueError, match="deepspeed is not installed"):
-            TrainArgs(deepspeed=os.path.join(REPO, "configs", "ds_zero2.json")).validate()
+            resolve_settings(RunSettings(deepspeed=os.path.join(REPO, "configs", "ds_zero2.json")))
 
 
 def test_shipped_configs_parse():

@@ -1,5 +1,6 @@
 """End to end on the shipped MiniLM with tiny settings (seconds): `goat train` writes a full run
-folder, `goat eval` reloads it and reproduces the test accuracy, `goat compare` writes its report."""
+folder, `goat eval` reloads it and reproduces the test metrics, `goat compare` writes its report; the
+same for text pairs (GLUE's layout) and regression (STS-B's), and run folders of goat-lora 0.1.0."""
 
 from __future__ import annotations
 
@@ -41,17 +42,21 @@ def test_goat_train_then_eval(tmp_path, reviews, capsys):
         assert (out / name).is_file(), name
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("test_accuracy", "per_epoch_eval", "train_loss", "trainable_params", "wall_time_s", "expert_load"):
+    for key in ("test_accuracy", "test_macro_f1", "test_matthews_corrcoef", "per_epoch_eval", "train_loss",
+                "trainable_params", "wall_time_s", "expert_load", "constant_baseline"):  # fmt: skip
         assert key in metrics
+    assert metrics["task"] == "classification" and metrics["metric"] == "accuracy"
     assert len(metrics["train_loss"]) == 3 and "aux_loss" in metrics["train_loss"][0]
     assert metrics["per_epoch_eval"][0]["validation_accuracy"] is not None
+    assert metrics["per_epoch_eval"][0]["validation_matthews_corrcoef"] is not None
     assert len(metrics["expert_load"]) == 37 and len(next(iter(metrics["expert_load"].values()))) == 8
     config = json.loads((out / "config.json").read_text())
     assert config["args"]["method"] == "goat" and config["label_names"] == ["great", "other"]
 
     assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    for name in ("accuracy", "macro_f1", "matthews_corrcoef"):
+        assert again[f"test_{name}"] == metrics[f"test_{name}"]
     assert (tmp_path / "ev" / "expert_load.png").is_file()
 
 
@@ -86,27 +91,17 @@ def test_goat_compare_tiny(tmp_path, reviews, capsys):
     assert "| goat |" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
-def test_fashion_mnist_goat_on_1x1_convs(tmp_path):
-    pytest.importorskip("efficientnet_lite_pytorch")
-    out = tmp_path / "img"
-    assert main(["train", "--data", "fashion-mnist", "--train-size", "16", "--test-size", "8", "--epochs", "1",
-                 "--batch-size", "8", "--output", str(out)]) == 0  # fmt: skip
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["expert_load"]) == 32  # the 32 1x1 convolutions of EfficientNet-Lite0
-
-
 def test_interrupted_compare_resumes_with_the_finished_runs(tmp_path, reviews, monkeypatch):
     """Ctrl-C during the third of four runs: the two finished runs stay in the staging folder; the same
     command with --resume trains only the other two and reports what an uninterrupted comparison reports."""
-    import goat_lora.train
+    import goat_lora.engine.comparison
 
     common = ["compare", "--methods", "goat", "lora", "--seeds", "2", "--lrs", "1e-3", "--data", reviews,
               "--text-column", "review", "--label-column", "score", "--train-size", "16", *TINY]  # fmt: skip
     assert main([*common, "--output", str(tmp_path / "reference")]) == 0
     reference = json.loads((tmp_path / "reference" / "report.json").read_text())
 
-    real_train, calls = goat_lora.train.train, []
+    real_train, calls = goat_lora.engine.comparison.train, []
 
     def interrupted_train(*args, **kwargs):
         calls.append(1)
@@ -114,7 +109,7 @@ def test_interrupted_compare_resumes_with_the_finished_runs(tmp_path, reviews, m
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(goat_lora.train, "train", interrupted_train)
+    monkeypatch.setattr(goat_lora.engine.comparison, "train", interrupted_train)
     out = tmp_path / "cmp"
     assert main([*common, "--output", str(out)]) == 130
     staging = tmp_path / ".cmp.partial"
@@ -127,8 +122,8 @@ def test_interrupted_compare_resumes_with_the_finished_runs(tmp_path, reviews, m
     assert len(calls) == 2  # only the unfinished runs
     resumed = json.loads((out / "report.json").read_text())
     assert not staging.exists()
-    assert [(r["run"], r["test_accuracy"]) for r in resumed["runs"]] == [
-        (r["run"], r["test_accuracy"]) for r in reference["runs"]]
+    assert [(r["run"], r["test"], r["test_metrics"]) for r in resumed["runs"]] == [
+        (r["run"], r["test"], r["test_metrics"]) for r in reference["runs"]]
 
 
 def test_compare_resume_without_an_interrupted_comparison_is_an_error(tmp_path, reviews, capsys):
@@ -136,3 +131,101 @@ def test_compare_resume_without_an_interrupted_comparison_is_an_error(tmp_path, 
             "--text-column", "review", "--label-column", "score", "--output", str(tmp_path / "none"), "--resume"]  # fmt: skip
     assert main(argv) == 2
     assert "no interrupted comparison" in capsys.readouterr().err
+
+
+# ---- the other text families, end to end on a tiny BERT -------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A 2-layer BERT (hidden 32) with the MiniLM tokenizer's vocabulary, saved to disk."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from goat_lora.hf import minilm_path
+
+    folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+WORDS = ["cat", "dog", "tea", "sun", "car", "pen", "box", "cup"]
+
+
+def _pairs(n: int, seed: int) -> pd.DataFrame:
+    """MRPC-like rows: sentence2 repeats sentence1's words (label 1) or not (0)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        first = " ".join(rng.sample(WORDS, 3))
+        same = i % 2 == 0
+        second = first if same else " ".join(rng.sample(WORDS, 3))
+        rows.append({"sentence1": first, "sentence2": second, "label": int(same), "idx": i})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "parquet"])
+def test_sentence_pairs_glue_layout_train_then_eval(tmp_path, tiny_bert_dir, fmt):
+    train_path, test_path = tmp_path / f"train.{fmt}", tmp_path / f"dev.{fmt}"
+    for path, frame in ((train_path, _pairs(40, 0)), (test_path, _pairs(16, 1))):
+        frame.to_csv(path, sep="\t", index=False) if fmt == "tsv" else frame.to_parquet(path)
+    out = tmp_path / "run"
+    argv = ["train", "--model", tiny_bert_dir, "--data", str(train_path), "--test-data", str(test_path),
+            "--text-column", "sentence1", "--text-pair-column", "sentence2", "--metric", "matthews_corrcoef",
+            "--output", str(out), "--save-steps", "0", "--report-to", "none", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metric"] == "matthews_corrcoef" and metrics["sizes"]["test"] == 16
+    assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for name in ("accuracy", "macro_f1", "matthews_corrcoef", "loss"):
+        assert again[f"test_{name}"] == pytest.approx(metrics[f"test_{name}"], abs=1e-12)
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["text_pair_column"] == "sentence2" and config["task_meta"]["label_names"] == ["0", "1"]
+
+
+def test_regression_stsb_layout_train_then_eval(tmp_path, tiny_bert_dir, capsys):
+    import random
+
+    rng = random.Random(0)
+    rows = [{"sentence1": " ".join(rng.sample(WORDS, 3)), "sentence2": " ".join(rng.sample(WORDS, 3)),
+             "score": round(rng.uniform(0, 5), 2)} for _ in range(60)]  # fmt: skip
+    path = tmp_path / "stsb.tsv"
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--task", "regression", "--model", tiny_bert_dir, "--data", str(path), "--text-column",
+            "sentence1", "--text-pair-column", "sentence2", "--label-column", "score", "--output", str(out),
+            "--save-steps", "0", "--report-to", "none", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test ")]
+    assert len(summary) == 1 and summary[0].startswith("test pearson ") and "(training mean 0.0000)" in summary[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test_pearson", "test_spearman", "test_mse"} <= set(metrics) and metrics["metric"] == "pearson"
+    meta = json.loads((out / "config.json").read_text())["task_meta"]
+    assert 0 < meta["label_mean"] < 5 and meta["label_std"] > 0
+    assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for name in ("pearson", "spearman", "mse"):
+        assert again[f"test_{name}"] == pytest.approx(metrics[f"test_{name}"], abs=1e-9)
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.mark.parametrize("run", ["legacy_run_v0.1.0", "legacy_run_v0.1.0_lora"])
+def test_run_folders_of_goat_lora_0_1_0_still_load(run, tmp_path):
+    """Run folders written before the task layer (kept in tests/fixtures) reload with goat eval and
+    reproduce the test accuracy they recorded."""
+    import shutil
+
+    shutil.copytree(os.path.join(FIXTURES, run), tmp_path / run)
+    recorded = json.loads((tmp_path / run / "metrics.json").read_text())
+    assert main(["eval", "--adapter", str(tmp_path / run), "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["task"] == "classification" and again["num_examples"] == 40
+    assert again["test_accuracy"] == recorded["test_accuracy"]

@@ -65,7 +65,8 @@ def load_sequence_classifier(name_or_path: str | None, num_labels: int, dtype=No
     from transformers import AutoModelForSequenceClassification
 
     path, extra = resolve_model(name_or_path)
-    kwargs = {"num_labels": num_labels, **extra, **config}
+    # a checkpoint with another head (MNLI's 3 classes for a 2-class task) gets a fresh head, as run_glue.py does
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True, **extra, **config}
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)

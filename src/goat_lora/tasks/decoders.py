@@ -35,7 +35,7 @@ def refuse_head_only(settings, task_name: str) -> None:
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[dict]:
     """Greedy continuations of `prompts`, batched with left padding: [{prompt, completion, token_ids}]
-    (token_ids: the new tokens up to and without the end-of-sequence token)."""
+    (token_ids: the new tokens, up to and with the end-of-sequence token when one was generated)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -51,8 +51,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
             for prompt, row in zip(chunk, generated[:, encoded["input_ids"].shape[1] :].tolist()):
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
+                if tokenizer.eos_token_id in row:  # what follows the end of sequence is padding
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
                 out.append({"prompt": prompt, "completion": tokenizer.decode(row, skip_special_tokens=True),
                             "token_ids": row})  # fmt: skip
     finally:

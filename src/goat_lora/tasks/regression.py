@@ -71,8 +71,8 @@ class Regression:
         for row, value in zip(kept.index, kept[settings.label_column]):
             number = _number(value)
             if number is None:
-                raise ValueError(f"data {source!r}: label column {settings.label_column!r} holds {value!r} at row "
-                                 f"{row}; a regression label must be a number")  # fmt: skip
+                raise ValueError(f"data {source!r}: label column {settings.label_column!r} holds {value!r} in row "
+                                 f"{row + 1} (the first data row is 1); a regression label must be a number")  # fmt: skip
             labels.append(number)
         texts = [str(t) for t in kept[settings.text_column]]
         if settings.text_pair_column is not None:

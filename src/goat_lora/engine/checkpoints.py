@@ -8,7 +8,7 @@ before defaults, and its output). A killed process runs no cleanup, so these sta
 `goat train --resume runs/x` (engine.run.resume) rebuilds the same task and model from them and
 continues from the newest *complete* checkpoint. Every task family resumes alike. `goat compare
 --resume` is different: it reuses the whole finished runs of an interrupted comparison
-(engine.compare).
+(engine.comparison).
 """
 
 from __future__ import annotations
