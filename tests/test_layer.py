@@ -498,3 +498,9 @@ def test_shared_mode_needs_a_routed_expert_for_each_slot(num_experts, top_k):
     factors = F.ExpertFactors(torch.zeros(num_experts, 4), torch.zeros(4, num_experts), torch.ones(num_experts))
     with pytest.raises(ValueError, match=r"routing='shared' .* top_k=.* must be between 1 and"):
         GoatLayer(nn.Linear(4, 4), factors, top_k=top_k, residual_coef=0.5, routing="shared")
+
+
+def test_residual_coef_of_the_wrong_length_is_refused():
+    factors = F.ExpertFactors(torch.zeros(4, 4), torch.zeros(4, 4), torch.ones(4))
+    with pytest.raises(ValueError, match=r"residual_coef has 3 values; give one, or one per expert \(4\)"):
+        GoatLayer(nn.Linear(4, 4), factors, top_k=1, residual_coef=[0.25] * 3)

@@ -162,7 +162,10 @@ class GoatLayer(nn.Module):
                 f"routing={self.routing!r} with {num_experts} experts routes {num_routed}; top_k={top_k} must be "
                 f"between 1 and {num_routed}"
             )
-        coefs = torch.as_tensor(residual_coef, dtype=torch.float32).expand(num_experts)
+        coefs = torch.as_tensor(residual_coef, dtype=torch.float32)
+        if coefs.numel() not in (1, num_experts):
+            raise ValueError(f"residual_coef has {coefs.numel()} values; give one, or one per expert ({num_experts})")
+        coefs = coefs.reshape(-1).expand(num_experts)
         self.residual_coefs = tuple(float(c) for c in coefs)  # c_j, fixed: W_res is rebuilt from them exactly
         self.aux_loss_form = aux_loss_form
         device = base_layer.weight.device
