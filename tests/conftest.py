@@ -218,6 +218,14 @@ MODEL_CASES = {
         _features,
         2,
     ),
+    "llama-top-p": (tiny_llama, dict(r=8, num_experts=4, routing="top_p", top_p=0.5), _tokens, 14),
+    "bert-shared-expert": (
+        tiny_bert,
+        dict(r=8, num_experts=4, top_k=2, routing="shared", modules_to_save=["classifier"]),
+        _tokens,
+        13,
+    ),
+    "gpt2-conv1d-shared-top1": (tiny_gpt2, dict(r=4, num_experts=4, top_k=1, routing="shared"), _tokens, 8),
     "mlp-exclude-gram": (
         tiny_mlp,
         dict(r=4, num_experts=2, exclude_modules=["fc2"], svd_method="gram", rho=1.0),

@@ -163,3 +163,32 @@ def test_public_layer_forward_refuses_layers_other_than_linear():
     layer = GoatLayer(nn.Conv2d(8, 8, 1), factors, top_k=1, residual_coef=0.5)
     with pytest.raises(TypeError, match="nn.Linear only"):
         bench.use_public_layer_forward(layer)
+
+
+# ---- routing variants (issue 15): goat_top_p and goat_shared, timed against goat ------------------
+
+
+def test_routing_variant_methods_are_timed_against_top_k(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    argv = ["--smoke", "--methods", "goat", "goat_top_p", "goat_shared", "--top-p", "0.5", "--no-eval", "--json", str(out)]
+    assert bench.run_bench(parse(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "GOAT top-p routing step time / top-k" in printed and "GOAT shared-expert routing step time / top-k" in printed
+    figures = json.loads(out.read_text())
+    assert figures["meta"]["top_p"] == 0.5
+    for model in figures["models"].values():
+        methods, ratios = model["methods"], model["ratios"]
+        assert set(methods) == {"goat", "goat_top_p", "goat_shared"}
+        assert ratios["top_p_step"] > 0 and ratios["shared_step"] > 0 and "step" not in ratios  # no LoRA run
+        # the shared variant's routers choose among E - 1 experts: one router row fewer per layer
+        assert methods["goat_shared"]["trainable_params"] < methods["goat"]["trainable_params"]
+        assert methods["goat_top_p"]["trainable_params"] == methods["goat"]["trainable_params"]
+
+
+def test_routing_variant_methods_build_their_routing():
+    args = parse(["--smoke", "--top-p", "0.4", "--top-k", "3"])
+    base = bench._load_model("tiny-bert", args.seed)
+    for method, routing in (("goat", "top_k"), ("goat_top_p", "top_p"), ("goat_shared", "shared")):
+        config = bench.build_method(method, base, args).goat_config
+        assert (config.routing, config.top_p, config.top_k) == (routing, 0.4, 3)
+    assert parse([]).methods == list(bench.METHODS)  # the variants run only when asked for

@@ -305,3 +305,60 @@ def test_modules_to_save_of_another_shape_are_refused_before_touching_the_base(t
         GoatModel.from_pretrained(base, tmp_path)
     after = base.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- routing modes (issue 15): saved with the adapter, older adapters load as top-k -----------------
+
+
+@pytest.mark.parametrize("case", ["llama-top-p", "bert-shared-expert"])
+def test_routing_mode_is_saved_and_reloaded(case, tmp_path):
+    model, factory, inputs = trained_model(case)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config = model.goat_config
+    assert (saved["routing"], saved["top_p"]) == (config.routing, config.top_p)
+    tensors = safetensors.torch.load_file(tmp_path / WEIGHTS_NAME)
+    name, layer = next(iter(model.named_goat_layers()))
+    assert tensors[f"{name}.router.weight"].shape[0] == config.num_routed_experts  # E - 1 with a shared expert
+    loaded = GoatModel.from_pretrained(factory(), tmp_path)
+    for loaded_layer in loaded.goat_layers():
+        assert (loaded_layer.routing, loaded_layer.top_p, loaded_layer.top_k) == (config.routing, config.top_p, config.top_k)
+        assert loaded_layer.residual_coefs == layer.residual_coefs
+    with torch.no_grad():
+        assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
+
+
+def test_adapter_config_without_routing_fields_loads_as_top_k(saved_llama):
+    """An adapter saved before the routing fields existed has neither `routing` nor `top_p`: it loads as
+    top-k, with the logits it gave when saved (the weights checksum is untouched: it covers the tensors)."""
+    reference = GoatModel.from_pretrained(tiny_llama(), saved_llama)
+    path = saved_llama / CONFIG_NAME
+    data = json.loads(path.read_text())
+    assert data.pop("routing") == "top_k" and "top_p" in data
+    del data["top_p"]
+    path.write_text(json.dumps(data))
+    legacy = GoatModel.from_pretrained(tiny_llama(), saved_llama)
+    assert legacy.goat_config.routing == "top_k" and legacy.goat_config == reference.goat_config
+    assert all(layer.routing == "top_k" for layer in legacy.goat_layers())
+    batch = {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        assert torch.equal(model_output(legacy, batch), model_output(reference, batch))
+
+
+def test_the_v0_1_0_fixture_adapter_loads_as_top_k(minilm):
+    """The adapter of tests/fixtures/legacy_run_v0.1.0, written by goat-lora 0.1.0 (no routing fields)."""
+    from pathlib import Path
+
+    adapter = Path(__file__).parent / "fixtures" / "legacy_run_v0.1.0" / "adapter"
+    assert "routing" not in json.loads((adapter / CONFIG_NAME).read_text())
+    model = GoatModel.from_pretrained(minilm, adapter)
+    assert (model.goat_config.routing, model.goat_config.top_k) == ("top_k", 2)
+    assert all(layer.routing == "top_k" and layer.num_shared == 0 for layer in model.goat_layers())
+
+
+def test_shared_config_on_top_k_weights_is_refused(saved_llama):
+    """A config that says "shared" over weights saved with a top-k router (E outputs, not E - 1)."""
+    path = saved_llama / CONFIG_NAME
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"routing": "shared"}))
+    with pytest.raises(ValueError, match=r"router.weight has shape \(8, 32\), expected \(7, 32\)"):
+        GoatModel.from_pretrained(tiny_llama(), saved_llama)

@@ -13,6 +13,7 @@ from goat_lora import GoatConfig, InitMode, ScalingMode
 def test_defaults_are_the_papers():
     config = GoatConfig()
     assert (config.r, config.num_experts, config.top_k) == (8, 8, 2)
+    assert (config.routing, config.top_p) == ("top_k", 0.25)
     assert (config.init, config.scaling) == ("goat", "goat")
     assert (config.lora_alpha, config.eta, config.rho, config.dropout) == (16.0, 1.0, 10.0, 0.05)
     assert config.init_cof is None and config.residual_coef == pytest.approx(1 / 8)
@@ -24,6 +25,27 @@ def test_defaults_are_the_papers():
 def test_init_cof_overrides_residual_coef():
     assert GoatConfig(init_cof=1.0).residual_coef == 1.0
     assert GoatConfig(r=8, num_experts=4, top_k=2).residual_coef == 0.25
+
+
+@pytest.mark.parametrize(
+    "kwargs, coefs",
+    [
+        (dict(num_experts=4), [0.25] * 4),
+        (dict(num_experts=4, routing="top_p"), [0.25] * 4),
+        (dict(num_experts=4, routing="shared"), [1.0, 1 / 3, 1 / 3, 1 / 3]),
+        (dict(num_experts=4, routing="shared", init_cof=0.5), [1.0, 0.5, 0.5, 0.5]),  # init_cof: the routed experts'
+        (dict(num_experts=4, init_cof=1.0), [1.0] * 4),
+    ],
+)
+def test_residual_coefs_per_routing_mode(kwargs, coefs):
+    """c_j = E[w_j] by default (functional.expected_expert_weights); init_cof replaces the routed experts' c."""
+    from goat_lora import functional as F
+
+    config = GoatConfig(r=8, top_k=2, **kwargs)
+    assert config.residual_coefs == pytest.approx(coefs)
+    if config.init_cof is None:
+        assert config.residual_coefs == pytest.approx(F.expected_expert_weights(config.routing, 4).tolist())
+    assert config.num_routed_experts == (3 if config.routing == "shared" else 4)
 
 
 def test_enum_members_are_accepted_and_stored_as_strings():
@@ -58,6 +80,13 @@ BAD_CONFIGS = [
     (dict(target_modules=[]), ["target_modules=[]", "list of module names"]),
     (dict(modules_to_save="classifier"), ["modules_to_save='classifier'", "list"]),
     (dict(per_expert_scaling=True, init="zero"), ["per_expert_scaling", "init='zero'"]),
+    (dict(routing="top-p"), ["routing='top-p'", "'top_k'", "'top_p'", "'shared'"]),
+    (dict(routing="top_p", top_p=0.0), ["top_p=0.0", "(0, 1]"]),
+    (dict(top_p=1.5), ["top_p=1.5", "(0, 1]"]),
+    (dict(top_p=float("nan")), ["top_p=nan", "(0, 1]"]),
+    (dict(top_p="0.25"), ["top_p='0.25'", "(0, 1]"]),
+    (dict(routing="shared", num_experts=1, r=1, top_k=1), ["routing='shared'", "num_experts >= 2", "num_experts=1"]),
+    (dict(routing="shared", num_experts=8, top_k=8), ["top_k=8", "routing='shared'", "num_experts - 1=7"]),
 ]
 
 
@@ -80,7 +109,7 @@ def test_bad_config_raises_value_error_naming_field_value_and_allowed(kwargs, wo
         GoatConfig(
             r=16,
             num_experts=4,
-            top_k=4,
+            top_k=3,
             init="random",
             scaling="alpha",
             lora_alpha=32,
@@ -88,6 +117,8 @@ def test_bad_config_raises_value_error_naming_field_value_and_allowed(kwargs, wo
             rho=1.0,
             init_cof=1.0,
             per_expert_scaling=True,
+            routing="shared",
+            top_p=0.5,
             dropout=0.0,
             target_modules=["q_proj", "v_proj"],
             exclude_modules=r".*\.0\..*",

@@ -157,7 +157,24 @@ def test_zero_factors_are_plain_lora():
     assert torch.all(F.residual_weight(factors, 0.5) == 0)
 
 
+def test_residual_weight_takes_one_coefficient_per_expert():
+    """W_res = sum_j c_j s_j B_j A_j, written out expert by expert; a scalar c means c for every expert."""
+    g = torch.Generator().manual_seed(0)
+    factors = F.ExpertFactors(torch.randn(6, 5, generator=g), torch.randn(4, 6, generator=g), torch.tensor([2.0, 3.0, 5.0]))
+    coefs = torch.tensor([1.0, 0.5, 0.25])
+    expected = sum(
+        coefs[j] * factors.expert_scale[j] * factors.B[:, 2 * j : 2 * j + 2] @ factors.A[2 * j : 2 * j + 2] for j in range(3)
+    )
+    torch.testing.assert_close(F.residual_weight(factors, coefs), expected)
+    torch.testing.assert_close(F.residual_weight(factors, 0.5), F.residual_weight(factors, torch.full((3,), 0.5)))
+
+
 # ---- 5. routing -------------------------------------------------------------------------------------
+
+
+def _chosen(routing):
+    """The routed experts' part of `used` (the shared expert, when there is one, is column 0)."""
+    return routing.used[:, routing.used.shape[-1] - routing.probs.shape[-1] :]
 
 
 @pytest.mark.parametrize("num_experts, top_k", [(1, 1), (4, 1), (8, 2), (8, 8), (5, 3)])
@@ -167,51 +184,177 @@ def test_route_keeps_top_k_and_renormalises(num_experts, top_k):
     probs = torch.softmax(logits, -1)
     torch.testing.assert_close(routing.probs, probs)
     torch.testing.assert_close(routing.weights.sum(-1), torch.ones(50))
-    assert torch.all((routing.weights > 0).sum(-1) <= top_k)
+    assert torch.all(routing.used.sum(-1) == top_k) and torch.equal(routing.used, routing.weights > 0)
     # the kept ones are the k largest probabilities, in proportion to them
     kth = probs.topk(top_k, -1).values[:, -1:]
-    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, routing.topk_index, True)
+    chosen = routing.used
     assert torch.all(probs[chosen].reshape(50, top_k) >= kth - 1e-7)
     assert torch.all(routing.weights[~chosen] == 0)
     expected = torch.where(chosen, probs, 0.0)
     torch.testing.assert_close(routing.weights, expected / expected.sum(-1, keepdim=True))
 
 
+def _top_p_reference(probs: list[float], p: float) -> set[int]:
+    """The definition, token by token: walk the experts in descending probability (lower index first on
+    ties) and stop as soon as the kept mass reaches p."""
+    order = sorted(range(len(probs)), key=lambda j: (-probs[j], j))
+    kept, mass = set(), 0.0
+    for j in order:
+        kept.add(j)
+        mass += probs[j]
+        if mass >= p:
+            break
+    return kept
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    num_experts=st.integers(1, 16),
+    top_p=st.sampled_from([1e-3, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999, 1.0]),
+    temperature=st.sampled_from([0.1, 1.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_top_p_keeps_the_smallest_most_probable_set_reaching_p(num_experts, top_p, temperature, seed):
+    logits = torch.randn(20, num_experts, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    probs = torch.softmax(logits * temperature, -1)
+    probs[:3] = 1.0 / num_experts  # ties: uniform rows
+    routing = F.route(probs.log(), mode="top_p", top_p=top_p)
+    for t in range(20):
+        kept = set(routing.used[t].nonzero().flatten().tolist())
+        row = routing.probs[t].double()
+        prefix = row.sort(descending=True).values.cumsum(0)
+        if t >= 3 and bool((prefix - top_p).abs().min() > 1e-5):  # away from ties and from rounding at p
+            assert kept == _top_p_reference(row.tolist(), top_p), t
+        if top_p == 1.0:  # every expert with a probability at all
+            assert kept == set(row.nonzero().flatten().tolist())
+        kept_mass = float(row[list(kept)].sum())
+        assert 1 <= len(kept) <= num_experts
+        assert kept_mass >= top_p - 1e-5 or len(kept) == num_experts  # reaches p ...
+        assert kept_mass - float(row[list(kept)].min()) < top_p + 1e-5  # ... and no smaller set of the top ones does
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(20))
+    expected = torch.where(routing.used, routing.probs, 0.0)
+    torch.testing.assert_close(routing.weights, expected / expected.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "num_experts, top_p, kept", [(8, 0.25, 2), (8, 0.3, 3), (8, 1e-3, 1), (8, 0.875, 7), (8, 0.9, 8), (8, 1.0, 8), (5, 0.5, 3)]
+)
+def test_top_p_with_uniform_probabilities_keeps_the_first_ceil_p_e(num_experts, top_p, kept):
+    """A zero router: every p_j = 1/E, ties broken by index, so experts 0..ceil(pE)-1, each 1/ceil(pE)."""
+    routing = F.route(torch.zeros(4, num_experts), mode="top_p", top_p=top_p)
+    expected = torch.zeros(num_experts)
+    expected[:kept] = 1.0 / kept
+    torch.testing.assert_close(routing.weights, expected.expand(4, -1))
+
+
+def test_route_shared_expert_is_always_on_with_weight_one():
+    """shared: the router's R = E - 1 logits choose top-k among experts 1..E-1; expert 0 has w_0 = 1."""
+    logits = torch.randn(30, 7) * 3  # E = 8
+    routing = F.route(logits, 2, mode="shared")
+    assert routing.probs.shape == (30, 7) and routing.weights.shape == routing.used.shape == (30, 8)
+    assert torch.all(routing.weights[:, 0] == 1) and torch.all(routing.used[:, 0])
+    assert torch.all(routing.used.sum(-1) == 3)
+    torch.testing.assert_close(routing.weights[:, 1:], F.route(logits, 2).weights)  # plain top-2 of the 7
+    torch.testing.assert_close(routing.weights.sum(-1), torch.full((30,), 2.0))
+
+
 def test_route_in_float32_from_bf16_logits():
-    routing = F.route(torch.randn(4, 8, dtype=torch.bfloat16), 2)
-    assert routing.probs.dtype == routing.weights.dtype == torch.float32
+    for mode in ("top_k", "top_p", "shared"):
+        routing = F.route(torch.randn(4, 8, dtype=torch.bfloat16), 2, mode=mode)
+        assert routing.probs.dtype == routing.weights.dtype == torch.float32
 
 
-def test_route_empty_batch():
-    routing = F.route(torch.zeros(0, 8), 2)
-    assert routing.weights.shape == (0, 8) and routing.topk_index.shape == (0, 2)
+@pytest.mark.parametrize("mode", ["top_k", "top_p", "shared"])
+def test_route_empty_batch(mode):
+    routing = F.route(torch.zeros(0, 8), 2, mode=mode)
+    width = 9 if mode == "shared" else 8
+    assert routing.weights.shape == routing.used.shape == (0, width) and routing.probs.shape == (0, 8)
+
+
+def test_route_rejects_unknown_mode():
+    with pytest.raises(ValueError):
+        F.route(torch.zeros(2, 4), 2, mode="top-p")
+
+
+# ---- 5b. the expected weights that the residual must match (acceptance 2 of issue 15) ---------------
+
+
+@pytest.mark.parametrize(
+    "mode, num_experts, expected",
+    [("top_k", 8, [1 / 8] * 8), ("top_p", 8, [1 / 8] * 8), ("shared", 8, [1.0] + [1 / 7] * 7), ("shared", 2, [1.0, 1.0])],
+)
+def test_expected_expert_weights(mode, num_experts, expected):
+    torch.testing.assert_close(F.expected_expert_weights(mode, num_experts), torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "mode, num_experts, top_k, top_p",
+    [("top_k", 8, 2, None), ("top_k", 5, 3, None), ("top_p", 8, None, 0.25), ("top_p", 8, None, 0.6),
+     ("top_p", 3, None, 0.5), ("shared", 8, 2, None), ("shared", 4, 1, None)],
+)  # fmt: skip
+def test_expected_weights_by_monte_carlo(mode, num_experts, top_k, top_p):
+    """E[w_j] over exchangeable logits (i.i.d. across experts; three temperatures, as a router at init
+    gives more or less peaked probabilities) matches expected_expert_weights within 5 standard errors.
+    A residual built with 1/E in "shared" mode (1/8 against 1/7) would be 30 standard errors off."""
+    num_routed = num_experts - (mode == "shared")
+    g = torch.Generator().manual_seed(0)
+    weights = torch.cat([
+        F.route(torch.randn(100_000, num_routed, generator=g) * scale, top_k or 1, mode=mode, top_p=top_p or 0.25).weights
+        for scale in (0.3, 1.0, 3.0)
+    ])  # fmt: skip
+    mean, stderr = weights.double().mean(0), weights.double().std(0) / math.sqrt(weights.shape[0])
+    expected = F.expected_expert_weights(mode, num_experts).double()
+    assert torch.all((mean - expected).abs() <= 5 * stderr + 1e-12), (mean, expected)
+    if mode == "top_p":  # the number of experts per token really varies, and still the mean is 1/E
+        used = (weights > 0).sum(-1)
+        assert int(used.min()) < int(used.max())
+
+
+@pytest.mark.parametrize(
+    "mode, num_experts, top_k, top_p, exact",
+    [("top_k", 8, 8, 0.25, True), ("top_k", 8, 2, 0.25, False), ("top_p", 8, 2, 1.0, True), ("top_p", 8, 2, 0.9, True),
+     ("top_p", 8, 2, 0.25, False), ("shared", 8, 7, 0.25, True), ("shared", 8, 2, 0.25, False)],
+)  # fmt: skip
+def test_zero_router_gives_the_expected_weights_exactly_where_it_can(mode, num_experts, top_k, top_p, exact):
+    """With a zero router, w = E[w] for every token (so the adapted layer is the pretrained one exactly)
+    for top_k with k = E, top_p with p > (E-1)/E and shared with k = E - 1, and not otherwise."""
+    num_routed = num_experts - (mode == "shared")
+    weights = F.route(torch.zeros(3, num_routed), top_k, mode=mode, top_p=top_p).weights
+    expected = F.expected_expert_weights(mode, num_experts).expand(3, -1)
+    assert torch.allclose(weights, expected) == exact
 
 
 # ---- 6. experts: batched vs loop --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_experts, top_k, d", [(1, 1, 3), (4, 2, 1), (8, 2, 2), (6, 6, 1), (16, 3, 4)])
-def test_experts_delta_matches_loop_and_explicit_sum(num_experts, top_k, d):
+@pytest.mark.parametrize(
+    "num_experts, top_k, d, mode",
+    [(1, 1, 3, "top_k"), (4, 2, 1, "top_k"), (8, 2, 2, "top_k"), (6, 6, 1, "top_k"), (16, 3, 4, "top_k"),
+     (1, 1, 2, "top_p"), (8, 2, 2, "top_p"), (16, 1, 1, "top_p"), (2, 1, 3, "shared"), (8, 2, 2, "shared"),
+     (6, 5, 1, "shared")],
+)  # fmt: skip
+def test_experts_delta_matches_loop_and_explicit_sum(num_experts, top_k, d, mode):
     T, n, m = 13, 10, 7
     x = torch.randn(T, n, dtype=torch.float64)
     A = torch.randn(num_experts * d, n, dtype=torch.float64)
     B = torch.randn(m, num_experts * d, dtype=torch.float64)
     scale = torch.rand(num_experts, dtype=torch.float64) + 0.5
-    routing = F.route(torch.randn(T, num_experts), top_k)
+    routing = F.route(torch.randn(T, num_experts - (mode == "shared")), top_k, mode=mode, top_p=0.5)
     weights = routing.weights.double()
     batched = F.experts_delta(x, A, B, weights, scale)
     loop = F.experts_delta_loop(x, A, B, routing._replace(weights=weights), scale)
     explicit = torch.zeros(T, m, dtype=torch.float64)
     for t in range(T):
-        for j in routing.topk_index[t].tolist():
+        for j in routing.used[t].nonzero().flatten().tolist():
             sl = slice(j * d, (j + 1) * d)
             explicit[t] += weights[t, j] * scale[j] * (B[:, sl] @ (A[sl] @ x[t]))
     torch.testing.assert_close(batched, explicit)
     torch.testing.assert_close(loop, explicit)
 
 
-def test_experts_delta_is_two_matmuls_whatever_the_number_of_experts():
-    """The batched path's op count does not grow with E (no loop over experts)."""
+@pytest.mark.parametrize("mode", ["top_k", "top_p", "shared"])
+def test_experts_delta_is_two_matmuls_whatever_the_number_of_experts(mode):
+    """The batched path's op count does not grow with E (no loop over experts), for every routing mode."""
     from torch.overrides import TorchFunctionMode
 
     class Count(TorchFunctionMode):
@@ -226,10 +369,10 @@ def test_experts_delta_is_two_matmuls_whatever_the_number_of_experts():
     counts = {}
     for num_experts in (2, 16):
         x, A, B = torch.randn(5, 32), torch.randn(num_experts * 2, 32), torch.randn(8, num_experts * 2)
-        weights = F.route(torch.randn(5, num_experts), 2).weights
-        with Count() as mode:
+        with Count() as mode_counter:
+            weights = F.route(torch.randn(5, num_experts - (mode == "shared")), 1, mode=mode).weights
             F.experts_delta(x, A, B, weights, torch.ones(num_experts))
-        counts[num_experts] = mode.names
+        counts[num_experts] = mode_counter.names
     assert counts[2] == counts[16]
     assert sum(name in ("matmul", "__matmul__", "mm", "linear") for name in counts[16]) == 2
 
@@ -237,9 +380,19 @@ def test_experts_delta_is_two_matmuls_whatever_the_number_of_experts():
 # ---- 7. load-balancing loss -------------------------------------------------------------------------
 
 
+def _stats(probs, used):
+    """RoutingStats of routed probabilities (T, R) and the experts used (T, E) (E = R + shared)."""
+    return F.routing_stats(F.Routing(probs, used, used.float()))
+
+
 def _loss(probs, top_k, form):
-    routing = F.Routing(probs, probs.topk(top_k, -1).indices, torch.zeros_like(probs))
-    return F.load_balance_loss(F.routing_stats(routing), top_k, form)
+    used = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, probs.topk(top_k, -1).indices, True)
+    return F.load_balance_loss(_stats(probs, used), form)
+
+
+def _round_robin(T, num_experts, top_k):
+    index = (torch.arange(T)[:, None] * top_k + torch.arange(top_k)[None, :]) % num_experts
+    return torch.zeros(T, num_experts, dtype=torch.bool).scatter(-1, index, True)
 
 
 @pytest.mark.parametrize("num_experts, top_k", [(8, 2), (4, 1), (6, 6), (16, 4)])
@@ -247,11 +400,49 @@ def test_balance_loss_at_uniform_routing(num_experts, top_k):
     """Uniform probabilities and every expert chosen equally often: k (public form), 1 (paper form)."""
     T = num_experts * 3
     probs = torch.full((T, num_experts), 1.0 / num_experts)
-    # top-k index chosen round-robin so that counts are exactly balanced
-    topk = (torch.arange(T)[:, None] * top_k + torch.arange(top_k)[None, :]) % num_experts
-    stats = F.routing_stats(F.Routing(probs, topk, torch.zeros_like(probs)))
-    assert float(F.load_balance_loss(stats, top_k, "public")) == pytest.approx(top_k)
-    assert float(F.load_balance_loss(stats, top_k, "paper")) == pytest.approx(1.0)
+    stats = _stats(probs, _round_robin(T, num_experts, top_k))  # counts exactly balanced
+    assert float(F.load_balance_loss(stats, "public")) == pytest.approx(top_k)
+    assert float(F.load_balance_loss(stats, "paper")) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "mode, num_experts, top_k, top_p, public",
+    [("top_k", 8, 2, None, 2.0), ("top_k", 8, 8, None, 8.0), ("top_p", 8, None, 0.25, 2.0), ("top_p", 8, None, 0.3, 3.0),
+     ("top_p", 8, None, 1.0, 8.0), ("shared", 8, 2, None, 2.0), ("shared", 8, 7, None, 7.0), ("shared", 2, 1, None, 1.0)],
+)  # fmt: skip
+def test_balance_loss_of_a_zero_router_for_each_variant(mode, num_experts, top_k, top_p, public):
+    """Uniform routing as a zero router makes it, through route() and the layer's statistics: the public
+    form equals the routed experts used per token (top_k, shared: k; top_p: ceil(p E)), the paper form 1.
+    The shared expert is not in the loss: R = E - 1 probabilities and counts."""
+    num_routed = num_experts - (mode == "shared")
+    routing = F.route(torch.zeros(12, num_routed), top_k or 1, mode=mode, top_p=top_p or 0.25)
+    stats = F.routing_stats(routing)
+    assert stats.prob_sum.shape == stats.counts.shape == (num_routed,)
+    assert float(F.load_balance_loss(stats, "public")) == pytest.approx(public)
+    assert float(F.load_balance_loss(stats, "paper")) == pytest.approx(1.0)
+
+
+def test_balance_loss_shared_mode_with_balanced_counts_by_hand():
+    """E = 4 with a shared expert: R = 3 routed, top-1, counts (2, 1, 1) over T = 4 tokens,
+    P = (0.5, 0.3, 0.2): public = 3 * (2/4 * 0.5 + 1/4 * 0.3 + 1/4 * 0.2) = 1.125; paper = public / 1."""
+    probs = torch.tensor([[0.5, 0.3, 0.2]] * 4)
+    used = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    stats = _stats(probs, used)
+    assert stats.counts.tolist() == [2.0, 1.0, 1.0]
+    assert float(F.load_balance_loss(stats, "public")) == pytest.approx(1.125)
+    assert float(F.load_balance_loss(stats, "paper")) == pytest.approx(1.125)
+
+
+def test_balance_loss_top_p_by_hand():
+    """top_p: tokens use 1, 2 and 3 of R = 3 experts (m = 2): public = R sum_j (count_j / T) P_j and
+    paper = R sum_j (count_j / sum counts) P_j = public / m."""
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25], [0.5, 0.4, 0.1]])
+    used = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)  # counts (3, 2, 1)
+    P = probs.mean(0)
+    public = 3 * (3 / 3 * P[0] + 2 / 3 * P[1] + 1 / 3 * P[2])
+    stats = _stats(probs, used)
+    assert float(F.load_balance_loss(stats, "public")) == pytest.approx(float(public))
+    assert float(F.load_balance_loss(stats, "paper")) == pytest.approx(float(public) / 2)
 
 
 def test_balance_loss_formula_by_hand():
@@ -289,9 +480,8 @@ def test_balance_loss_with_balanced_counts_is_exactly_k(num_experts, data, seed)
     top_k = data.draw(st.integers(1, num_experts))
     T = num_experts * data.draw(st.integers(1, 4))
     probs = torch.softmax(torch.randn(T, num_experts, generator=torch.Generator().manual_seed(seed)), -1)
-    topk = (torch.arange(T)[:, None] * top_k + torch.arange(top_k)[None, :]) % num_experts
-    stats = F.routing_stats(F.Routing(probs, topk, torch.zeros_like(probs)))
-    assert float(F.load_balance_loss(stats, top_k, "public")) == pytest.approx(top_k, rel=1e-5)
+    stats = _stats(probs, _round_robin(T, num_experts, top_k))
+    assert float(F.load_balance_loss(stats, "public")) == pytest.approx(top_k, rel=1e-5)
 
 
 def test_balance_loss_of_a_mixed_batch_can_dip_below_k():
@@ -302,12 +492,13 @@ def test_balance_loss_of_a_mixed_batch_can_dip_below_k():
     assert float(_loss(probs, 1, "public")) < 1.0
 
 
-def test_balance_loss_gradient_reaches_router_probs_only():
+@pytest.mark.parametrize("mode", ["top_k", "top_p", "shared"])
+def test_balance_loss_gradient_reaches_router_probs_only(mode):
     logits = torch.randn(10, 4, requires_grad=True)
-    routing = F.route(logits, 2)
+    routing = F.route(logits, 2, mode=mode)
     stats = F.routing_stats(routing)
     assert not stats.counts.requires_grad
-    F.load_balance_loss(stats, 2).backward()
+    F.load_balance_loss(stats).backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
 
 
@@ -318,5 +509,7 @@ def test_balance_loss_masks_padding_and_survives_empty_batch():
     masked = F.routing_stats(routing, mask)
     assert float(masked.num_tokens) == 3 and float(masked.counts.sum()) == 3
     torch.testing.assert_close(masked.prob_sum, probs[mask].sum(0))
-    empty = F.routing_stats(F.route(torch.zeros(0, 4), 2))
-    assert float(F.load_balance_loss(empty, 2)) == 0.0
+    for mode in ("top_k", "top_p", "shared"):
+        empty = F.routing_stats(F.route(torch.zeros(0, 4), 2, mode=mode))
+        for form in ("public", "paper"):
+            assert float(F.load_balance_loss(empty, form)) == 0.0

@@ -6,6 +6,7 @@ lora_A, lora_B and the router, and shown to contain no Python loop over experts.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -47,7 +48,9 @@ def make_layer(kind, config=None, m=12, n=16, dtype=torch.float32, router_scale=
         base,
         initial_factors("layer", base, config, generator),
         top_k=config.top_k,
-        residual_coef=config.residual_coef,
+        residual_coef=config.residual_coefs,
+        routing=config.routing,
+        top_p=config.top_p,
         dropout=config.dropout,
         generator=generator,
     )
@@ -113,10 +116,18 @@ def test_base_weight_is_w0_minus_residual(kind):
     torch.testing.assert_close(expected.double(), svd_res, atol=1e-5, rtol=1e-4)
 
 
+ROUTING_CASES = [  # (routing, num_experts, top_k, top_p)
+    ("top_k", 1, 1, 0.25), ("top_k", 4, 2, 0.25), ("top_k", 4, 4, 0.25), ("top_k", 8, 3, 0.25),
+    ("top_p", 1, 1, 0.25), ("top_p", 4, 1, 0.25), ("top_p", 8, 1, 0.6), ("top_p", 8, 1, 1.0),
+    ("shared", 2, 1, 0.25), ("shared", 4, 2, 0.25), ("shared", 8, 3, 0.25),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("num_experts, top_k", [(1, 1), (4, 2), (4, 4), (8, 3)])
-def test_batched_matches_loop_reference_outputs_and_gradients(kind, num_experts, top_k):
-    config = GoatConfig(r=num_experts * 2 if num_experts < 8 else 8, num_experts=num_experts, top_k=top_k, dropout=0.0)
+@pytest.mark.parametrize("routing, num_experts, top_k, top_p", ROUTING_CASES)
+def test_batched_matches_loop_reference_outputs_and_gradients(kind, routing, num_experts, top_k, top_p):
+    config = GoatConfig(r=num_experts * 2 if num_experts < 8 else 8, num_experts=num_experts, top_k=top_k, dropout=0.0,
+                        routing=routing, top_p=top_p)  # fmt: skip
     layer = make_layer(kind, config, m=16, n=16, router_scale=5.0)
     x = make_input(kind)
     grads = []
@@ -129,7 +140,7 @@ def test_batched_matches_loop_reference_outputs_and_gradients(kind, num_experts,
         )
     for name, batched, loop in zip(("output", "lora_A", "lora_B", "router"), *grads):
         torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-5, msg=f"{name} differs")
-    if num_experts > 1:
+    if num_experts - config.num_shared_experts > 1:
         assert float(grads[0][3].abs().sum()) > 0, "the router gets no gradient"
 
 
@@ -352,11 +363,11 @@ def test_aux_loss_and_expert_load_follow_the_forward():
     x = torch.randn(10, 16)
     layer(x)
     routing = F.route(layer.router(x), 2)
-    expected = F.load_balance_loss(F.routing_stats(routing), 2)
+    expected = F.load_balance_loss(F.routing_stats(routing))
     torch.testing.assert_close(layer.aux_loss(), expected)
     load = layer.expert_load()
     assert load.shape == (4,) and float(load.sum()) == pytest.approx(1.0)
-    counts = torch.bincount(routing.topk_index.reshape(-1), minlength=4).double()
+    counts = torch.bincount(routing.weights.topk(2, -1).indices.reshape(-1), minlength=4).double()
     torch.testing.assert_close(load, counts / counts.sum())
     layer(x)  # counts accumulate; fractions unchanged
     torch.testing.assert_close(layer.expert_load(), counts / counts.sum())
@@ -385,3 +396,111 @@ def test_empty_batch(kind):
     assert y.shape[0] == 0 and y.shape == layer.base_layer(x).shape
     loss = float(layer.aux_loss().detach())
     assert loss == 0.0 and not math.isnan(loss)
+
+
+# ---- routing variants: the residual follows E[w_j] (issue 15) --------------------------------------
+
+
+def _variant_layer(routing, num_experts, top_k, top_p, kind="linear", m=12, n=16):
+    config = GoatConfig(r=2 * num_experts, num_experts=num_experts, top_k=top_k, top_p=top_p, routing=routing, dropout=0.0)
+    base = make_base(kind, m, n)
+    original = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(0)
+    layer = GoatLayer(base, initial_factors("l", base, config, generator), top_k=top_k, top_p=top_p, routing=routing,
+                      residual_coef=config.residual_coefs, generator=generator)  # fmt: skip
+    return original, layer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "routing, top_k, top_p, exact",
+    [("top_k", 4, 0.25, True), ("top_k", 2, 0.25, False), ("top_p", 1, 1.0, True), ("top_p", 1, 0.8, True),
+     ("top_p", 1, 0.25, False), ("shared", 3, 0.25, True), ("shared", 1, 0.25, False)],
+)  # fmt: skip
+def test_zero_router_layer_equals_the_pretrained_layer_where_exact(kind, routing, top_k, top_p, exact):
+    """E = 4 and a zero router: uniform probabilities. top_k with k = E, top_p with p > 3/4 (keeps all)
+    and shared with k = E - 1 give every expert exactly E[w_j], so the layer is the pretrained one; top-2,
+    top_p 0.25 (keeps expert 0 only) and shared top-1 do not: the comparison can fail."""
+    original, layer = _variant_layer(routing, 4, top_k, top_p, kind)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        x = make_input(kind)
+        diff = float((layer(x) - original(x)).abs().max())
+    assert (diff < 1e-5) == exact, diff
+    if not exact:
+        assert diff > 1e-3
+
+
+@pytest.mark.parametrize("routing, top_k, top_p", [("top_k", 2, 0.25), ("top_p", 1, 0.25), ("top_p", 1, 0.5),
+                                                    ("shared", 2, 0.25), ("shared", 1, 0.25)])  # fmt: skip
+def test_layer_equals_the_pretrained_layer_in_expectation_over_routers(routing, top_k, top_p):
+    """Monte Carlo over 4000 router draws (nn.Linear's Kaiming-uniform init, scaled up so the routing
+    is far from uniform): the mean adapted output of each token is the pretrained output, to within
+    Monte Carlo error, for every variant, because the residual uses each mode's E[w_j]. The same
+    average with the top-k residual (1/E) in shared mode is far off."""
+    original, layer = _variant_layer(routing, 8, top_k, top_p, m=16, n=16)
+    x = torch.randn(6, 16)
+    draws = 4000
+    routers = torch.empty(draws, *layer.router.weight.shape)
+    nn.init.kaiming_uniform_(routers, a=5**0.5, generator=torch.Generator().manual_seed(1))
+    routers *= 20.0
+    with torch.no_grad():
+        logits = torch.einsum("tn,ren->rte", x, routers).reshape(draws * 6, -1)
+        weights = F.route(logits, top_k, routing, top_p).weights.reshape(draws, 6, -1)  # (draws, T, E)
+        per_expert = torch.stack([  # (E, T, m): s_j B_j A_j x for each expert
+            layer.expert_scale[j] * (x @ layer.lora_A[2 * j : 2 * j + 2].T) @ layer.lora_B[:, 2 * j : 2 * j + 2].T
+            for j in range(8)
+        ])  # fmt: skip
+        outputs = layer.base_layer(x) + torch.einsum("dte,etm->dtm", weights, per_expert)  # (draws, T, m)
+        # the batched layer computes the same thing (for one draw)
+        layer.router.weight.copy_(routers[0])
+        torch.testing.assert_close(layer(x), outputs[0], atol=1e-5, rtol=1e-5)
+    mean, stderr = outputs.mean(0), outputs.std(0) / math.sqrt(draws)
+    error = (mean - original(x)).abs()
+    assert torch.all(error <= 5 * stderr + 1e-5), float((error / (stderr + 1e-12)).max())
+    assert float(stderr.max()) > 1e-4  # the routing really varies between draws
+    if routing == "shared":
+        top_k_residual = F.residual_weight(F.ExpertFactors(layer.init_A, layer.init_B, layer.expert_scale), 1 / 8)
+        wrong = mean + x @ (layer.residual() - top_k_residual).T  # what the layer would give with c = 1/E
+        assert float(((wrong - original(x)).abs() / (stderr + 1e-12)).max().detach()) > 20
+
+
+def test_shared_expert_base_weight_and_router():
+    """shared: W0 - W_res with c_0 = 1 for the shared expert and 1/(E-1) for the others; the router has
+    E - 1 outputs; the shared expert's load is every token."""
+    original, layer = _variant_layer("shared", 4, 2, 0.25, m=20, n=24)
+    assert layer.router.weight.shape == (3, 24) and layer.residual_coefs == pytest.approx((1.0, 1 / 3, 1 / 3, 1 / 3))
+    s = layer.expert_scale
+    expected = s[0] * layer.init_B[:, :2] @ layer.init_A[:2] + sum(
+        s[j] / 3 * layer.init_B[:, 2 * j : 2 * j + 2] @ layer.init_A[2 * j : 2 * j + 2] for j in (1, 2, 3)
+    )
+    torch.testing.assert_close(base_weight_2d(original) - base_weight_2d(layer.base_layer), expected, atol=1e-6, rtol=1e-5)
+    x = torch.randn(10, 24)
+    layer(x)
+    torch.testing.assert_close(layer.expert_load()[0], torch.tensor(1 / 3, dtype=torch.float64))  # T of 3 T uses
+    assert float(layer.load_counts[1:].sum()) == 20 and float(layer.load_counts[0]) == 10
+    assert layer.last_stats.counts.shape == (3,) and float(layer.last_stats.num_tokens) == 10
+
+
+def test_top_p_expert_load_counts_the_experts_actually_used():
+    _, layer = _variant_layer("top_p", 8, 1, 0.5, m=16)
+    with torch.no_grad():
+        layer.router.weight.mul_(10.0)
+    x = torch.randn(50, 16)
+    layer(x)
+    used = F.route(layer.router(x), 1, "top_p", 0.5).used
+    torch.testing.assert_close(layer.load_counts, used.sum(0).double())
+    assert int(used.sum(-1).min()) < int(used.sum(-1).max())  # a variable number per token
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(1, 1), (4, 4)])
+def test_shared_mode_needs_a_routed_expert_for_each_slot(num_experts, top_k):
+    factors = F.ExpertFactors(torch.zeros(num_experts, 4), torch.zeros(4, num_experts), torch.ones(num_experts))
+    with pytest.raises(ValueError, match=r"routing='shared' .* top_k=.* must be between 1 and"):
+        GoatLayer(nn.Linear(4, 4), factors, top_k=top_k, residual_coef=0.5, routing="shared")
+
+
+def test_residual_coef_of_the_wrong_length_is_refused():
+    factors = F.ExpertFactors(torch.zeros(4, 4), torch.zeros(4, 4), torch.ones(4))
+    with pytest.raises(ValueError, match=r"residual_coef has 3 values; give one, or one per expert \(4\)"):
+        GoatLayer(nn.Linear(4, 4), factors, top_k=1, residual_coef=[0.25] * 3)

@@ -68,13 +68,25 @@ def check_trainable(model, inputs):
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
         else:
             assert param.grad is None, f"frozen {name} got a gradient"
-    routers = [layer.router.weight.grad for layer in model.goat_layers() if layer.num_experts > 1]
+    routers = [layer.router.weight.grad for layer in model.goat_layers() if layer.router.weight.shape[0] > 1]
     assert any(float(g.abs().sum()) > 0 for g in routers), "no router learns"
     model.eval()
 
 
+def exact_alignment_overrides(kwargs: dict) -> dict:
+    """The routing settings under which a zero router gives every expert exactly E[w_j] (so the adapted
+    model is the pretrained one exactly): top_k with k = E, top_p with p = 1, shared with k = E - 1."""
+    num_experts, routing = kwargs.get("num_experts", 8), kwargs.get("routing", "top_k")
+    if routing == "shared":
+        return dict(top_k=num_experts - 1)
+    if routing == "top_p":
+        return dict(top_p=1.0)
+    return dict(top_k=num_experts)
+
+
 def check_alignment(original, model, inputs, atol=1e-4):
-    """top_k = E and zero routers: every expert weighs 1/E, sum_j (1/E) s B_j A_j = W_res, output = W0 x."""
+    """Zero routers under exact_alignment_overrides: every expert weighs E[w_j], so
+    sum_j E[w_j] s B_j A_j = W_res and the output is W0 x."""
     zero_routers(model)
     with torch.no_grad():
         expected = model_output(original, inputs)
@@ -113,7 +125,7 @@ def test_trainable_parameters_and_gradients(case):
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_alignment_with_pretrained_model(case):
     _, kwargs, _, _ = MODEL_CASES[case]
-    original, model, inputs, _ = build(case, top_k=kwargs.get("num_experts", 8))
+    original, model, inputs, _ = build(case, **exact_alignment_overrides(kwargs))
     check_alignment(original, model, inputs)
 
 
@@ -131,9 +143,15 @@ def test_unload_restores_the_base_model(case):
     check_unload(original, model, inputs)
 
 
-def test_adapted_model_differs_once_routing_is_not_uniform():
-    """The alignment checker is not vacuous: with top_k < E the adapted model is not the base."""
-    original, model, inputs, _ = build("llama-all-linear-defaults")
+@pytest.mark.parametrize("case", ["llama-all-linear-defaults", "llama-top-p", "gpt2-conv1d-shared-top1"])
+def test_adapted_model_differs_once_routing_is_not_uniform(case):
+    """The alignment checker is not vacuous: with top_k < E (top_p < 1, shared top_k < E - 1) the adapted
+    model is not the base, with its random routers and with zero ones."""
+    original, model, inputs, _ = build(case)
+    with torch.no_grad():
+        diff = float((model_output(model, inputs) - model_output(original, inputs)).abs().max())
+    assert diff > 1e-3
+    zero_routers(model)
     with torch.no_grad():
         diff = float((model_output(model, inputs) - model_output(original, inputs)).abs().max())
     assert diff > 1e-3
@@ -151,9 +169,11 @@ def test_alignment_tiny_decoders(factory, init):
     check_alignment(original, model, token_batch())
 
 
-def test_alignment_minilm(minilm, minilm_batch):
+@pytest.mark.parametrize("routing", ["top_k", "top_p", "shared"])
+def test_alignment_minilm(minilm, minilm_batch, routing):
     original = copy.deepcopy(minilm)
-    model = get_goat_model(minilm, GoatConfig(r=8, num_experts=8, top_k=8, dropout=0.0))
+    settings = exact_alignment_overrides(dict(num_experts=8, routing=routing))
+    model = get_goat_model(minilm, GoatConfig(r=8, num_experts=8, routing=routing, dropout=0.0, **settings))
     assert len(model.goat_layer_names) == 37  # 6 x 6 in the encoder + the pooler; the fresh classifier skipped
     assert "classifier" not in model.goat_layer_names
     check_alignment(original, model, minilm_batch)
@@ -345,3 +365,53 @@ def test_all_linear_skips_top_level_classifier_and_score_heads_only():
 
     model = get_goat_model(Nested(), GoatConfig(r=2, num_experts=2))
     assert model.goat_layer_names == ["body.classifier", "body.score"]
+
+
+
+# ---- routing variants at the model level (issue 15) ----------------------------------------------
+
+
+@pytest.mark.parametrize("routing, top_k, top_p, expected", [("top_k", 2, 0.25, 2.0), ("shared", 3, 0.25, 3.0),
+                                                               ("top_p", 2, 0.3, 3.0), ("top_p", 2, 0.25, 2.0)])  # fmt: skip
+def test_aux_loss_of_zero_routers_is_pinned_for_each_variant(routing, top_k, top_p, expected):
+    """Zero routers make every layer's probabilities uniform: the public form is the number of routed
+    experts a token uses per layer (top_k, shared: k; top_p of E = 8: ceil(8 p)), summed over the 14
+    layers; the paper form is 1 per layer."""
+    for form, per_layer in (("public", expected), ("paper", 1.0)):
+        model = get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=8, top_k=top_k, routing=routing,
+                                                        top_p=top_p, aux_loss_form=form))  # fmt: skip
+        zero_routers(model)
+        model(**token_batch())
+        assert float(model.aux_loss().detach()) == pytest.approx(14 * per_layer)
+
+
+def test_expert_load_counts_the_shared_expert_and_the_plot_shows_it(tmp_path, monkeypatch):
+    """shared, top-2 of the other 3: every token uses expert 0, so it has 1/3 of all uses in every layer,
+    and expert_load.png gets a column for it (E columns, expert 0 the brightest)."""
+    from goat_lora import report
+
+    model = get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=4, top_k=2, routing="shared"))
+    batch = token_batch()
+    model(**batch)
+    load = model.expert_load()
+    for name, fractions in load.items():
+        assert fractions.shape == (4,) and float(fractions.sum()) == pytest.approx(1.0)
+        assert float(fractions[0]) == pytest.approx(1 / 3), name
+        assert float(fractions[1:].sum()) == pytest.approx(2 / 3)  # the routed experts share the k = 2 other uses
+    shown = []
+    real_imshow = report.plt.Axes.imshow
+    monkeypatch.setattr(report.plt.Axes, "imshow", lambda ax, rows, **kw: shown.append(rows) or real_imshow(ax, rows, **kw))
+    path = tmp_path / "expert_load.png"
+    report.plot_expert_load({n: [float(v) for v in f] for n, f in load.items()}, str(path))
+    assert path.stat().st_size > 0
+    (rows,) = shown
+    assert len(rows) == 14 and all(len(row) == 4 and row[0] == pytest.approx(1 / 3) for row in rows)
+
+
+@pytest.mark.parametrize("routing", ["top_p", "shared"])
+def test_trainable_parameters_of_each_variant(routing):
+    """The routers have R outputs (E - 1 with a shared expert) and all of them learn."""
+    model = get_goat_model(tiny_mlp(), GoatConfig(r=8, num_experts=4, top_k=2, routing=routing, dropout=0.0))
+    for layer in model.goat_layers():
+        assert layer.router.weight.shape[0] == (3 if routing == "shared" else 4)
+    check_trainable(model, {"x": torch.randn(3, 4, 24, generator=torch.Generator().manual_seed(1))})

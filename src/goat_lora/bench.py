@@ -13,6 +13,13 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
       goat_public  the same GOAT model, each layer's forward replaced by a reproduction of the public
                    GOAT layer's forward (Facico/GOAT-PEFT; see _public_layer_forward), for timing only
 
+  Two more methods, run only when named in --methods, time GOAT's routing variants (issue 15):
+
+      goat_top_p   GOAT with routing="top_p" (--top-p, default 0.25)
+      goat_shared  GOAT with routing="shared": expert 0 always on, top-k of the other E - 1
+
+  Their step times are reported against goat's (same round robin) as "top_p_step" / "shared_step".
+
   Issue 4's loop target (GOAT >= 2.2x faster than the per-expert loop) was derived from the public
   layer, so "loop_speedup" is goat_public's step time / goat's. goat_loop / goat is reported as
   "lean_loop_speedup", for information, without a target.
@@ -52,7 +59,8 @@ from torch import nn
 from . import functional as F
 from .layer import _in_backward_recompute
 
-METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")
+METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")  # the default set
+ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
 MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
     "minilm": (32, 64), "smollm2": (8, 128), "minilm-arch": (32, 64), "smollm2-arch": (8, 128),
 }
@@ -94,12 +102,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8, help="total rank r of LoRA and of GOAT's experts (default 8)")
     parser.add_argument("--experts", type=int, default=8, help="GOAT experts E (default 8)")
     parser.add_argument("--top-k", type=int, default=2, help="GOAT experts per token k (default 2)")
+    parser.add_argument(
+        "--top-p", type=float, default=0.25, help="probability mass of method goat_top_p's experts (default 0.25)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="override the model's batch size")
     parser.add_argument("--seq-len", type=int, default=None, help="override the model's tokens per example")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run (default: all five)"
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS + ROUTING_METHODS,
+        help="methods to run (default: the first five; goat_top_p and goat_shared time GOAT's routing variants)",
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the eval-throughput measurement")
     parser.add_argument(
@@ -176,6 +191,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict:
         "rank": args.rank,
         "experts": args.experts,
         "top_k": args.top_k,
+        "top_p": args.top_p,
         "steps": args.steps if not args.smoke else min(args.steps, 2),
         "warmup": args.warmup if not args.smoke else 1,
         "smoke": bool(args.smoke),
@@ -265,8 +281,10 @@ def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.M
     from .config import GoatConfig
     from .model import get_goat_model
 
+    routing = {"goat_top_p": "top_p", "goat_shared": "shared"}.get(method, "top_k")
     config = GoatConfig(
-        r=args.rank, num_experts=args.experts, top_k=args.top_k, modules_to_save=heads, seed=args.seed
+        r=args.rank, num_experts=args.experts, top_k=args.top_k, modules_to_save=heads, seed=args.seed,
+        routing=routing, top_p=args.top_p,
     )
     goat = get_goat_model(model, config)
     if method == "goat_loop":
@@ -517,6 +535,9 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict) -> dict:
         ratios["loop_speedup"] = _paired_ratio(step_times["goat_public"], step_times["goat"])
     if "goat" in step_times and "goat_loop" in step_times:  # information only: no target
         ratios["lean_loop_speedup"] = _paired_ratio(step_times["goat_loop"], step_times["goat"])
+    for method, key in (("goat_top_p", "top_p_step"), ("goat_shared", "shared_step")):  # routing variants
+        if "goat" in step_times and method in step_times:
+            ratios[key] = _paired_ratio(step_times[method], step_times["goat"])
     ratios["met"] = {
         key: (value <= TARGETS[key][1] if TARGETS[key][0] == "<=" else value >= TARGETS[key][1])
         for key, value in ratios.items()
@@ -562,6 +583,8 @@ def format_model_table(name: str, figures: dict) -> str:
         "eval": "GOAT eval throughput / LoRA",
         "loop_speedup": "public-layer loop reference step time / GOAT",
         "lean_loop_speedup": "lean loop reference step time / GOAT",
+        "top_p_step": "GOAT top-p routing step time / top-k",
+        "shared_step": "GOAT shared-expert routing step time / top-k",
     }
     for key, label in labels.items():
         if ratios.get(key) is None:

@@ -115,7 +115,7 @@ def _check_layer_tensors(
     expected = {
         "lora_A": (rank, in_features),
         "lora_B": (out_features, rank),
-        "router.weight": (num_experts, in_features),
+        "router.weight": (config.num_routed_experts, in_features),  # E - 1 outputs in "shared" mode
         "init_A": (rank, in_features),
         "init_B": (out_features, rank),
         "expert_scale": (num_experts,),

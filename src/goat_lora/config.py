@@ -42,6 +42,14 @@ class AuxLossForm(str, Enum):
     PAPER = "paper"  # sum_j f_j P_j with f_j = E / (k T) * count_j, 1 at balance
 
 
+class RoutingMode(str, Enum):
+    """How the router turns a token's expert probabilities into expert weights (functional.route)."""
+
+    TOP_K = "top_k"  # the k most probable experts, weights renormalised to sum to 1 (paper; default)
+    TOP_P = "top_p"  # the fewest experts, most probable first, whose probabilities sum to >= top_p; renormalised
+    SHARED = "shared"  # expert 0 always on with weight 1 (DeepSeekMoE's shared expert) + top-k of the other E - 1
+
+
 class SvdMethod(str, Enum):
     """How the needed singular components are computed at initialisation."""
 
@@ -70,13 +78,16 @@ class GoatConfig:
 
     r: int = 8  # total rank over all experts; each expert has rank d = r / num_experts
     num_experts: int = 8  # E
-    top_k: int = 2  # k experts per token
+    top_k: int = 2  # k experts per token ("top_k"); k routed experts beside the shared one ("shared")
+    routing: str = "top_k"  # RoutingMode: "top_k", "top_p" or "shared" (the paper's routing ablation)
+    top_p: float = 0.25  # "top_p" only: probability mass a token's experts must reach (the paper's ablation: 0.25)
     init: str = "goat"  # InitMode: which singular components each expert starts from
     scaling: str = "goat"  # ScalingMode: how s is chosen
     lora_alpha: float = 16.0  # used by scaling "alpha" and "rslora" only
     eta: float = 1.0  # ratio of full fine-tuning to LoRA learning rate in s = sqrt(3 eta n / d)
     rho: float = 10.0  # prior shrink: s * B_j A_j = U_j S_j V_j^T / rho
-    init_cof: float | None = None  # residual coefficient c; None means 1 / num_experts (Lemma 3.3)
+    init_cof: float | None = None  # residual coefficient c of the routed experts; None: their E[w_j] (1/E for top_k
+    # and top_p, 1/(E-1) for "shared"); the shared expert's is always its weight, 1 (functional.expected_expert_weights)
     per_expert_scaling: bool = False  # GOAT-s: s_j = s * sqrt(sigma_0 / sigma_j) (paper appendix)
     dropout: float = 0.05  # dropout on the experts' input
     target_modules: str | list[str] = "all-linear"  # "all-linear", a list of name suffixes, or a regex
@@ -110,6 +121,24 @@ class GoatConfig:
             )
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"GoatConfig.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        self.routing = _as_enum(RoutingMode, "routing", self.routing).value
+        if (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not 0.0 < self.top_p <= 1.0  # also refuses nan
+        ):
+            raise ValueError(f"GoatConfig.top_p={self.top_p!r} must be in (0, 1]")
+        if self.routing == RoutingMode.SHARED.value:
+            if self.num_experts < 2:
+                raise ValueError(
+                    f"GoatConfig.routing='shared' needs num_experts >= 2 (one shared + at least one routed); "
+                    f"got num_experts={self.num_experts}"
+                )
+            if self.top_k > self.num_experts - 1:
+                raise ValueError(
+                    f"GoatConfig.top_k={self.top_k} with routing='shared' must be between 1 and num_experts - 1="
+                    f"{self.num_experts - 1} (the routed experts)"
+                )
         self.init = _as_enum(InitMode, "init", self.init).value
         self.scaling = _as_enum(ScalingMode, "scaling", self.scaling).value
         self.aux_loss_form = _as_enum(AuxLossForm, "aux_loss_form", self.aux_loss_form).value
@@ -161,9 +190,26 @@ class GoatConfig:
         return self.r // self.num_experts
 
     @property
+    def num_shared_experts(self) -> int:
+        """Experts that every token uses (expert 0 in "shared" mode), outside the router."""
+        return 1 if self.routing == RoutingMode.SHARED.value else 0
+
+    @property
+    def num_routed_experts(self) -> int:
+        """R: the experts the router chooses among (its number of outputs)."""
+        return self.num_experts - self.num_shared_experts
+
+    @property
     def residual_coef(self) -> float:
-        """c in W_res = c * s * sum_j B_j A_j; 1/E keeps E[equivalent weight] = W0 (Lemma 3.3)."""
-        return 1.0 / self.num_experts if self.init_cof is None else float(self.init_cof)
+        """c of the routed experts in W_res = sum_j c_j s_j B_j A_j: init_cof, or by default their expected
+        weight 1/R (1/E for top_k and top_p: Lemma 3.3), which keeps E[equivalent weight] = W0."""
+        return 1.0 / self.num_routed_experts if self.init_cof is None else float(self.init_cof)
+
+    @property
+    def residual_coefs(self) -> list[float]:
+        """c_j for every expert j (E values): 1 for the shared expert (its weight is always 1), residual_coef
+        for the routed ones. With init_cof None these are E[w_j] (functional.expected_expert_weights)."""
+        return [1.0] * self.num_shared_experts + [self.residual_coef] * self.num_routed_experts
 
     # ---- JSON round trip ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

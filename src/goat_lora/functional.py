@@ -1,14 +1,15 @@
 r"""GOAT as pure tensor functions, in the order data flows (ICML 2025, arXiv 2502.16894).
 
 One adapted layer ``y = W0 x + b`` with ``W0`` of shape (m, n) gets E LoRA experts of rank d = r / E
-and a top-k router::
+and a router (top-k; or top-p, or top-k plus an always-on shared expert: ``route``)::
 
         x ──► W0 - W_res ──────────────────────────────────────────────►(+)──► y
         │                                                                ▲
-        ├──► G (router, n -> E) ─► softmax ─► top-k ─► renormalise = w   │
+        ├──► G (router, n -> R) ─► softmax ─► keep ─► renormalise = w    │
         │                                                        │       │
         └──► dropout ─► A_cat (r x n) ─► h (T x r) ─► h * (w ⊗ 1_d) ─► B_cat (m x r) ─► * s
 
+keep: top-k, or top-p; "shared" mode adds expert 0 with w_0 = 1 for every token (R = E - 1 routed).
 Nothing here knows about nn.Module; layer.py wires these functions to parameters. Every
 formula is the one in ../shared/GOAT_SPEC.md; the tests in tests/test_functional.py check each.
 """
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import AuxLossForm, InitMode, ScalingMode
+from .config import AuxLossForm, InitMode, RoutingMode, ScalingMode
 
 # ------------------------------------------------------------------------------------------------
 # 1. The scaling factor s
@@ -137,12 +138,18 @@ def zero_expert_factors(
     return ExpertFactors(A, torch.zeros(out_features, total_rank), torch.full((num_experts,), float(scale)))
 
 
-def residual_weight(factors: ExpertFactors, coef: float) -> torch.Tensor:
-    r"""W_res = c * sum_j s_j B_j A_j  (m, n), float32. Lemma 3.3: with c = 1/E and E[w_j] = 1/E,
-    the expected equivalent weight (W0 - W_res) + sum_j E[w_j] s_j B_j A_j equals W0."""
-    expert_rank = factors.A.shape[0] // factors.expert_scale.shape[0]
-    col_scale = factors.expert_scale.repeat_interleave(expert_rank)  # (r,)
-    return coef * (factors.B * col_scale[None, :]) @ factors.A
+def residual_weight(factors: ExpertFactors, coef: float | torch.Tensor) -> torch.Tensor:
+    r"""W_res = sum_j c_j s_j B_j A_j  (m, n), float32; `coef` is one c for every expert or c_j (E,).
+
+    Lemma 3.3: with c_j = E[w_j] (expected_expert_weights) the expected equivalent weight
+    (W0 - W_res) + sum_j E[w_j] s_j B_j A_j equals W0.
+    """
+    num_experts = factors.expert_scale.shape[0]
+    expert_rank = factors.A.shape[0] // num_experts
+    col_scale = factors.expert_scale.repeat_interleave(expert_rank)  # (r,): s_j
+    col_coef = torch.as_tensor(coef, dtype=torch.float32, device=factors.B.device).expand(num_experts)
+    col_coef = col_coef.repeat_interleave(expert_rank)  # (r,): c_j
+    return (col_coef[None, :] * (factors.B * col_scale[None, :])) @ factors.A
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,18 +158,74 @@ def residual_weight(factors: ExpertFactors, coef: float) -> torch.Tensor:
 
 
 class Routing(NamedTuple):
-    probs: torch.Tensor  # (T, E) softmax of the router logits, float32
-    topk_index: torch.Tensor  # (T, k) chosen experts
-    weights: torch.Tensor  # (T, E) renormalised top-k weights, 0 for experts not chosen
+    """One forward's routing. The R routed experts are the last R of the E; the first E - R (one in
+    "shared" mode, else none) are shared: every token uses them with weight 1."""
+
+    probs: torch.Tensor  # (T, R) softmax of the router logits, float32
+    used: torch.Tensor  # (T, E) bool: the experts each token uses (shared ones for every token)
+    weights: torch.Tensor  # (T, E) w_j: 1 for a shared expert, renormalised p_j for a kept routed one, else 0
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> Routing:
-    r"""p = softmax(x G^T) in float32; keep the top-k; w = p_topk / sum(p_topk) (sums to 1)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)  # (T, E)
-    top_probs, topk_index = probs.topk(top_k, dim=-1)  # (T, k)
-    top_weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    weights = torch.zeros_like(probs).scatter(-1, topk_index, top_weights)  # (T, E)
-    return Routing(probs, topk_index, weights)
+def top_k_mask(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(T, R) bool: each token's k most probable experts."""
+    index = probs.topk(top_k, dim=-1).indices  # (T, k)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
+
+
+def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    r"""(T, R) bool: for each token the fewest experts, taken in descending probability, whose
+    probabilities sum to >= top_p (nucleus sampling's set). Expert i is kept while the mass ranked
+    above it, 1 - (p_i + the mass ranked below), is still < top_p: the most probable expert is always
+    kept, and top_p = 1 keeps every expert (computed from below, so rounding cannot drop a tiny last
+    one). Ties are broken by expert index (a stable sort): with uniform probabilities the first
+    ceil(top_p R) experts are kept."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (T, R)
+    mass_from_here = sorted_probs.flip(-1).cumsum(dim=-1).flip(-1)  # p_i + everything ranked below i
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_from_here > 1.0 - top_p)
+
+
+def route(router_logits: torch.Tensor, top_k: int = 2, mode: str = "top_k", top_p: float = 0.25) -> Routing:
+    r"""p = softmax(x G^T) in float32 over the R routed experts; keep a set of them per token; w = p / sum(p_kept).
+
+      top_k   keep the k most probable (top_k_mask)
+      top_p   keep the fewest, most probable first, whose p sum to >= top_p (top_p_mask): 1 to R per token
+      shared  top-k among the R = E - 1 routed experts, and expert 0 (outside the router) with w_0 = 1 for
+              every token: DeepSeekMoE's ungated shared expert (Dai et al. 2024, arXiv 2401.06066,
+              "shared expert isolation")
+    The routed weights sum to 1 for every token in every mode.
+    """
+    mode = RoutingMode(mode)
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (T, R)
+    keep = top_p_mask(probs, top_p) if mode is RoutingMode.TOP_P else top_k_mask(probs, top_k)  # (T, R)
+    kept = torch.where(keep, probs, 0.0)
+    weights = kept / kept.sum(dim=-1, keepdim=True)  # (T, R): renormalised, zeros stay zeros
+    if mode is RoutingMode.SHARED:
+        weights = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=-1)  # (T, E): w_0 = 1
+        keep = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=-1)
+    return Routing(probs, keep, weights)
+
+
+def expected_expert_weights(mode: str, num_experts: int) -> torch.Tensor:
+    r"""E[w_j] (E,) at initialisation, the residual coefficients c_j that keep the start at W0 in expectation.
+
+    The router's logits x G^T are exchangeable across the R routed experts at init (the rows of G are
+    i.i.d.), so the law of (w_1, ..., w_R) is invariant under permuting the experts and all routed
+    E[w_j] are equal. In every mode the kept routed weights are renormalised, so for every token
+    sum_{j routed} w_j = 1 exactly; taking expectations, R * E[w_j] = 1, so
+
+      top_k   E[w_j] = 1/E           (R = E; the paper's Lemma 3.3, c = 1/E)
+      top_p   E[w_j] = 1/E           (R = E; the same argument: how many experts a token keeps varies,
+                                      the sum of their weights does not)
+      shared  E[w_0] = 1, E[w_j] = 1/(E-1) for j >= 1   (w_0 = 1 always; R = E - 1 routed)
+
+    Exact (not only in expectation) with a zero router, where p is uniform: top_k with k = E gives every
+    expert 1/E, shared with k = E - 1 gives every routed expert 1/(E-1); top_p keeps only the first
+    ceil(p E) experts (index tie-break), so it is exact only when p > (E - 1)/E keeps all of them.
+    """
+    mode = RoutingMode(mode)
+    if mode is RoutingMode.SHARED:
+        return torch.cat([torch.ones(1), torch.full((num_experts - 1,), 1.0 / (num_experts - 1))])
+    return torch.full((num_experts,), 1.0 / num_experts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,10 +236,11 @@ def route(router_logits: torch.Tensor, top_k: int) -> Routing:
 def experts_delta(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, expert_scale: torch.Tensor
 ) -> torch.Tensor:
-    r"""sum_{j in topk} w_j s_j B_j A_j x for every token, at the cost of one LoRA of rank r.
+    r"""sum_j w_j s_j B_j A_j x for every token, at the cost of one LoRA of rank r, whatever the routing mode.
 
-    h = x A_cat^T (T, r); each of expert j's d columns is multiplied by w_j s_j (zero when j was not
-    chosen); y = h B_cat^T (T, m).
+    h = x A_cat^T (T, r); each of expert j's d columns is multiplied by w_j s_j (zero when j is not
+    used: the (T, E) weights are dense, so a variable number of experts per token costs nothing
+    extra); y = h B_cat^T (T, m).
     """
     tokens, num_experts = weights.shape
     expert_rank = A.shape[0] // num_experts
@@ -196,7 +260,7 @@ def experts_delta_loop(
     expert_rank = A.shape[0] // num_experts
     out = x.new_zeros(x.shape[0], B.shape[0])
     for j in range(num_experts):
-        token_index, slot = torch.where(routing.topk_index == j)
+        (token_index,) = torch.where(routing.used[:, j])
         if token_index.numel() == 0:
             continue
         A_j = A[j * expert_rank : (j + 1) * expert_rank]  # (d, n)
@@ -212,39 +276,45 @@ def experts_delta_loop(
 
 
 class RoutingStats(NamedTuple):
-    """What the load-balancing loss needs from one layer's forward; sums, so they add across
-    micro-batches and processes. ``prob_sum`` carries the gradient to the router."""
+    """What the load-balancing loss needs from one layer's forward, over the R routed experts; sums, so
+    they add across micro-batches and processes. ``prob_sum`` carries the gradient to the router."""
 
-    prob_sum: torch.Tensor  # (E,) sum over tokens of p_j
-    counts: torch.Tensor  # (E,) number of top-k selections of j (each token makes k)
+    prob_sum: torch.Tensor  # (R,) sum over tokens of p_j
+    counts: torch.Tensor  # (R,) number of tokens that used routed expert j (k per token for top-k, 1..R for top-p)
     num_tokens: torch.Tensor  # () T
 
 
 def routing_stats(routing: Routing, token_mask: torch.Tensor | None = None) -> RoutingStats:
-    """Sufficient statistics of one forward; `token_mask` (T,) bool drops padding tokens."""
-    probs, topk_index = routing.probs, routing.topk_index
+    """Sufficient statistics of one forward; `token_mask` (T,) bool drops padding tokens. Shared experts
+    (the first E - R columns of `used`) have no router probability and are left out."""
+    probs, used = routing.probs, routing.used
     if token_mask is not None:
-        probs, topk_index = probs[token_mask], topk_index[token_mask]
-    counts = torch.zeros(probs.shape[-1], device=probs.device, dtype=torch.float32)
-    counts.index_add_(0, topk_index.reshape(-1), torch.ones(topk_index.numel(), device=probs.device))
+        probs, used = probs[token_mask], used[token_mask]
+    num_shared = used.shape[-1] - probs.shape[-1]
+    counts = used[:, num_shared:].sum(dim=0, dtype=torch.float32)  # (R,)
     # a fill on the device, not torch.tensor(..., device=...): that copy from the host waits for the GPU
     num_tokens = torch.full((), float(probs.shape[0]), device=probs.device)
     return RoutingStats(probs.sum(dim=0), counts, num_tokens)
 
 
-def load_balance_loss(stats: RoutingStats, top_k: int, form: str = "public") -> torch.Tensor:
-    r"""Switch-style balance loss of one layer, at its minimum when routing is uniform.
+def load_balance_loss(stats: RoutingStats, form: str = "public") -> torch.Tensor:
+    r"""Switch-style balance loss of one layer over its R routed experts, smallest when routing is uniform.
 
     public (default; the public code and the 1e-3 coefficient of the paper's runs):
-        L = E * sum_j (count_j / T) * P_j,  P_j = mean over tokens of p_j;  equals k at balance.
+        L = R * sum_j (count_j / T) * P_j,  P_j = mean over tokens of p_j.
     paper:
-        L = sum_j f_j P_j,  f_j = E / (k T) * count_j;  equals 1 at balance (public = k * paper).
+        L = sum_j f_j P_j,  f_j = R * count_j / sum_i count_i  (= R / (k T) * count_j for top-k).
+
+    count_j counts the experts actually used. Every token of top_k and shared uses k routed experts; a
+    top_p token uses 1 to R. Writing m = sum_j count_j / T (k, or the mean experts per token for top_p),
+    public = m * paper. At uniform probabilities (P_j = 1/R) public = m whatever the counts (top_k,
+    shared: k; top_p: m, ceil(p R) for a zero router) and paper = 1. A shared expert serves every token
+    by construction and has no router probability: it is not in the loss (there is nothing to balance).
     """
-    num_experts = stats.prob_sum.shape[-1]
+    num_experts = stats.prob_sum.shape[-1]  # R
     tokens = stats.num_tokens.clamp_min(1.0)  # an empty batch gives 0, not NaN
     mean_prob = stats.prob_sum / tokens  # P_j
-    load = stats.counts.detach() / tokens  # count_j / T; no gradient, as in Switch / Mixtral
-    loss = num_experts * (load * mean_prob).sum()
+    counts = stats.counts.detach()  # no gradient, as in Switch / Mixtral
     if AuxLossForm(form) is AuxLossForm.PAPER:
-        loss = loss / top_k
-    return loss
+        return num_experts * (counts / counts.sum().clamp_min(1.0) * mean_prob).sum()
+    return num_experts * (counts / tokens * mean_prob).sum()

@@ -1,6 +1,8 @@
 """GoatLayer: a frozen base layer (Linear, GPT-2 Conv1D or 1x1 Conv2d) plus E LoRA experts and a router.
 
-    y = (W0 - W_res) x + b + sum_{j in topk(x)} w_j s_j B_j A_j dropout(x)
+    y = (W0 - W_res) x + b + sum_j w_j(x) s_j B_j A_j dropout(x),   W_res = sum_j E[w_j] s_j B_j A_j
+
+w(x) comes from functional.route: top-k (default), top-p, or top-k plus the always-on shared expert 0.
 
 The base weight is rewritten once to W0 - W_res (as PiSSA rewrites it); the small initial factors
 that built W_res stay as float32 buffers so that `restore_base_weight()` and checkpoint loading
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import functional as F
+from .config import RoutingMode
 
 try:  # GPT-2 style layers: y = x W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -115,7 +119,13 @@ class _Masked(torch.autograd.Function):
 
 
 class GoatLayer(nn.Module):
-    """E LoRA experts (concatenated: lora_A (r, n), lora_B (m, r)) and a top-k router around a frozen layer."""
+    """E LoRA experts (concatenated: lora_A (r, n), lora_B (m, r)) and a router around a frozen layer.
+
+    routing "top_k" / "top_p": the router (n -> E) chooses among all experts. "shared": expert 0 is used by
+    every token with weight 1 and the router (n -> E - 1) chooses top_k of experts 1..E-1.
+    residual_coef: c_j in W_res = sum_j c_j s_j B_j A_j, one number for all experts or E of them
+    (GoatConfig.residual_coefs: E[w_j] unless init_cof is set).
+    """
 
     def __init__(
         self,
@@ -123,7 +133,9 @@ class GoatLayer(nn.Module):
         factors: F.ExpertFactors,
         *,
         top_k: int,
-        residual_coef: float,
+        residual_coef: float | Sequence[float] | torch.Tensor,
+        routing: str = "top_k",
+        top_p: float = 0.25,
         dropout: float = 0.0,
         aux_loss_form: str = "public",
         router_weight: torch.Tensor | None = None,
@@ -142,19 +154,31 @@ class GoatLayer(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.top_k, self.expert_rank = num_experts, top_k, total_rank // num_experts
-        self.residual_coef = float(residual_coef)
+        self.routing, self.top_p = RoutingMode(routing).value, float(top_p)
+        self.num_shared = 1 if self.routing == RoutingMode.SHARED.value else 0  # expert 0 when shared
+        num_routed = num_experts - self.num_shared  # R: the router's outputs
+        if num_routed < 1 or not 1 <= top_k <= num_routed:
+            raise ValueError(
+                f"routing={self.routing!r} with {num_experts} experts routes {num_routed}; top_k={top_k} must be "
+                f"between 1 and {num_routed}"
+            )
+        coefs = torch.as_tensor(residual_coef, dtype=torch.float32)
+        if coefs.numel() not in (1, num_experts):
+            raise ValueError(f"residual_coef has {coefs.numel()} values; give one, or one per expert ({num_experts})")
+        coefs = coefs.reshape(-1).expand(num_experts)
+        self.residual_coefs = tuple(float(c) for c in coefs)  # c_j, fixed: W_res is rebuilt from them exactly
         self.aux_loss_form = aux_loss_form
         device = base_layer.weight.device
 
         # Trainable: experts and router, float32 even when the base is bf16/fp16.
         self.lora_A = nn.Parameter(factors.A.clone().float().to(device))  # (r, n)
         self.lora_B = nn.Parameter(factors.B.clone().float().to(device))  # (m, r)
-        self.router = nn.Linear(in_features, num_experts, bias=False, device=device, dtype=torch.float32)
+        self.router = nn.Linear(in_features, num_routed, bias=False, device=device, dtype=torch.float32)
         if router_weight is not None:
             with torch.no_grad():
                 self.router.weight.copy_(router_weight)
         else:  # nn.Linear's own init (Kaiming-uniform, a = sqrt(5)), but from our seeded (CPU) generator
-            weight = torch.empty(num_experts, in_features, dtype=torch.float32)
+            weight = torch.empty(num_routed, in_features, dtype=torch.float32)
             nn.init.kaiming_uniform_(weight, a=5**0.5, generator=generator)
             with torch.no_grad():  # drawn on the CPU, so a CUDA base layer gets the same router
                 self.router.weight.copy_(weight)
@@ -174,8 +198,9 @@ class GoatLayer(nn.Module):
 
     # ---- the math ---------------------------------------------------------------------------
     def residual(self) -> torch.Tensor:
-        """W_res = c * sum_j s_j B_j A_j from the frozen initial factors (m, n), float32."""
-        return F.residual_weight(F.ExpertFactors(self.init_A, self.init_B, self.expert_scale), self.residual_coef)
+        """W_res = sum_j c_j s_j B_j A_j from the frozen initial factors (m, n), float32."""
+        factors = F.ExpertFactors(self.init_A, self.init_B, self.expert_scale)
+        return F.residual_weight(factors, torch.tensor(self.residual_coefs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._adapted_forward(x, per_expert_loop=False)
@@ -187,7 +212,7 @@ class GoatLayer(nn.Module):
     def _adapted_forward(self, x: torch.Tensor, per_expert_loop: bool) -> torch.Tensor:
         result = self.base_layer(x)  # (W0 - W_res) x + b
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
-        routing = F.route(self.router(tokens), self.top_k)
+        routing = F.route(self.router(tokens), self.top_k, self.routing, self.top_p)
         kept, dropout_scale = self._experts_dropout(tokens)
         # dropout(x) = (x * keep) / (1 - p), and 1 / (1 - p) commutes with A_j and B_j: it is folded into
         # the per-expert scales (E numbers) instead of multiplying the (T, n) input forward and backward
@@ -231,17 +256,20 @@ class GoatLayer(nn.Module):
                 mask = self.token_mask.reshape(-1).to(torch.bool)
         stats = F.routing_stats(routing, mask)
         self.last_stats = stats
-        self.load_counts += stats.counts.detach().to(self.load_counts)
+        # the load over all E experts, for expert_load(): the shared expert serves every counted token
+        load = torch.cat([stats.num_tokens.reshape(1).expand(self.num_shared), stats.counts.detach()])
+        self.load_counts += load.to(self.load_counts)
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def aux_loss(self) -> torch.Tensor:
         """This layer's load-balancing loss for its last forward (0 before any forward)."""
         if self.last_stats is None:
             return self.lora_A.new_zeros(())
-        return F.load_balance_loss(self.last_stats, self.top_k, self.aux_loss_form)
+        return F.load_balance_loss(self.last_stats, self.aux_loss_form)
 
     def expert_load(self) -> torch.Tensor:
-        """Fraction of routed token slots each expert received since the last reset (E,)."""
+        """Fraction of all expert uses (token, expert) that went to each expert since the last reset (E,);
+        a shared expert is used by every token (with top-k it gets 1/(k+1))."""
         total = self.load_counts.sum()
         return self.load_counts / total if total > 0 else self.load_counts.clone()
 
@@ -256,5 +284,6 @@ class GoatLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-            f"top_k={self.top_k}, rank_per_expert={self.expert_rank}, residual_coef={self.residual_coef:g}"
+            f"routing={self.routing}, top_k={self.top_k}, top_p={self.top_p:g}, rank_per_expert={self.expert_rank}, "
+            f"residual_coefs=({', '.join(f'{c:g}' for c in self.residual_coefs)})"
         )

@@ -130,7 +130,8 @@ class GoatModel(nn.Module):
     def aux_loss(self, sync_processes: bool = True) -> torch.Tensor:
         """Load-balancing loss of the last forward, summed over adapted layers; differentiable and
         unscaled (multiply by config.aux_loss_coef). Form: config.aux_loss_form ("public": the
-        public code's E * sum_j (count_j/T) P_j per layer, equal to top_k at perfect balance).
+        public code's R * sum_j (count_j/T) P_j per layer over the R routed experts, equal to top_k at
+        perfect balance; see functional.load_balance_loss for top_p and the shared expert).
 
         Under torch.distributed (DDP, FSDP) the routing statistics are summed over processes first,
         so the loss is that of the global batch, as in a single-process run: the probability sums
@@ -150,12 +151,12 @@ class GoatModel(nn.Module):
                 )
         if sync_processes and _distributed():
             stats = _all_reduce_stats(stats)
-        losses = [F.load_balance_loss(s, layer.top_k, layer.aux_loss_form) for s, layer in zip(stats, layers)]
+        losses = [F.load_balance_loss(s, layer.aux_loss_form) for s, layer in zip(stats, layers)]
         return torch.stack(losses).sum()
 
     def expert_load(self, sync_processes: bool = True) -> dict[str, torch.Tensor]:
-        """Per adapted layer: fraction of routed tokens per expert since the last reset, (E,) each;
-        counted over all processes under torch.distributed."""
+        """Per adapted layer: fraction of expert uses per expert since the last reset, (E,) each, a shared
+        expert included (it serves every token); counted over all processes under torch.distributed."""
         names = list(self.goat_layer_names)
         counts = [layer.load_counts for layer in self.goat_layers()]
         if not counts:
