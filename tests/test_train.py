@@ -229,3 +229,25 @@ def test_run_folders_of_goat_lora_0_1_0_still_load(run, tmp_path):
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["task"] == "classification" and again["num_examples"] == 40
     assert again["test_accuracy"] == recorded["test_accuracy"]
+
+
+@pytest.mark.parametrize("routing", ["top_p", "shared"])
+def test_routing_variants_through_the_command_line(tmp_path, tiny_bert_dir, routing):
+    """--routing / --top-p reach the GoatConfig, the adapter carries them, and goat eval reproduces the run."""
+    train_path = tmp_path / "train.csv"
+    _pairs(40, 0).to_csv(train_path, index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--model", tiny_bert_dir, "--data", str(train_path), "--text-column", "sentence1",
+            "--routing", routing, "--top-p", "0.5", "--experts", "4", "--rank", "4", "--output", str(out),
+            "--save-steps", "0", "--report-to", "none", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["routing"], adapter["top_p"]) == (routing, 0.5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    loads = list(metrics["expert_load"].values())
+    assert all(len(load) == 4 for load in loads)
+    if routing == "shared":  # expert 0 serves every token: 1 of the 1 + top_k experts each token uses
+        assert all(load[0] == pytest.approx(1 / 3) for load in loads)
+    assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["test_accuracy"] == metrics["test_accuracy"] and again["expert_load"] == metrics["expert_load"]

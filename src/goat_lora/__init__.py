@@ -15,6 +15,7 @@ _EXPORTS = {  # public name -> submodule that defines it
     "AuxLossForm": "config",
     "GoatConfig": "config",
     "InitMode": "config",
+    "RoutingMode": "config",
     "ScalingMode": "config",
     "SvdMethod": "config",
     "GoatLayer": "layer",
@@ -28,6 +29,7 @@ __all__ = [
     "GoatLayer",
     "GoatModel",
     "InitMode",
+    "RoutingMode",
     "ScalingMode",
     "SvdMethod",
     "__version__",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below loads them
-    from .config import AuxLossForm, GoatConfig, InitMode, ScalingMode, SvdMethod
+    from .config import AuxLossForm, GoatConfig, InitMode, RoutingMode, ScalingMode, SvdMethod
     from .layer import GoatLayer
     from .model import GoatModel, get_goat_model
 

@@ -81,6 +81,8 @@ def goat_config_for(method: str, settings, targets: list[str], head: list[str]) 
         r=settings.rank,
         num_experts=settings.experts,
         top_k=settings.top_k,
+        routing=settings.routing,
+        top_p=settings.top_p,
         init=settings.init,
         scaling=settings.scaling,
         lora_alpha=settings.lora_alpha,

@@ -21,12 +21,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import InitMode, ScalingMode
+from .config import InitMode, RoutingMode, ScalingMode
 
 TRAIN, COMPARE, EVAL, INSPECT = "train", "compare", "eval", "inspect"
 RUN = (TRAIN, COMPARE)  # knobs of a training run: goat train and goat compare
 ANSWER_TYPES = ("number", "choice", "text")
 SCALINGS = tuple(m.value for m in ScalingMode)
+ROUTINGS = tuple(m.value for m in RoutingMode)
 INITS = tuple(m.value for m in InitMode)
 # transformers' SchedulerType names that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -101,6 +102,11 @@ class RunSettings:
     rank: int = knob(8, "total LoRA rank r (GOAT: over all experts)", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
     experts: int = knob(8, "number of experts E", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
     top_k: int = knob(2, "experts per token k", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
+    routing: str = knob("top_k", "how GOAT's tokens pick experts: top_k (the paper's default), top_p (the fewest most "
+                        "probable experts reaching --top-p), shared (expert 0 always on beside the top-k of the "
+                        "others); the residual follows the mode", choices=ROUTINGS)  # fmt: skip
+    top_p: float = knob(0.25, "--routing top_p: the probability mass a token's experts must reach, in (0, 1]",
+                        minimum=0.0, exclusive_minimum=True)  # fmt: skip
     dropout: float = knob(0.05, "the adapters' dropout", minimum=0.0)
     lora_alpha: float | None = knob(None, "LoRA alpha (LoRA family: scale alpha / r; GOAT: with --scaling alpha or "
                                     "rslora); default 2 x rank, the paper's pairs 8 / 16 and 32 / 64",
@@ -186,6 +192,8 @@ class RunSettings:
                     raise ValueError(f"{flag(name)} {value} must be {relation} {minimum:g}")
         if not self.dropout < 1.0:
             raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.top_p > 1.0:
+            raise ValueError(f"--top-p {self.top_p} must be in (0, 1]")
         if self.warmup_ratio >= 1.0:
             raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
         return self

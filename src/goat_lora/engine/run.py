@@ -73,8 +73,10 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
     if resolved.method in GOAT_METHODS or resolved.method == "hydralora":
         if resolved.rank % resolved.experts:
             raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
-        if resolved.top_k > resolved.experts:
-            raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}")
+        routed = resolved.experts - (resolved.routing == "shared" and resolved.method != "hydralora")
+        if resolved.top_k > routed:
+            raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}"
+                             + (" - 1 with --routing shared (one expert is shared)" if routed < resolved.experts else ""))  # fmt: skip
     scaleout.validate(resolved)
     return resolved, task
 
