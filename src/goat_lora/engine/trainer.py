@@ -100,6 +100,49 @@ class ExpertLoadCallback(TrainerCallback):
         self.step_times.append(time.perf_counter() - self._step_start)
 
 
+class ConsoleProgress(TrainerCallback):
+    """What a person watching a run sees: one progress bar over the optimisation steps whose postfix
+    holds the last logged loss, learning rate, balance loss and expert balance, and one line per
+    evaluation. It replaces the Trainer's printed dictionaries; the logs still reach TensorBoard,
+    wandb and metrics.json unchanged. Only the main process prints."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0.0):.2e}"}
+        if "aux_loss" in logs:
+            shown["aux"] = f"{logs['aux_loss']:.2f}"
+        if "expert_balance" in logs:
+            shown["balance"] = f"{logs['expert_balance']:.3f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.bar is None or not metrics:
+            return
+        values = ", ".join(f"{key[5:]} {value:.4f}" for key, value in metrics.items()
+                           if key.startswith("eval_") and key != "eval_runtime" and isinstance(value, (int, float)))  # fmt: skip
+        self.bar.write(f"epoch {state.epoch:g}: validation {values} ({metrics.get('eval_runtime', 0.0):.1f} s)")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def warmup_arguments(ratio: float, fields=None) -> dict:
     """The TrainingArguments that give a warm-up over `ratio` of the steps: transformers 4.x has
     `warmup_ratio` (its `warmup_steps` is an integer count, and 0.06 steps would mean no warm-up);
@@ -139,15 +182,15 @@ def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> Tr
 
 def make_trainer(model, training_args: TrainingArguments, settings, staging: str, callbacks: list, quiet: bool,
                  **trainer_kwargs) -> GoatTrainer:  # fmt: skip
-    """A GoatTrainer with the given callbacks and the scale-out ones (TensorBoard into
-    RUN/tensorboard), the run's shuffling, and no printing when `quiet`."""
-    trainer = GoatTrainer(model=model, args=training_args, callbacks=[*callbacks, *scaleout.callbacks(settings, staging)],
-                          goat_shuffle=settings.shuffle, **trainer_kwargs)  # fmt: skip
-    if quiet:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    """A GoatTrainer with the given callbacks, the console progress (none when `quiet`) and the
+    scale-out ones (TensorBoard into RUN/tensorboard), and the run's shuffling."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+    console = [] if quiet else [ConsoleProgress()]
+    trainer = GoatTrainer(model=model, args=training_args, goat_shuffle=settings.shuffle,
+                          callbacks=[*callbacks, *console, *scaleout.callbacks(settings, staging)], **trainer_kwargs)  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # the raw dictionaries; ConsoleProgress shows them readably
+    trainer.remove_callback(ProgressCallback)
     return trainer
 
 
