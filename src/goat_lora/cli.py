@@ -67,12 +67,14 @@ def given_knobs(ns: argparse.Namespace) -> dict:
 
 
 def settings_from(ns: argparse.Namespace, **fixed):
-    """RunSettings: --config FILE (when given) as the base, then the flags given, then `fixed`."""
+    """RunSettings: --config FILE (when given) as the base, then --recipe's values, then the flags
+    given, then `fixed`."""
     from .engine import read_config_file
     from .settings import RunSettings
 
     base = read_config_file(ns.config) if getattr(ns, "config", None) else RunSettings()
-    return base.replace(**given_knobs(ns), **fixed)
+    given = given_knobs(ns)
+    return base.with_recipe(given.pop("recipe", None), **given, **fixed)
 
 
 # ---- subcommands --------------------------------------------------------------------------------
@@ -87,6 +89,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         settings, _ = resolve_settings(settings_from(ns))
         print(json.dumps(settings.to_dict(), indent=2))
         return 0
+    if getattr(ns, "recipe", None):
+        from .recipes import recipe_note
+
+        print(f"recipe {ns.recipe}: {recipe_note(ns.recipe)}", file=sys.stderr)
     if ns.resume:  # a run killed after a checkpoint: its saved settings, its output folder
         metrics = resume(ns.resume, overwrite=ns.overwrite)
     else:

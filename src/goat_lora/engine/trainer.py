@@ -143,6 +143,64 @@ class ConsoleProgress(TrainerCallback):
             self.bar = None
 
 
+class BestEpoch(TrainerCallback):
+    """Keeps a copy of the trainable parameters of the epoch whose validation metric was best, so the
+    run can be tested (and saved) at that epoch: the paper's protocol. The copy lives in CPU memory
+    (the trainable parameters only: a LoRA's worth for the adapters, the whole model for full
+    fine-tuning) and, when the run checkpoints for --resume, in `folder` as well."""
+
+    FILE = "best_epoch.safetensors"
+
+    def __init__(self, model, metric: str, lower_is_better: bool, folder: str | None = None) -> None:
+        self.model, self.metric, self.lower_is_better, self.folder = model, metric, lower_is_better, folder
+        self.value: float | None = None
+        self.epoch: float | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def _better(self, value: float) -> bool:
+        if value is None or value != value:  # NaN never wins
+            return False
+        return self.value is None or (value < self.value if self.lower_is_better else value > self.value)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(f"eval_{self.metric}")
+        if not self._better(value):
+            return
+        self.value, self.epoch = float(value), state.epoch
+        self.state = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()
+                      if p.requires_grad}  # fmt: skip
+        if self.folder is not None and state.is_world_process_zero:
+            import safetensors.torch
+
+            from ..config import atomic_write_bytes
+
+            meta = {"epoch": str(self.epoch), "value": str(self.value), "step": str(state.global_step)}
+            atomic_write_bytes(os.path.join(self.folder, self.FILE), safetensors.torch.save(self.state, metadata=meta))
+
+    def resume(self, up_to_step: int) -> None:
+        """After --resume: the best epoch seen before the checkpoint at `up_to_step` (a later one is
+        replayed by the resumed training)."""
+        path = os.path.join(self.folder or "", self.FILE)
+        if self.folder is None or not os.path.isfile(path):
+            return
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata()
+            if int(meta["step"]) <= up_to_step:
+                self.state = {key: fh.get_tensor(key) for key in fh.keys()}
+                self.value, self.epoch = float(meta["value"]), float(meta["epoch"])
+
+    def restore(self) -> None:
+        """Put the best epoch's parameters back into the model (nothing when no validation ran)."""
+        if self.state is None:
+            return
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.state:
+                    param.copy_(self.state[name])
+
+
 def warmup_arguments(ratio: float, fields=None) -> dict:
     """The TrainingArguments that give a warm-up over `ratio` of the steps: transformers 4.x has
     `warmup_ratio` (its `warmup_steps` is an integer count, and 0.06 steps would mean no warm-up);
