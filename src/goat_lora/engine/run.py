@@ -78,10 +78,10 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
     elif values["metric"] not in task.metrics:
         raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
     resolved = RunSettings(**values).validate()
-    if resolved.method in GOAT_METHODS or resolved.method == "hydralora":
+    if resolved.method in GOAT_METHODS:  # HydraLoRA's experts share one A of the full rank: any rank will do
         if resolved.rank % resolved.experts:
             raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
-        routed = resolved.experts - (resolved.routing == "shared" and resolved.method != "hydralora")
+        routed = resolved.experts - (resolved.routing == "shared")
         if resolved.top_k > routed:
             raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}"
                              + (" - 1 with --routing shared (one expert is shared)" if routed < resolved.experts else ""))  # fmt: skip
