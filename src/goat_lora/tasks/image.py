@@ -37,6 +37,7 @@ Built in (offline; ../shared/ASSETS.md): `fashion-mnist`, Debian's dataset-fashi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import io
@@ -112,22 +113,30 @@ class EncodedImage:
     """An image file's bytes held in memory (a hub data set's Image column), with a name for errors."""
 
     data: bytes
-    name: str  # e.g. "hub data set 'beans' (train) row 12"
+    name: str  # for errors: "<hub name>:<split> row <n>"
 
 
 def image_name(source) -> str:
     return source.name if isinstance(source, EncodedImage) else str(source)
 
 
-def _open(source):
+@contextlib.contextmanager
+def _reading(source):
+    """The PIL image of a path or EncodedImage, opened; a missing file, or any failure to read it
+    inside the block, becomes one line naming it."""
     from PIL import Image
 
-    return Image.open(io.BytesIO(source.data) if isinstance(source, EncodedImage) else source)
+    try:
+        with Image.open(io.BytesIO(source.data) if isinstance(source, EncodedImage) else source) as image:
+            yield image
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {image_name(source)!r} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise ValueError(f"image {image_name(source)!r} is corrupt or not an image: {first_line(err)}") from None
 
 
 def open_image(source):
-    """A decoded PIL image from a path or EncodedImage (arrays and PIL images pass through);
-    a file that cannot be decoded is a one-line ValueError naming it."""
+    """A decoded PIL image from a path or EncodedImage (arrays and PIL images pass through)."""
     import numpy as np
     from PIL import Image
 
@@ -135,14 +144,9 @@ def open_image(source):
         return source
     if isinstance(source, np.ndarray):
         return Image.fromarray(source)
-    try:
-        with _open(source) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {image_name(source)!r} does not exist") from None
-    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        raise ValueError(f"image {image_name(source)!r} is corrupt or not an image: {first_line(err)}") from None
+    with _reading(source) as image:
+        image.load()
+    return image
 
 
 def verify_images(split: Split) -> None:
@@ -152,17 +156,12 @@ def verify_images(split: Split) -> None:
     for source in split.inputs:
         if not isinstance(source, (str, EncodedImage)):
             continue  # arrays (Fashion-MNIST) are already pixels
-        try:
-            with _open(source) as image:
-                if image.format == "JPEG":
-                    image.draft(image.mode, (1, 1))
-                    image.load()
-                else:
-                    image.verify()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file {image_name(source)!r} does not exist") from None
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"image {image_name(source)!r} is corrupt or not an image: {first_line(err)}") from None
+        with _reading(source) as image:
+            if image.format == "JPEG":
+                image.draft(image.mode, (1, 1))
+                image.load()
+            else:
+                image.verify()
 
 
 # ---- labelled images: a folder, a table, a hub data set -----------------------------------------------
