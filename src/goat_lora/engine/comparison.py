@@ -171,7 +171,8 @@ def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list
                         f"({row['wall_time_s']:.0f} s)")  # fmt: skip
                     # a partial report after every run: a long comparison can be read while it runs
                     write_json(os.path.join(staging, "results.partial.json"), {"runs": results})
-        report_settings = {**(settings or {}), "task": task.name, "metric": first.metric, "budget": budget,
+        report_settings = {**(settings or {}), "task": task.name, "data": first.data, "model": first.model,
+                           "metric": first.metric, "budget": budget,
                            "select": first.select, "baseline_name": task.baseline_name,
                            "lower_is_better": first.metric in task.lower_is_better,
                            "reference": "goat" if "goat" in grids else entries[0].label, "ranks": ranks}  # fmt: skip

@@ -3,7 +3,6 @@ one line in TASKS (docs/design.md shows it)."""
 
 from __future__ import annotations
 
-from . import causal_lm, classification, image, regression
 from .base import Task
 from .causal_lm import CausalLM
 from .classification import Classification
@@ -25,5 +24,4 @@ def get_task(name: str) -> Task:
 
 
 # Names --data resolves without files or network (each family's built-in data sets).
-BUILTIN_DATA = frozenset({*classification.BUILTINS, *regression.BUILTINS, *image.BUILTINS,
-                          causal_lm.BUILTIN_INSTRUCTIONS})
+BUILTIN_DATA = frozenset(name for task in TASKS.values() for name in task.builtin_data)

@@ -288,6 +288,7 @@ class ImageClassification:
     metrics = Classification.metrics
     lower_is_better = Classification.lower_is_better
     baseline_name = Classification.baseline_name
+    builtin_data = tuple(BUILTINS)
     # Scored exactly as text classification: the same predictions -> metrics, the same majority class.
     evaluate = Classification.evaluate
     constant_baseline = Classification.constant_baseline
