@@ -110,3 +110,16 @@ def test_report_module_does_not_import_torch():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "torch" not in imported
+
+
+def test_study_table_has_methods_as_rows_and_an_average_column():
+    def one(goat, lora, metric="accuracy"):
+        runs = [{"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": v}
+                for m, v in (("goat", goat), ("lora", lora)) for s in (0, 1)]  # fmt: skip
+        return {"settings": {"metric": metric}, "methods": report.summarize(runs, baseline=0.5)}
+
+    table = report.study_table({"a": one(0.8, 0.7), "b": one(0.6, 0.9, "pearson")})
+    lines = table.splitlines()
+    assert lines[0] == "| method | a (accuracy) | b (pearson) | average |"
+    assert lines[2] == "| goat | 0.8000 ± 0.0000 | 0.6000 ± 0.0000 | 0.7000 |"
+    assert lines[3] == "| lora | 0.7000 ± 0.0000 | 0.9000 ± 0.0000 | 0.8000 |"

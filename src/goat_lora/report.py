@@ -293,3 +293,46 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
     plot_compare(rows, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}")
     return rows
+
+
+# ---- a study: several comparisons in the paper's form ---------------------------------------------
+def study_table(reports: dict[str, dict], methods: list[str] | None = None) -> str:
+    """Methods as rows, tasks as columns (each `goat compare` report.json: test mean ± std of its
+    metric, ⚑ where the method never beat the constant prediction), and the average over tasks of the
+    means (only over the tasks where the method ran), as the paper's tables are laid out."""
+    tasks = list(reports)
+    rows = methods or list(dict.fromkeys(label for r in reports.values() for label in r["methods"]))
+    header = [f"{name} ({reports[name]['settings']['metric']})" for name in tasks]
+    lines = ["| method | " + " | ".join(header) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+    for label in rows:
+        cells, means = [], []
+        for name in tasks:
+            row = reports[name]["methods"].get(label)
+            if row is None:
+                cells.append("—")
+                continue
+            cells.append(f"{_fmt(row['test_mean'], '.4f')} ± {_fmt(row['test_std'], '.4f')}" + (" ⚑" if row["flagged"] else ""))
+            means.append(row["test_mean"])
+        average = statistics.fmean(_finite(means)) if _finite(means) else float("nan")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(average, '.4f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m goat_lora.report study NAME=REPORT.json ...`: print the study table."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "study":
+        print("usage: python -m goat_lora.report study NAME=path/to/report.json ...", file=sys.stderr)
+        return 2
+    reports = {}
+    for item in args[1:]:
+        name, _, path = item.partition("=")
+        reports[name] = _read_json(path)
+    print(study_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
