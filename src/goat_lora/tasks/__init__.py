@@ -3,15 +3,17 @@ one line in TASKS (docs/design.md shows it)."""
 
 from __future__ import annotations
 
-from . import causal_lm, classification, regression
+from . import causal_lm, classification, qa, regression
 from .base import Task
 from .causal_lm import CausalLM
 from .classification import Classification
+from .qa import QA
 from .regression import Regression
 
 TASKS: dict[str, Task] = {
     "classification": Classification(),
     "regression": Regression(),
+    "qa": QA(),
     "causal-lm": CausalLM(),
 }
 
@@ -23,4 +25,4 @@ def get_task(name: str) -> Task:
 
 
 # Names --data resolves without files or network (each family's built-in data sets).
-BUILTIN_DATA = frozenset({*classification.BUILTINS, *regression.BUILTINS, causal_lm.BUILTIN_INSTRUCTIONS})
+BUILTIN_DATA = frozenset({*classification.BUILTINS, *regression.BUILTINS, *qa.BUILTINS, causal_lm.BUILTIN_INSTRUCTIONS})
