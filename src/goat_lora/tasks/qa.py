@@ -13,6 +13,14 @@ answer is answer1"), else the label column. Evaluation: batched greedy generatio
 answer by the same extractor (`extract_answer`), and an example is correct when the two agree.
 predictions.jsonl keeps every prompt, generation, extracted answer and gold answer.
 
+What counts as the answer in a generation (a model may go on talking after it):
+    number  the number after "####" when there is one, else the last number (GSM8K's convention)
+    choice  the first option word (answer2, option1, solution1, ending3, true / false, a letter A-E)
+    text    the first non-empty line, normalised as SQuAD does (lower case, no punctuation or articles)
+            and without accents
+A row longer than --max-length is cut at its end, as causal-lm does; the commonsense sets' `input`
+field (empty in their rows) is not part of the prompt.
+
     GSM8K (question, answer "...\\n#### 18"; the default columns):  --answer-type number
     commonsense (instruction, input, output "the correct answer is answer1", answer "answer1"):
         --text-column instruction --label-column answer --target-column output --answer-type choice
