@@ -349,3 +349,23 @@ def test_head_only_is_refused(tiny_decoder, data_files, tmp_path, capsys):
     err = _refused(capsys, tmp_path, ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"],
                                       "--method", "head", "--answer-type", "number"])  # fmt: skip
     assert "--method head" in err and "qa" in err
+
+
+# ---- the untrained reference (scripts/evaluate_base.py) -------------------------------------------
+def test_evaluate_base_scores_the_untrained_model(tiny_decoder, data_files, tmp_path, capsys):
+    """The base model's test evaluation, on the same seeded split a run tests on."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "evaluate_base.py")
+    spec = importlib.util.spec_from_file_location("evaluate_base", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = str(tmp_path / "base")
+    assert script.main(["--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"], "--answer-type",
+                        "number", "--max-length", "96", "--max-new-tokens", "8", "--output", out]) == 0  # fmt: skip
+    with open(os.path.join(out, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    rows = read_jsonl(os.path.join(out, "predictions.jsonl"))
+    assert metrics["num_examples"] == len(rows) == 4
+    assert metrics["test_exact_match"] == sum(r["correct"] for r in rows) / 4
+    assert "test_exact_match" in capsys.readouterr().out
