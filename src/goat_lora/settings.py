@@ -54,7 +54,7 @@ class RunSettings:
     # ---- the task: which family, which data -------------------------------------------------------
     task: str = knob("classification", "task family: classification, regression, image-classification, qa, causal-lm")
     data: str | None = knob(
-        None, "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz, instructions), a .csv/.tsv/"
+        None, "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz-capitals, quiz-elements, instructions), a .csv/.tsv/"
         ".jsonl/.json/.parquet file, an image folder DIR/<class>/<file>, or a datasets hub name (needs network); "
         "default: the task's built-in one", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
     data_config: str | None = knob(None, "configuration of a hub data set, e.g. --data glue --data-config mrpc",

@@ -7,12 +7,14 @@ from .base import Task
 from .causal_lm import CausalLM
 from .classification import Classification
 from .image import ImageClassification
+from .qa import QA
 from .regression import Regression
 
 TASKS: dict[str, Task] = {
     "classification": Classification(),
     "regression": Regression(),
     "image-classification": ImageClassification(),
+    "qa": QA(),
     "causal-lm": CausalLM(),
 }
 
