@@ -55,13 +55,14 @@ def test_best_epoch_is_tested_and_saved(tmp_path):
     for select in ("best-epoch", "last"):
         assert main([*common, "--select", select, "--output", str(tmp_path / select)]) == 0
         runs[select] = json.loads((tmp_path / select / "metrics.json").read_text())
-    history = [e["validation_accuracy"] for e in runs["last"]["per_epoch_eval"]]
+    history = [(e["validation_accuracy"], -e["validation_loss"]) for e in runs["last"]["per_epoch_eval"]]
     best = runs["best-epoch"]
-    assert [e["validation_accuracy"] for e in best["per_epoch_eval"]] == history  # the same training
-    assert best["best_epoch"] == 1 + history.index(max(history))  # the first of equal bests
-    assert best["selected_epoch"] == best["best_epoch"] < 3 and runs["last"]["selected_epoch"] == 3
-    assert best["test_loss"] != runs["last"]["test_loss"]  # another model was tested
-    assert best["validation_accuracy"] == max(history) and runs["last"]["validation_accuracy"] == history[-1]
+    assert [(e["validation_accuracy"], -e["validation_loss"]) for e in best["per_epoch_eval"]] == history  # same training
+    assert best["best_epoch"] == 1 + history.index(max(history))  # the best accuracy; of equal ones, the lowest loss
+    assert best["selected_epoch"] == best["best_epoch"] and runs["last"]["selected_epoch"] == 3
+    if best["best_epoch"] < 3:
+        assert best["test_loss"] != runs["last"]["test_loss"]  # another model was tested
+    assert best["validation_accuracy"] == max(history)[0] and runs["last"]["validation_accuracy"] == history[-1][0]
     # the saved model is the one tested: goat eval reproduces the best epoch's test accuracy
     assert main(["eval", "--adapter", str(tmp_path / "best-epoch"), "--output", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["test_accuracy"] == best["test_accuracy"]
@@ -95,3 +96,31 @@ def test_recipes_fill_the_papers_values_and_flags_win(capsys):
     molora = printed("--recipe", "paper-glue", "--data-config", "mrpc", "--method", "molora")
     assert (molora["init"], molora["scaling"]) == ("zero", "alpha")
     assert set(RECIPES) >= {"paper-glue", "paper-image", "paper-commonsense", "paper-math", "public-glue"}
+
+
+def test_best_epoch_keeps_the_best_parameters_and_breaks_ties_by_the_validation_loss():
+    from types import SimpleNamespace
+
+    import torch
+
+    from goat_lora.engine.trainer import BestEpoch
+
+    layer = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    model = torch.nn.Sequential(layer, frozen)
+    best = BestEpoch(model, "accuracy", lower_is_better=False)
+    history = [(0.5, 1.0), (0.7, 0.9), (0.7, 0.8), (float("nan"), 0.1), (0.6, 0.5)]  # (accuracy, loss) per epoch
+    for epoch, (accuracy, loss) in enumerate(history, 1):
+        with torch.no_grad():
+            layer.weight.fill_(epoch)
+        best.on_evaluate(None, SimpleNamespace(epoch=float(epoch), global_step=10 * epoch, is_world_process_zero=True),
+                         None, metrics={"eval_accuracy": accuracy, "eval_loss": loss})  # fmt: skip
+    assert (best.epoch, best.value, best.loss) == (3.0, 0.7, 0.8)  # the tie at 0.7 goes to the lower loss; NaN never wins
+    assert set(best.state) == {"0.weight", "0.bias"}  # trainable parameters only
+    best.restore()
+    assert float(layer.weight[0, 0]) == 3.0
+    error = BestEpoch(model, "mse", lower_is_better=True)
+    for epoch, mse in enumerate([2.0, 1.0, 1.5], 1):
+        error.on_evaluate(None, SimpleNamespace(epoch=float(epoch), global_step=epoch, is_world_process_zero=True), None,
+                          metrics={"eval_mse": mse, "eval_loss": mse})  # fmt: skip
+    assert error.epoch == 2.0

@@ -154,19 +154,24 @@ class BestEpoch(TrainerCallback):
     def __init__(self, model, metric: str, lower_is_better: bool, folder: str | None = None) -> None:
         self.model, self.metric, self.lower_is_better, self.folder = model, metric, lower_is_better, folder
         self.value: float | None = None
+        self.loss: float | None = None  # the validation loss at the best epoch: breaks ties of the metric
         self.epoch: float | None = None
         self.state: dict[str, torch.Tensor] | None = None
 
-    def _better(self, value: float) -> bool:
+    def _better(self, value: float, loss: float | None) -> bool:
+        """A better metric wins; an equal one wins with a lower validation loss (an exact match stuck
+        at 0 for several epochs then still picks the epoch whose model is closest to the answers)."""
         if value is None or value != value:  # NaN never wins
             return False
-        return self.value is None or (value < self.value if self.lower_is_better else value > self.value)
+        if self.value is None or value != self.value:
+            return self.value is None or (value < self.value if self.lower_is_better else value > self.value)
+        return loss is not None and self.loss is not None and loss < self.loss
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = (metrics or {}).get(f"eval_{self.metric}")
-        if not self._better(value):
+        value, loss = (metrics or {}).get(f"eval_{self.metric}"), (metrics or {}).get("eval_loss")
+        if not self._better(value, loss):
             return
-        self.value, self.epoch = float(value), state.epoch
+        self.value, self.loss, self.epoch = float(value), loss, state.epoch
         self.state = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()
                       if p.requires_grad}  # fmt: skip
         if self.folder is not None and state.is_world_process_zero:
@@ -174,7 +179,7 @@ class BestEpoch(TrainerCallback):
 
             from ..config import atomic_write_bytes
 
-            meta = {"epoch": str(self.epoch), "value": str(self.value), "step": str(state.global_step)}
+            meta = {"epoch": str(self.epoch), "value": str(self.value), "loss": str(self.loss), "step": str(state.global_step)}
             atomic_write_bytes(os.path.join(self.folder, self.FILE), safetensors.torch.save(self.state, metadata=meta))
 
     def resume(self, up_to_step: int) -> None:
@@ -190,6 +195,7 @@ class BestEpoch(TrainerCallback):
             if int(meta["step"]) <= up_to_step:
                 self.state = {key: fh.get_tensor(key) for key in fh.keys()}
                 self.value, self.epoch = float(meta["value"]), float(meta["epoch"])
+                self.loss = None if meta["loss"] == "None" else float(meta["loss"])
 
     def restore(self) -> None:
         """Put the best epoch's parameters back into the model (nothing when no validation ran)."""
