@@ -206,14 +206,21 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     from .settings import RunSettings
 
     settings = RunSettings().replace(**given_knobs(ns))
-    if settings.model and settings.model.lower() == hf.EFFICIENTNET_LITE0:
+    if settings.model and hf.is_efficientnet_lite0(settings.model):
         model, head = hf.load_image_classifier(settings.model, 10), ["classifier"]
         targets = hf.image_target_modules(model)
-    else:
-        try:
-            model = hf.load_sequence_classifier(settings.model, 2)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"model {settings.model!r} could not be loaded: {str(err).splitlines()[0] if str(err) else err}") from None
+    else:  # whichever head the checkpoint takes: a text classifier, an image classifier, a decoder
+        loaders = (lambda: hf.load_sequence_classifier(settings.model, 2), lambda: hf.load_image_classifier(settings.model, 2),
+                   lambda: hf.load_causal_lm(settings.model or hf.MINILM))  # fmt: skip
+        model, errors = None, []
+        for load in loaders:
+            try:
+                model = load()
+                break
+            except Exception as err:  # noqa: BLE001 - each Auto class refuses the others' configs its own way
+                errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        if model is None:
+            raise ValueError(f"model {settings.model!r} could not be loaded: {errors[0]}")
         head = hf.default_modules_to_save(model)
         targets = None
     config = GoatConfig(r=settings.rank, num_experts=settings.experts, top_k=settings.top_k, modules_to_save=head or None,
