@@ -30,17 +30,17 @@ compare() {  # compare NAME ARGS...: one goat compare, resumed if it was interru
   mkdir -p "$DOCS/$name" && cp "$OUT/$name"/report.{json,md} "$OUT/$name/compare.png" "$DOCS/$name/"
 }
 
-TEXT="--train-size 384 --test-size 400 --max-length 40 --epochs 3"
+TEXT="--train-size 256 --test-size 200 --max-length 32 --epochs 4"
 step_finefoods() { compare finefoods --task classification --data finefoods --methods $METHODS $TEXT; }
 step_pairs() { compare ucla-courses --task classification --data ucla-courses --methods $METHODS $TEXT; }
 step_images() {
   [[ -d "$OUT/mnist5k" ]] || .venv/bin/python scripts/make_image_folder.py "$OUT/mnist5k"
   compare mnist-folder --task image-classification --data "$OUT/mnist5k" --methods $METHODS \
-    --train-size 384 --test-size 400 --image-size 32 --epochs 3
+    --train-size 256 --test-size 200 --image-size 32 --epochs 4
 }
 step_qa() {  # a decoder has no classification head: head-only does not apply
   compare quiz-capitals --task qa --data quiz-capitals --methods ${METHODS% head} \
-    --max-length 48 --max-new-tokens 8 --epochs 3 --batch-size 8
+    --max-length 48 --max-new-tokens 8 --epochs 4 --batch-size 8
 }
 ABLATION="--task classification --data finefoods $TEXT --lrs 1e-3"
 step_ablation_init() { compare ablation-init $ABLATION --vary init=goat,principal,minor,random,zero; }
@@ -49,7 +49,8 @@ step_ablation_aux() { compare ablation-aux $ABLATION --vary aux_loss_coef=0,1e-4
 step_ablation_routing() { compare ablation-routing $ABLATION --vary routing=top_k,top_p,shared; }
 
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(finefoods pairs images qa ablation_init ablation_scaling ablation_aux ablation_routing)
+# Fine Foods and its ablations first: the ablations need only one task, and a cut-short session keeps them.
+[[ ${#steps[@]} -gt 0 ]] || steps=(finefoods ablation_init ablation_scaling ablation_aux pairs images qa ablation_routing)
 for step in "${steps[@]}"; do "step_$step"; done
 .venv/bin/python -m goat_lora.report study $(for name in finefoods ucla-courses mnist-folder quiz-capitals; do
   [[ -f "$DOCS/$name/report.json" ]] && echo "$name=$DOCS/$name/report.json"; done) > "$DOCS/study_table.md"
