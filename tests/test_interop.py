@@ -57,6 +57,88 @@ def logits(model, inputs) -> torch.Tensor:
         return model_output(model, inputs)
 
 
+# ---- peft: PeftModel.from_pretrained / PeftConfig.from_pretrained ---------------------------------------
+
+PEFT_CASES = ["llama-all-linear-defaults", "bert-cls-modules_to_save", "gpt2-conv1d-principal", "bert-shared-expert",
+              "conv2d-1x1"]  # fmt: skip
+
+
+def check_peft_loading(case: str, folder: str) -> dict:
+    """What a peft version must satisfy (run in this process, and under other pefts by a subprocess)."""
+    import peft
+
+    from goat_lora import register_with_peft
+
+    factory, inputs = saved_case(case, folder)
+    register_with_peft()
+    register_with_peft()  # idempotent
+    expected = logits(GoatModel.from_pretrained(factory(), folder), inputs)
+    model = peft.PeftModel.from_pretrained(factory(), folder)
+    assert torch.equal(logits(model, inputs), expected)  # the same model, bit for bit
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    trainable = peft.PeftModel.from_pretrained(factory(), folder, is_trainable=True)
+    goat = GoatModel.from_pretrained(factory(), folder, is_trainable=True)
+    assert sum(p.requires_grad for p in trainable.parameters()) == sum(p.requires_grad for p in goat.parameters())
+    config = peft.PeftConfig.from_pretrained(folder)
+    assert config.peft_type == "GOAT" and config.goat_config == GoatConfig.load(os.path.join(folder, "adapter_config.json"))
+    return {"peft": peft.__version__, "case": case}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_peft_loads_a_goat_adapter_with_the_same_logits(case, tmp_path):
+    check_peft_loading(case, str(tmp_path))
+
+
+def test_register_refuses_at_once_when_a_mapping_moved(monkeypatch):
+    """A peft that moved one of the dictionaries gets one error naming its version, and none is written."""
+    import peft.mapping
+    import peft.peft_model
+
+    from goat_lora import register_with_peft
+
+    monkeypatch.delitem(peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING, "GOAT", raising=False)
+    monkeypatch.delattr(peft.peft_model, "PEFT_TYPE_TO_TUNER_MAPPING", raising=False)
+    monkeypatch.delattr(peft.peft_model, "PEFT_TYPE_TO_MODEL_MAPPING", raising=False)
+    with pytest.raises(RuntimeError, match=rf"peft {peft.__version__} .*tuner mapping"):
+        register_with_peft()
+    assert "GOAT" not in peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+
+
+def test_peft_without_an_adapter_folder_is_refused():
+    import peft
+
+    from goat_lora import register_with_peft
+    from goat_lora.peft_integration import GoatPeftConfig
+
+    register_with_peft()
+    with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
+        peft.PeftModel(tiny_llama(), GoatPeftConfig(r=4, num_experts=2))
+    with pytest.raises(ValueError, match="unknown GoatConfig field"):
+        GoatPeftConfig(rank=4)
+
+
+@pytest.mark.skipif(not os.environ.get("GOAT_PEFT_PYTHONS"), reason="GOAT_PEFT_PYTHONS (python executables with "
+                    "another peft, colon-separated) is not set; README 'Library use' says how it was run")  # fmt: skip
+@pytest.mark.parametrize("case", ["llama-all-linear-defaults", "bert-cls-modules_to_save"])
+def test_other_peft_versions(case, tmp_path):
+    """The same check under other pefts (throwaway venvs); a peft older than 0.14 must refuse with one error."""
+    here = os.path.dirname(__file__)
+    src = os.path.join(os.path.dirname(here), "src")
+    for index, python in enumerate(os.environ["GOAT_PEFT_PYTHONS"].split(":")):
+        script = (f"import sys, json; sys.path[:0] = [{here!r}, {src!r}]; import peft; from test_interop import "
+                  f"check_peft_loading\ntry:\n    print(json.dumps(check_peft_loading({case!r}, {str(tmp_path / str(index))!r})))\n"
+                  f"except RuntimeError as err:\n    print(json.dumps({{'peft': peft.__version__, 'refused': str(err)}}))")  # fmt: skip
+        done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        major_minor = tuple(int(x) for x in result["peft"].split(".")[:2])
+        if major_minor < (0, 14):
+            assert f"peft {result['peft']}" in result["refused"] and "\n" not in result["refused"]
+        else:
+            assert "refused" not in result, result
+
+
 # ---- disable_adapter() -----------------------------------------------------------------------------
 
 

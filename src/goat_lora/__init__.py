@@ -21,6 +21,7 @@ _EXPORTS = {  # public name -> submodule that defines it
     "GoatLayer": "layer",
     "GoatModel": "model",
     "get_goat_model": "model",
+    "register_with_peft": "peft_integration",
 }
 
 __all__ = [
@@ -34,12 +35,14 @@ __all__ = [
     "SvdMethod",
     "__version__",
     "get_goat_model",
+    "register_with_peft",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below loads them
     from .config import AuxLossForm, GoatConfig, InitMode, RoutingMode, ScalingMode, SvdMethod
     from .layer import GoatLayer
     from .model import GoatModel, get_goat_model
+    from .peft_integration import register_with_peft
 
 
 def __getattr__(name: str):
