@@ -350,3 +350,68 @@ def test_the_restore_patch_is_small():
                for layer in model.goat_layers())  # fmt: skip
 
 
+# ---- lm-evaluation-harness ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+    """A tiny LLaMA (BPE tokenizer) and a GOAT causal-lm run on it."""
+    from goat_lora.cli import main
+
+    root = tmp_path_factory.mktemp("harness")
+    decoder = save_tiny_decoder(root / "decoder")
+    run = root / "run"
+    assert main(["train", "--task", "causal-lm", "--model", decoder, "--data", "instructions", "--train-size", "16",
+                 "--test-size", "4", "--max-length", "32", "--batch-size", "8", "--rank", "4", "--experts", "2",
+                 "--top-k", "1", "--lr", "1e-2", "--epochs", "1", "--save-steps", "0", "--report-to", "none",
+                 "--output", str(run)]) == 0  # fmt: skip
+    return decoder, str(run)
+
+
+def test_goat_eval_harness_and_the_lm_eval_peft_route_agree(decoder_run, tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'goat-lora[eval]')")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from goat_lora import register_with_peft
+    from goat_lora.cli import main
+
+    decoder, run = decoder_run
+    code = main(["eval", "--adapter", run, "--harness", "goat_capitals", "--harness-include", EXAMPLE_TASKS,
+                 "--harness-limit", "12", "--output", str(tmp_path / "h")])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "goat_capitals" in printed and "acc" in printed
+    ours = json.loads((tmp_path / "h" / "harness.json").read_text())["results"]["goat_capitals"]
+    assert 0.0 <= ours["acc,none"] <= 1.0
+    # lm-eval's own route: a path and peft=, which loads the GOAT adapter through peft after registration
+    register_with_peft()
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": decoder, "peft": os.path.join(run, "adapter"), "dtype": "float32"},
+        tasks=["goat_capitals"], task_manager=TaskManager(include_path=EXAMPLE_TASKS, include_defaults=False),
+        limit=12, device="cpu",
+    )["results"]["goat_capitals"]  # fmt: skip
+    assert theirs["acc,none"] == ours["acc,none"] and theirs["acc_norm,none"] == ours["acc_norm,none"]
+
+
+def test_harness_without_lm_eval_is_one_line_and_exit_2(monkeypatch, capsys):
+    from goat_lora.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    assert main(["eval", "--adapter", "any-run", "--harness", "goat_capitals"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "goat-lora[eval]" in err
+
+
+def test_harness_refuses_a_classification_run(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
+    from goat_lora.harness import harness_eval
+
+    legacy = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_run_v0.1.0")
+    try:
+        with pytest.raises(ValueError, match="scores language models"):
+            harness_eval(legacy, str(tmp_path / "h"), overrides={"harness": ["goat_capitals"]})
+    except FileNotFoundError as err:  # the shipped MiniLM is not installed
+        pytest.skip(str(err))
+
+
