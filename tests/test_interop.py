@@ -415,3 +415,70 @@ def test_harness_refuses_a_classification_run(tmp_path):
         pytest.skip(str(err))
 
 
+# ---- TRL -----------------------------------------------------------------------------------------------
+
+
+def sft_trainer(decoder: str, output, coef: float = 1e-2, steps: int = 3):
+    pytest.importorskip("trl", reason="TRL is not installed (pip install 'goat-lora[trl]')")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from goat_lora.trl import GoatSFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(decoder)
+    goat = get_goat_model(AutoModelForCausalLM.from_pretrained(decoder),
+                          GoatConfig(r=4, num_experts=2, top_k=1, dropout=0.0, aux_loss_coef=coef))  # fmt: skip
+    data = Dataset.from_dict({"text": ["The capital of France is Paris.", "Two and two make four.",
+                                       "Water boils at 100 degrees.", "The sky is blue."] * 4})  # fmt: skip
+    # bf16=False: TRL's default is bfloat16 autocast, also on the CPU, and the reference is compared in float32
+    args = SFTConfig(output_dir=str(output), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to="none", logging_steps=1, save_strategy="no", max_length=32, use_cpu=True,
+                     disable_tqdm=True, bf16=False)  # fmt: skip
+    return GoatSFTTrainer(model=goat, args=args, train_dataset=data, processing_class=tokenizer), tokenizer
+
+
+def test_goat_sft_trainer_adds_the_balance_loss_and_it_reaches_the_routers(decoder_run, tmp_path):
+    from trl import SFTTrainer
+
+    trainer, _ = sft_trainer(decoder_run[0], tmp_path, coef=0.5)
+    goat = trainer.goat_model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    routers = [layer.router.weight for layer in goat.goat_layers()]
+    ours = trainer.compute_loss(trainer.model, dict(batch))  # no dropout: the two forwards route alike
+    with_aux = torch.autograd.grad(ours, routers)
+    plain = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))  # TRL's loss alone
+    aux = goat.aux_loss()
+    from_aux = torch.autograd.grad(0.5 * aux, routers, retain_graph=True)
+    without = torch.autograd.grad(plain, routers)
+    assert float(ours.detach() - plain.detach()) == pytest.approx(0.5 * float(aux.detach()), rel=1e-5)
+    for a, b, c in zip(with_aux, without, from_aux):
+        assert c.abs().sum() > 0
+        torch.testing.assert_close(a - b, c, atol=1e-6, rtol=1e-4)
+
+
+def test_goat_sft_trainer_trains_and_the_reference_forward_is_the_base(decoder_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    decoder = decoder_run[0]
+    trainer, tokenizer = sft_trainer(decoder, tmp_path)
+    goat = trainer.goat_model
+    before = {n: p.detach().clone() for n, p in goat.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in goat.named_parameters() if n in before)
+    assert all("goat_aux_loss" in row for row in trainer.state.log_history if "loss" in row)
+    batch = dict(tokenizer(["The capital of France is", "Two and two"], return_tensors="pt", padding=True))
+    goat.eval()
+    with goat.disable_adapter():  # a DPO-style reference: the pretrained model, no second copy
+        reference = goat(**batch).logits
+    base = AutoModelForCausalLM.from_pretrained(decoder).eval()
+    torch.testing.assert_close(reference, logits(base, batch), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(goat, batch), reference, atol=1e-3)
+
+
+def test_goat_sft_trainer_refuses_other_models(decoder_run, tmp_path):
+    pytest.importorskip("trl", reason="TRL is not installed")
+    from goat_lora.trl import GoatSFTTrainer
+
+    with pytest.raises(ValueError, match="trains a GoatModel"):
+        GoatSFTTrainer(model=tiny_llama())
