@@ -42,7 +42,7 @@ def evaluate_model(model, tokenizer, tasks: list[str], *, include: str | None = 
 
     if include is not None and not os.path.isdir(include):
         raise FileNotFoundError(f"--harness-include {include!r} is not a folder")
-    # indexing lm-eval's own ~15,000 task files took 72 s on 2 CPU cores (7 s for one folder): only when needed
+    # indexing lm-eval's own 14,684 tasks took 72 s on 2 CPU cores (7 s for one folder): only when needed
     manager = TaskManager(include_path=include, include_defaults=False) if include is not None else None
     if manager is None or any(name not in manager.all_tasks for name in tasks):
         manager = TaskManager(include_path=include)
@@ -62,6 +62,9 @@ def harness_eval(run_dir: str, output: str | None = None, *, overrides: dict, ov
     from .engine.folders import check_output, publish, staging_folder, write_json
 
     model, parts, settings, _ = load_run(run_dir)
+    import torch
+
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # as evaluate_run; HFLM uses model.device
     settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None and k != "data"}).validate()
     get_head = getattr(model, "get_output_embeddings", None)
     if parts.tokenizer is None or not callable(get_head) or get_head() is None:
