@@ -90,7 +90,7 @@ class GoatModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.active_adapter = DEFAULT_ADAPTER
-        self._inactive: dict[str, SavedAdapter] = {}  # the other adapters, as their checkpoints' tensors
+        self._inactive: dict[str, _Parked] = {}  # the other adapters, taken off the base (_park)
         self._frozen = False  # from_pretrained(is_trainable=False): every adapter is loaded frozen
         self._disabled = False  # inside disable_adapter()
         self._attach(Adapted(config, layers, modules_to_save, saved_originals, original_requires_grad))
