@@ -29,4 +29,17 @@ if [[ ! -f "$FASHION" ]]; then
     echo "warning: could not apt-get install dataset-fashion-mnist; --data fashion-mnist will not work" >&2
   fi
 fi
+
+# The quiz files of BSD games (capitals, elements) are the qa family's built-in data
+# (--data quiz-capitals, quiz-elements). Same rules as Fashion-MNIST: skipped when present, warns on failure.
+QUIZ=/usr/share/games/bsdgames/quiz/index
+if [[ ! -f "$QUIZ" ]]; then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null && { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bsdgames; } >/dev/null 2>&1; then
+    echo "bsdgames quiz files installed ($(dirname "$QUIZ"))"
+  else
+    echo "warning: could not apt-get install bsdgames; --data quiz-capitals / quiz-elements will not work" >&2
+  fi
+fi
 .venv/bin/python -c "import goat_lora, torch; print(f'goat-lora {goat_lora.__version__} installed (torch {torch.__version__})')"

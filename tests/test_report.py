@@ -5,6 +5,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+import statistics
+
+import pytest
 
 import goat_lora.report as report
 
@@ -27,28 +30,63 @@ def _runs():
 
 def test_summarize_picks_the_lr_on_validation_and_reports_test():
     methods = report.summarize(_runs())
-    assert methods["goat"]["lr"] == 1e-3 and methods["lora"]["lr"] == 3e-3
+    assert [p["lr"] for p in methods["goat"]["per_seed"]] == [1e-3, 1e-3]
+    assert [p["lr"] for p in methods["lora"]["per_seed"]] == [3e-3, 3e-3]
     assert abs(methods["goat"]["test_mean"] - 0.855) < 1e-12
     assert abs(methods["goat"]["test_std"] - 0.0070710678) < 1e-6
     assert methods["goat"]["seeds"] == 2
 
 
+def test_each_seed_picks_its_own_learning_rate():
+    runs = [{"method": "goat", "lr": lr, "seed": seed, "validation": v, "test": t}
+            for lr, seed, v, t in [(1e-3, 0, 0.9, 0.80), (3e-3, 0, 0.7, 0.99), (1e-3, 1, 0.6, 0.70), (3e-3, 1, 0.8, 0.75)]]
+    row = report.summarize(runs)["goat"]
+    assert [(p["seed"], p["lr"], p["test"]) for p in row["per_seed"]] == [(0, 1e-3, 0.80), (1, 3e-3, 0.75)]
+    assert row["test_mean"] == pytest.approx(0.775)
+
+
+def test_confidence_interval_and_paired_difference_match_a_t_table():
+    """Three seeds: the 95% CI of a mean is mean ± t(0.975, 2) s / sqrt(3) with t = 4.302653 (a t table)."""
+    tests = {"goat": [0.80, 0.82, 0.84], "lora": [0.78, 0.83, 0.79]}
+    runs = [{"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": t}
+            for m, values in tests.items() for s, t in enumerate(values)]  # fmt: skip
+    rows = report.summarize(runs, reference="goat", baseline=0.6)
+    half = 4.302653 * 0.02 / 3**0.5
+    assert rows["goat"]["test_ci"] == pytest.approx([0.82 - half, 0.82 + half], abs=1e-6)
+    vs = rows["lora"]["vs_reference"]
+    diffs = [0.02, -0.01, 0.05]
+    mean, sd = sum(diffs) / 3, statistics.stdev(diffs)
+    assert vs["mean"] == pytest.approx(mean) and vs["ci"] == pytest.approx([mean - 4.302653 * sd / 3**0.5,
+                                                                          mean + 4.302653 * sd / 3**0.5], abs=1e-6)
+    assert (vs["wins"], vs["ties"], vs["losses"]) == (2, 0, 1)
+    assert not rows["lora"]["flagged"] and "vs_reference" not in rows["goat"]
+
+
+def test_rows_that_never_beat_the_constant_prediction_are_flagged():
+    runs = [{"method": "head", "lr": lr, "seed": s, "validation": 0.66, "test": 0.658} for lr in (1e-2, 3e-2) for s in (0, 1)]
+    runs += [{"method": "goat", "lr": 1e-3, "seed": s, "validation": 0.8, "test": 0.8} for s in (0, 1)]
+    rows = report.summarize(runs, reference="goat", baseline=0.658)
+    assert rows["head"]["flagged"] and not rows["goat"]["flagged"]
+    table = report.markdown_table(rows, "accuracy", baseline=0.658, baseline_name="majority class", reference="goat")
+    assert "| head | " in table and "⚑" in table and "never beat the majority class" in table
+
+
 def test_summarize_picks_the_lowest_validation_value_for_an_error_metric():
     runs = [{**r, "validation": 1.0 - r["validation"]} for r in _runs()]  # an error: lower is better
     methods = report.summarize(runs, lower_is_better=True)
-    assert methods["goat"]["lr"] == 1e-3 and methods["lora"]["lr"] == 3e-3
+    assert methods["goat"]["per_seed"][0]["lr"] == 1e-3 and methods["lora"]["per_seed"][0]["lr"] == 3e-3
     flipped = report.summarize(runs)  # read as "higher is better", the other rate wins
-    assert flipped["goat"]["lr"] == 3e-3
+    assert flipped["goat"]["per_seed"][0]["lr"] == 3e-3
 
 
 def test_compare_report_files(tmp_path):
     settings = {"command": "goat compare --methods goat lora", "date": "today", "machine": "test", "data": "x",
-                "seeds": [0, 1], "metric": "accuracy", "baseline_name": "majority class"}  # fmt: skip
+                "seeds": [0, 1], "metric": "accuracy", "baseline_name": "majority class", "reference": "goat"}  # fmt: skip
     report.write_compare_report(str(tmp_path), _runs(), settings, {"accuracy": 0.66})
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["methods"]) == {"goat", "lora"}
     text = (tmp_path / "report.md").read_text()
-    assert "| goat | **0.8550 ± 0.0071** |" in text and "goat compare --methods goat lora" in text
+    assert "| goat | " in text and "**0.8550 ± 0.0071**" in text and "goat compare --methods goat lora" in text
     assert "Majority class (accuracy) on test: 0.6600." in text
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
@@ -72,3 +110,16 @@ def test_report_module_does_not_import_torch():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "torch" not in imported
+
+
+def test_study_table_has_methods_as_rows_and_an_average_column():
+    def one(goat, lora, metric="accuracy"):
+        runs = [{"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": v}
+                for m, v in (("goat", goat), ("lora", lora)) for s in (0, 1)]  # fmt: skip
+        return {"settings": {"metric": metric}, "methods": report.summarize(runs, baseline=0.5)}
+
+    table = report.study_table({"a": one(0.8, 0.7), "b": one(0.6, 0.9, "pearson")})
+    lines = table.splitlines()
+    assert lines[0] == "| method | a (accuracy) | b (pearson) | average |"
+    assert lines[2] == "| goat | 0.8000 ± 0.0000 | 0.6000 ± 0.0000 | 0.7000 |"
+    assert lines[3] == "| lora | 0.7000 ± 0.0000 | 0.9000 ± 0.0000 | 0.8000 |"

@@ -251,3 +251,29 @@ def test_routing_variants_through_the_command_line(tmp_path, tiny_bert_dir, rout
     assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "ev")]) == 0
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["test_accuracy"] == metrics["test_accuracy"] and again["expert_load"] == metrics["expert_load"]
+
+
+def test_compare_with_an_equal_parameter_budget_and_a_goat_variant(tmp_path, tiny_bert_dir):
+    """--budget params: every adapter within 10% of GOAT's trainable parameters, ranks reported, full and
+    head exempt; --vary adds GOAT variants; each row of a seed saw the same data."""
+    path = tmp_path / "pairs.csv"
+    _pairs(40, 0).to_csv(path, index=False)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", tiny_bert_dir, "--data", str(path), "--text-column", "sentence1", "--methods", "goat",
+            "lora", "hydralora", "dora", "head", "--vary", "init=principal", "--seeds", "2", "--lrs", "1e-3",
+            "--rank", "4", "--experts", "2", "--report-to", "none", "--output", str(out), *TINY]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows, ranks = report["methods"], report["settings"]["ranks"]
+    target = ranks["_goat_target"]["trainable_params"]
+    for label in ("lora", "hydralora", "dora", "goat[init=principal]"):
+        assert abs(rows[label]["trainable_params"] - target) <= 0.1 * target, label
+        assert ranks[label]["within_budget"] is True
+    assert rows["goat"]["trainable_params"] == target and ranks["head"]["exempt"] and rows["head"]["rank"] is None
+    assert rows["lora"]["rank"] != 4  # GOAT's routers cost parameters: LoRA gets a larger rank to match
+    config = json.loads((out / "runs" / "goat_init-principal-lr0.001-seed0" / "config.json").read_text())
+    assert config["args"]["init"] == "principal" and config["args"]["method"] == "goat"
+    # the same seeded splits for every row
+    sizes = {json.loads(p.read_text())["sizes"]["test"] for p in (out / "runs").glob("*seed1/metrics.json")}
+    assert len(sizes) == 1
+    assert "vs_reference" in rows["lora"] and rows["lora"]["vs_reference"]["reference"] == "goat"

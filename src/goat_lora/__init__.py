@@ -21,6 +21,11 @@ _EXPORTS = {  # public name -> submodule that defines it
     "GoatLayer": "layer",
     "GoatModel": "model",
     "get_goat_model": "model",
+    "RunSettings": "settings",
+    "train": "engine",
+    "evaluate_run": "engine",
+    "load_run": "engine",
+    "get_task": "tasks",
     "register_with_peft": "peft_integration",
 }
 
@@ -33,16 +38,24 @@ __all__ = [
     "RoutingMode",
     "ScalingMode",
     "SvdMethod",
+    "RunSettings",
     "__version__",
+    "evaluate_run",
     "get_goat_model",
+    "get_task",
+    "load_run",
     "register_with_peft",
+    "train",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below loads them
     from .config import AuxLossForm, GoatConfig, InitMode, RoutingMode, ScalingMode, SvdMethod
     from .layer import GoatLayer
+    from .engine import evaluate_run, load_run, train
     from .model import GoatModel, get_goat_model
     from .peft_integration import register_with_peft
+    from .settings import RunSettings
+    from .tasks import get_task
 
 
 def __getattr__(name: str):

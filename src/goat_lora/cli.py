@@ -68,12 +68,14 @@ def given_knobs(ns: argparse.Namespace) -> dict:
 
 
 def settings_from(ns: argparse.Namespace, **fixed):
-    """RunSettings: --config FILE (when given) as the base, then the flags given, then `fixed`."""
+    """RunSettings: --config FILE (when given) as the base, then --recipe's values, then the flags
+    given, then `fixed`."""
     from .engine import read_config_file
     from .settings import RunSettings
 
     base = read_config_file(ns.config) if getattr(ns, "config", None) else RunSettings()
-    return base.replace(**given_knobs(ns), **fixed)
+    given = given_knobs(ns)
+    return base.with_recipe(given.pop("recipe", None), **given, **fixed)
 
 
 # ---- subcommands --------------------------------------------------------------------------------
@@ -88,6 +90,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         settings, _ = resolve_settings(settings_from(ns))
         print(json.dumps(settings.to_dict(), indent=2))
         return 0
+    if getattr(ns, "recipe", None):
+        from .recipes import recipe_note
+
+        print(f"recipe {ns.recipe}: {recipe_note(ns.recipe)}", file=sys.stderr)
     if ns.resume:  # a run killed after a checkpoint: its saved settings, its output folder
         metrics = resume(ns.resume, overwrite=ns.overwrite)
     else:
@@ -133,32 +139,34 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    """Compare methods on any task family: each method x learning rate (a small grid, picked on a
-    validation split carved from train) x seed; report the test metric (--metric) mean +- std,
-    trainable %, step time and peak memory in report.md, report.json and compare.png."""
-    from .baselines import DEFAULT_LR_GRID, check_method
+    """Compare methods (and GOAT variants, --vary) on any task family, fair by construction: equal
+    trainable parameters (--budget params), each run tested at its best validation epoch (--select
+    best-epoch), each seed's learning rate picked on validation from a per-method grid, the same data
+    per seed for every method. report.md / report.json / compare.png: mean ± std and 95% CI over
+    seeds, GOAT's paired difference and win / tie / loss, the lr and epoch each seed chose, and a flag
+    on methods that never beat the best constant prediction."""
+    from .baselines import DEFAULT_LR_GRID, METHODS, check_method
     from .engine import compare
+    from .engine.comparison import plan_entries
     from .report import markdown_table
 
-    methods = ns.methods
-    for method in methods:
-        check_method(method)
-    grid = None
+    methods = ns.methods if ns.methods is not None else ([] if ns.vary else list(METHODS))
+    entries = plan_entries(methods, ns.vary)
+    grid: dict[str, list[float]] = {}
     if ns.lrs:
-        grid = {m: list(ns.lrs) for m in methods}
+        grid = {e.label: list(ns.lrs) for e in entries}
     elif "lr" in vars(ns):
-        grid = {m: [ns.lr] for m in methods}
-    if ns.lr_grid:
-        grid = dict(grid or {})
-        for item in ns.lr_grid:
-            method, _, values = item.partition("=")
-            check_method(method)
-            try:
-                grid[method] = [float(v) for v in values.split(",") if v]
-            except ValueError:
-                raise ValueError(f"--lr-grid {item!r} must look like METHOD=LR,LR (e.g. goat=1e-3,3e-3)") from None
-            if not grid[method]:
-                raise ValueError(f"--lr-grid {item!r} gives no learning rate")
+        grid = {e.label: [ns.lr] for e in entries}
+    for item in ns.lr_grid or []:
+        name, _, values = item.partition("=")
+        if name not in {e.label for e in entries} | set(METHODS):
+            raise ValueError(f"--lr-grid {item!r}: {name!r} is neither a compared method nor a row label")
+        try:
+            grid[name] = [float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise ValueError(f"--lr-grid {item!r} must look like METHOD=LR,LR (e.g. goat=1e-3,3e-3)") from None
+        if not grid[name]:
+            raise ValueError(f"--lr-grid {item!r} gives no learning rate")
     base = settings_from(ns, save_steps=0)  # no checkpoints inside a comparison
     seeds = list(range(base.seed, base.seed + ns.seeds))
     output = ns.output or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
@@ -168,18 +176,21 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         "command": "goat " + " ".join(sys.argv[1:]) if ns.command_line is None else ns.command_line,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
-        "methods": methods,
+        "rows": [e.label for e in entries],
         "seeds": seeds,
-        "lr_grid": {m: list((grid or {}).get(m) or DEFAULT_LR_GRID[m]) for m in methods},
+        "lr_grid": {e.label: grid.get(e.label) or grid.get(e.method) or list(DEFAULT_LR_GRID[check_method(e.method)])
+                    for e in entries},  # fmt: skip
         "data": base.data,
         "model": base.model,
         "given": given_knobs(ns),
     }
-    summary = compare(methods, base, output, seeds=seeds, lr_grid=grid, overwrite=ns.overwrite, settings=settings,
-                      resume=ns.resume)  # fmt: skip
+    summary = compare(entries, base, output, seeds=seeds, lr_grid=grid, budget=ns.budget, overwrite=ns.overwrite,
+                      settings=settings, resume=ns.resume)  # fmt: skip
     with open(os.path.join(output, "report.json"), encoding="utf-8") as fh:
-        report = json.load(fh)["settings"]
-    print(markdown_table(summary, report["metric"], lower_is_better=report["lower_is_better"]))
+        report = json.load(fh)
+    saved = report["settings"]
+    print(markdown_table(summary, saved["metric"], saved["lower_is_better"], saved["reference"],
+                         (report["constant_baseline"] or {}).get(saved["metric"]), saved["baseline_name"]))  # fmt: skip
     print(f"report: {os.path.join(os.path.abspath(output), 'report.md')}")
     return 0
 
@@ -207,14 +218,21 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     from .settings import RunSettings
 
     settings = RunSettings().replace(**given_knobs(ns))
-    if settings.model and settings.model.lower() == hf.EFFICIENTNET_LITE0:
+    if settings.model and hf.is_efficientnet_lite0(settings.model):
         model, head = hf.load_image_classifier(settings.model, 10), ["classifier"]
         targets = hf.image_target_modules(model)
-    else:
-        try:
-            model = hf.load_sequence_classifier(settings.model, 2)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"model {settings.model!r} could not be loaded: {str(err).splitlines()[0] if str(err) else err}") from None
+    else:  # whichever head the checkpoint takes: a text classifier, an image classifier, a decoder
+        loaders = (lambda: hf.load_sequence_classifier(settings.model, 2), lambda: hf.load_image_classifier(settings.model, 2),
+                   lambda: hf.load_causal_lm(settings.model or hf.MINILM))  # fmt: skip
+        model, errors = None, []
+        for load in loaders:
+            try:
+                model = load()
+                break
+            except Exception as err:  # noqa: BLE001 - each Auto class refuses the others' configs its own way
+                errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        if model is None:
+            raise ValueError(f"model {settings.model!r} could not be loaded: {errors[0]}")
         head = hf.default_modules_to_save(model)
         targets = None
     config = GoatConfig(r=settings.rank, num_experts=settings.experts, top_k=settings.top_k, modules_to_save=head or None,
@@ -270,12 +288,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="compare methods over seeds and a lr grid", description=cmd_compare.__doc__)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"methods to compare (default all: {' '.join(METHODS)})")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods to compare (default all: {' '.join(METHODS)}; none when --vary is given)")  # fmt: skip
+    p.add_argument("--vary", default=None, metavar="FIELD=V1,V2",
+                   help="GOAT variants under the same protocol, one per value, e.g. init=goat,principal,minor,random,"
+                   "zero; scaling=goat,alpha; top_k=1,2,4; aux_loss_coef=0,1e-4,1e-3,1e-2; routing=top_k,top_p,shared")  # fmt: skip
+    p.add_argument("--budget", default="params", choices=("params", "rank"),
+                   help="params (default): each method's rank chosen so its trainable parameters are within 10%% of "
+                   "GOAT's at --rank (full and head exempt); rank: every method at --rank")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3, starting at --seed)")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="one learning-rate grid for every method (default: a 2-value grid per method)")  # fmt: skip
     p.add_argument("--lr-grid", nargs="+", default=None, metavar="METHOD=LR,LR",
-                   help="per-method grids, e.g. goat=1e-3,3e-3 full=1e-4 (others keep their default grid)")  # fmt: skip
+                   help="per-method (or per-row) grids, e.g. goat=1e-3,3e-3 full=1e-4 (others keep their default grid)")  # fmt: skip
     p.add_argument("--output", default=None, help="report folder (default runs/<timestamp>-compare)")
     p.add_argument("--config", default=None, help="a run's config.json (or a JSON object of settings) to start from")
     p.add_argument("--resume", action="store_true",

@@ -245,7 +245,7 @@ def experts_delta(
     tokens, num_experts = weights.shape
     expert_rank = A.shape[0] // num_experts
     hidden = x @ A.T  # (T, r)
-    expert_weights = weights * expert_scale  # (T, E): w_j s_j
+    expert_weights = (weights * expert_scale).to(hidden.dtype)  # (T, E): w_j s_j, in the adapters' dtype
     # (T, E, d) * (T, E, 1): each of expert j's d columns times w_j s_j. A broadcast instead of
     # repeat_interleave, which on CUDA reads its output size back from the GPU (a sync per layer).
     scaled = (hidden.view(tokens, num_experts, expert_rank) * expert_weights.unsqueeze(-1)).view(tokens, A.shape[0])  # (T, r)
@@ -266,7 +266,7 @@ def experts_delta_loop(
         A_j = A[j * expert_rank : (j + 1) * expert_rank]  # (d, n)
         B_j = B[:, j * expert_rank : (j + 1) * expert_rank]  # (m, d)
         w_j = routing.weights[token_index, j][:, None]  # (T_j, 1)
-        out = out.index_add(0, token_index, expert_scale[j] * w_j * ((x[token_index] @ A_j.T) @ B_j.T))
+        out = out.index_add(0, token_index, (expert_scale[j] * w_j).to(x.dtype) * ((x[token_index] @ A_j.T) @ B_j.T))
     return out
 
 

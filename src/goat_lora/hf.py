@@ -106,8 +106,7 @@ def default_modules_to_save(model) -> list[str]:
     return []
 
 
-
-# ---- images: the shipped EfficientNet-Lite0 ---------------------------------------------------
+# ---- images: the shipped EfficientNet-Lite0, or any transformers image classifier ------------
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 
 
@@ -146,15 +145,40 @@ def _plain_1x1_convs(module) -> None:
             _plain_1x1_convs(child)
 
 
-def load_image_classifier(name_or_path: str | None, num_labels: int):
+def is_efficientnet_lite0(name_or_path: str | None) -> bool:
+    return name_or_path is None or name_or_path.lower() == EFFICIENTNET_LITE0
+
+
+def load_image_classifier(name_or_path: str | None, num_labels: int, label_names: list[str] | None = None, dtype=None):
+    """An image classifier with a fresh `classifier` head of `num_labels` outputs; forward(pixel_values,
+    labels=None) -> .loss, .logits. None or "efficientnet-lite0": the shipped EfficientNet-Lite0
+    (ImageNet weights); anything else: AutoModelForImageClassification (a local path or hub name)."""
+    if is_efficientnet_lite0(name_or_path):
+        return _efficientnet_lite0_classifier(num_labels)
+    from transformers import AutoModelForImageClassification
+
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # a checkpoint's own head has other classes
+    if label_names is not None:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+
+
+def load_image_processor(name_or_path: str):
+    """The transformers image processor saved with an image model (resizing, cropping, normalisation)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(name_or_path)
+
+
+def _efficientnet_lite0_classifier(num_labels: int):
     """EfficientNet-Lite0 (ImageNet weights) with a fresh `classifier` head of `num_labels` outputs;
     forward(pixel_values, labels=None) -> SequenceClassifierOutput like a transformers classifier."""
     from torch import nn
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    name = name_or_path or EFFICIENTNET_LITE0
-    if name.lower() != EFFICIENTNET_LITE0:
-        raise ValueError(f"image model {name!r} is not supported; the image task uses {EFFICIENTNET_LITE0!r}")
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -185,7 +209,7 @@ def load_image_classifier(name_or_path: str | None, num_labels: int):
 
 
 def image_target_modules(model) -> list[str]:
-    """The 1x1 convolutions of an image classifier (what GOAT and the LoRA baselines adapt)."""
+    """The 1x1 convolutions of the EfficientNet-Lite0 classifier (what GOAT and the LoRA baselines adapt)."""
     from torch import nn
 
     return [

@@ -231,6 +231,18 @@ class GoatLayer(nn.Module):
         self._restore_patch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.subtract_residual()  # W0 <- W0 - W_res
 
+    # Bookkeeping that a whole-module cast (module.half(), module.bfloat16(), DeepSpeed's bf16 engine)
+    # must not round: the float64 expert-load counts (bf16 holds integers exactly only up to 256) and
+    # the float32 initial factors and scales that rebuild W_res for unload() and checkpoints.
+    _KEEP_DTYPE = ("init_A", "init_B", "expert_scale", "load_counts")
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: self._buffers[name] for name in self._KEEP_DTYPE}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():  # follow the move to another device, keep the dtype
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
     # ---- the math ---------------------------------------------------------------------------
     def residual(self) -> torch.Tensor:
         """W_res = sum_j c_j s_j B_j A_j from the frozen initial factors (m, n), float32."""

@@ -122,47 +122,87 @@ def write_run_plots(run_dir: str) -> None:
 
 
 # ---- comparisons --------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
 
 
-def summarize(results: list[dict], lower_is_better: bool = False) -> dict:
-    """results: one dict per run with method, lr, seed, validation and test (the compared metric),
-    trainable_percent, step_time_s, peak_memory_mb. Per method, the lr with the best mean validation
-    value is chosen and its test value reported (mean and std over seeds)."""
-    sign = -1.0 if lower_is_better else 1.0
-    methods: dict[str, dict] = {}
-    for method in dict.fromkeys(r["method"] for r in results):
-        runs = [r for r in results if r["method"] == method]
-        by_lr = {}
-        for lr in sorted({r["lr"] for r in runs}):
-            at_lr = [r for r in runs if r["lr"] == lr]
-            val_mean, val_std = _mean_std([r.get("validation") for r in at_lr])
-            test_mean, test_std = _mean_std([r.get("test") for r in at_lr])
-            by_lr[lr] = {"validation_mean": val_mean, "validation_std": val_std, "test_mean": test_mean,
-                         "test_std": test_std, "seeds": len(at_lr)}  # fmt: skip
-        best_lr = max(by_lr, key=lambda lr: -math.inf if math.isnan(by_lr[lr]["validation_mean"])
-                      else sign * by_lr[lr]["validation_mean"])  # fmt: skip
-        chosen = [r for r in runs if r["lr"] == best_lr]
-        methods[method] = {
-            "lr": best_lr,
-            "test_mean": by_lr[best_lr]["test_mean"],
-            "test_std": by_lr[best_lr]["test_std"],
-            "validation_mean": by_lr[best_lr]["validation_mean"],
-            "seeds": len(chosen),
-            "test_values": [r.get("test") for r in chosen],
-            "trainable_percent": _mean_std([r.get("trainable_percent") for r in chosen])[0],
-            "trainable_params": chosen[0].get("trainable_params"),
-            "step_time_s": _mean_std([r.get("step_time_s") for r in chosen])[0],
-            "peak_memory_mb": _mean_std([r.get("peak_memory_mb") for r in chosen])[0],
+def mean_ci(values: list[float], level: float = 0.95) -> dict:
+    """Mean, sample standard deviation and the two-sided `level` confidence interval of the mean
+    (Student's t with n - 1 degrees of freedom); with one value the interval is unknown (NaN)."""
+    from scipy import stats
+
+    values = _finite(values)
+    n = len(values)
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+def _better(a: float | None, b: float | None, lower_is_better: bool) -> bool:
+    if not _finite([a]):
+        return False
+    if not _finite([b]):
+        return True
+    return a < b if lower_is_better else a > b
+
+
+def summarize(results: list[dict], lower_is_better: bool = False, reference: str | None = None,
+              baseline: float | None = None) -> dict:  # fmt: skip
+    """Per row label (method or GOAT variant), from one result per (label, lr, seed) holding the
+    compared metric on validation and test:
+
+    - each seed picks the lr with the best validation value (ties: the first in the grid); that run's
+      test value is the seed's result: mean, std and 95% CI over seeds;
+    - the paired difference to `reference` per seed (reference - method when higher is better, so a
+      positive difference means the reference won), its mean and 95% CI, and win / tie / loss counts;
+    - `flagged` when no run of the row, at any lr and seed, beat `baseline` (the best constant
+      prediction) on test: such a row never learnt the task at the rates tried.
+    """
+    rows: dict[str, dict] = {}
+    chosen_test: dict[str, dict[int, float]] = {}
+    for label in dict.fromkeys(r.get("label", r["method"]) for r in results):
+        runs = [r for r in results if r.get("label", r["method"]) == label]
+        per_seed = []
+        for seed in dict.fromkeys(r["seed"] for r in runs):
+            candidates = [r for r in runs if r["seed"] == seed]
+            best = candidates[0]
+            for run in candidates[1:]:
+                if _better(run.get("validation"), best.get("validation"), lower_is_better):
+                    best = run
+            per_seed.append({"seed": seed, "lr": best["lr"], "epoch": best.get("selected_epoch"),
+                             "validation": best.get("validation"), "test": best.get("test")})  # fmt: skip
+        chosen_test[label] = {p["seed"]: p["test"] for p in per_seed}
+        chosen = [r for r in runs if (r["seed"], r["lr"]) in {(p["seed"], p["lr"]) for p in per_seed}]
+        test = mean_ci([p["test"] for p in per_seed])
+        rows[label] = {
+            "method": runs[0]["method"],
+            "rank": runs[0].get("rank"),
+            "trainable_params": runs[0].get("trainable_params"),
+            "trainable_percent": runs[0].get("trainable_percent"),
+            "test_mean": test["mean"], "test_std": test["std"], "test_ci": [test["ci_low"], test["ci_high"]],
+            "seeds": test["n"],
+            "per_seed": per_seed,
+            "flagged": baseline is not None and not any(_better(r.get("test"), baseline, lower_is_better) for r in runs),
+            "step_time_s": statistics.fmean(_finite([r.get("step_time_s") for r in chosen]) or [float("nan")]),
+            "peak_memory_mb": statistics.fmean(_finite([r.get("peak_memory_mb") for r in chosen]) or [float("nan")]),
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in runs),
-            "router_balance": _mean_std([(r.get("router") or {}).get("balance") for r in chosen])[0],
-            "by_lr": {f"{lr:g}": v for lr, v in by_lr.items()},
-        }
-    return methods
+            "router_balance": statistics.fmean(_finite([(r.get("router") or {}).get("balance") for r in chosen]) or [float("nan")]),
+        }  # fmt: skip
+    if reference in rows:
+        sign = -1.0 if lower_is_better else 1.0
+        for label, row in rows.items():
+            if label == reference:
+                continue
+            pairs = [(chosen_test[reference][s], chosen_test[label][s]) for s in chosen_test[label] if s in chosen_test[reference]]
+            diffs = [sign * (a - b) for a, b in pairs if _finite([a, b]) == [a, b]]
+            stats_ = mean_ci(diffs)
+            row["vs_reference"] = {"reference": reference, "mean": stats_["mean"], "ci": [stats_["ci_low"], stats_["ci_high"]],
+                                   "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+                                   "losses": sum(d < 0 for d in diffs), "per_seed": diffs}  # fmt: skip
+    return rows
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -171,73 +211,128 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
-def markdown_table(methods: dict, metric: str = "accuracy", baseline: float | None = None,
-                   baseline_name: str = "constant prediction", lower_is_better: bool = False) -> str:  # fmt: skip
+def markdown_table(rows: dict, metric: str = "accuracy", lower_is_better: bool = False, reference: str | None = None,
+                   baseline: float | None = None, baseline_name: str = "constant prediction") -> str:  # fmt: skip
+    """One line per row label: rank and trainable parameters, test mean ± std and 95% CI, the paired
+    difference to the reference (positive: the reference was better) with win / tie / loss, and each
+    seed's chosen lr and epoch."""
     lines = [
-        f"| method | test {metric} (mean ± std) | lr (chosen on validation) | trainable % | step time (s) | peak memory (MB) |",
-        "|---|---|---|---|---|---|",
+        f"| method | rank | trainable | test {metric} (mean ± std) | 95% CI | {reference or 'reference'} − method "
+        "(paired, 95% CI) | W/T/L | lr / epoch per seed | step (s) | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    finite = [m["test_mean"] for m in methods.values() if not math.isnan(m["test_mean"])]
+    finite = [r["test_mean"] for r in rows.values() if not r["flagged"] and _finite([r["test_mean"]])]
     best = (min(finite) if lower_is_better else max(finite)) if finite else None
-    for name, m in methods.items():
-        value = f"{_fmt(m['test_mean'], '.4f')} ± {_fmt(m['test_std'], '.4f')}"
-        if best is not None and m["test_mean"] == best:
+    for label, r in rows.items():
+        value = f"{_fmt(r['test_mean'], '.4f')} ± {_fmt(r['test_std'], '.4f')}"
+        if best is not None and r["test_mean"] == best and not r["flagged"]:
             value = f"**{value}**"
-        lines.append(
-            f"| {name} | {value} | {m['lr']:g} | {_fmt(m['trainable_percent'], '.3f')} | "
-            f"{_fmt(m['step_time_s'], '.3f')} | {_fmt(m['peak_memory_mb'], '.0f')} |"
-        )
+        if r["flagged"]:
+            value += " ⚑"
+        ci = f"[{_fmt(r['test_ci'][0], '.4f')}, {_fmt(r['test_ci'][1], '.4f')}]"
+        vs = r.get("vs_reference")
+        diff = "—" if vs is None else f"{_fmt(vs['mean'], '+.4f')} [{_fmt(vs['ci'][0], '+.4f')}, {_fmt(vs['ci'][1], '+.4f')}]"
+        wtl = "—" if vs is None else f"{vs['wins']}/{vs['ties']}/{vs['losses']}"
+        seeds = ", ".join(f"{p['lr']:g}/{_fmt(p['epoch'], 'g')}" for p in r["per_seed"])
+        rank = "exempt" if r["rank"] is None else str(r["rank"])
+        trainable = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "-"
+        lines.append(f"| {label} | {rank} | {trainable} | {value} | {ci} | {diff} | {wtl} | {seeds} | "
+                     f"{_fmt(r['step_time_s'], '.3f')} | {_fmt(r['peak_memory_mb'], '.0f')} |")  # fmt: skip
     if baseline is not None:
         lines.append(f"\n{baseline_name.capitalize()} ({metric}) on test: {baseline:.4f}.")
+    if any(r["flagged"] for r in rows.values()):
+        lines.append(f"⚑ never beat the {baseline_name} on test at any learning rate and seed tried: it did not "
+                     "learn the task here; its mean is shown but not ranked.")  # fmt: skip
     return "\n".join(lines)
 
 
-def plot_compare(methods: dict, path: str, metric: str = "accuracy", title: str = "") -> None:
-    names = list(methods)
-    means = [methods[n]["test_mean"] for n in names]
-    stds = [methods[n]["test_std"] for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.75 * len(names) + 2), 4.2))
-    colours = ["tab:red" if n.startswith("goat") else "tab:blue" for n in names]
-    ax.bar(range(len(names)), means, yerr=stds, color=colours, capsize=3)
-    finite = [m for m in means if not math.isnan(m)]
+def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "") -> None:
+    names = list(rows)
+    means = [rows[n]["test_mean"] for n in names]
+    low = [m - rows[n]["test_ci"][0] if _finite([rows[n]["test_ci"][0]]) else 0.0 for n, m in zip(names, means)]
+    high = [rows[n]["test_ci"][1] - m if _finite([rows[n]["test_ci"][1]]) else 0.0 for n, m in zip(names, means)]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(names) + 2), 4.4))
+    colours = ["tab:gray" if rows[n]["flagged"] else "tab:red" if n.startswith("goat") else "tab:blue" for n in names]
+    ax.bar(range(len(names)), [m if _finite([m]) else 0.0 for m in means], yerr=[low, high], color=colours, capsize=3)
+    finite = [(m - lo, m + hi) for m, lo, hi in zip(means, low, high) if _finite([m])]
     if finite:
-        low = min(m - s for m, s in zip(means, stds) if not math.isnan(m))
-        high = max(m + s for m, s in zip(means, stds) if not math.isnan(m))
-        pad = 0.1 * (high - low) or 0.05
-        ax.set_ylim(low - pad, high + pad)
+        bottom, top = min(a for a, _ in finite), max(b for _, b in finite)
+        pad = 0.1 * (top - bottom) or 0.05
+        ax.set_ylim(bottom - pad, top + pad)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(
-        [f"{n}\n{methods[n]['trainable_percent']:.2f}%\n{_fmt(methods[n]['step_time_s'], '.2f')}s/step\n"
-         f"{_fmt(methods[n]['peak_memory_mb'], '.0f')}MB" for n in names],  # fmt: skip
-        fontsize=7,
-    )
-    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+    ax.set_xticklabels([f"{n}\n{_fmt(rows[n]['trainable_percent'], '.2f')}%" for n in names], fontsize=7, rotation=30)
+    ax.set_ylabel(f"test {metric} (mean, 95% CI over seeds)")
     ax.set_title(title or "goat compare")
     _save_figure(fig, path)
 
 
 def write_compare_report(folder: str, results: list[dict], settings: dict, baseline: dict | None = None) -> dict:
     """Write report.json, report.md and compare.png into `folder`; return the summary. `settings`
-    holds metric, lower_is_better, baseline_name, command, date, machine, data, model, seeds."""
+    holds metric, lower_is_better, reference, baseline_name, budget, select, command, date, machine."""
     metric, lower = settings.get("metric", "accuracy"), bool(settings.get("lower_is_better"))
-    methods = summarize(results, lower)
-    report = {"settings": settings, "constant_baseline": baseline, "methods": methods, "runs": results}
+    reference_value = (baseline or {}).get(metric)
+    rows = summarize(results, lower, settings.get("reference"), reference_value)
+    report = {"settings": settings, "constant_baseline": baseline, "methods": rows, "runs": results}
     atomic_write_text(os.path.join(folder, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
-    reference = (baseline or {}).get(metric)
     text = [
         "# goat compare",
         "",
         f"Command: `{settings.get('command', '')}`",
         f"Date: {settings.get('date', '')}; machine: {settings.get('machine', '')}",
-        f"Task: {settings.get('task')}; data: {settings.get('data')}, model: {settings.get('model')}; seeds "
-        f"{settings.get('seeds')}; learning rate per method chosen on the validation split (carved from train), "
-        f"{metric} reported on test.",
+        f"Task: {settings.get('task')}; data: {settings.get('data')}; model: {settings.get('model')}; seeds "
+        f"{settings.get('seeds')}; budget: {settings.get('budget', 'rank')} (ranks chosen so trainable parameters are "
+        f"within 10% of GOAT's; full and head exempt); epochs: {settings.get('select', 'last')}; each seed picks its "
+        f"learning rate on the validation split (carved from train); {metric} reported on test.",
         "",
-        markdown_table(methods, metric, reference, settings.get("baseline_name", "constant prediction"), lower),
+        markdown_table(rows, metric, lower, settings.get("reference"), reference_value,
+                       settings.get("baseline_name", "constant prediction")),  # fmt: skip
         "",
         "![comparison](compare.png)",
         "",
     ]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
-    plot_compare(methods, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}")
-    return methods
+    plot_compare(rows, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}")
+    return rows
+
+
+# ---- a study: several comparisons in the paper's form ---------------------------------------------
+def study_table(reports: dict[str, dict], methods: list[str] | None = None) -> str:
+    """Methods as rows, tasks as columns (each `goat compare` report.json: test mean ± std of its
+    metric, ⚑ where the method never beat the constant prediction), and the average over tasks of the
+    means (only over the tasks where the method ran), as the paper's tables are laid out."""
+    tasks = list(reports)
+    rows = methods or list(dict.fromkeys(label for r in reports.values() for label in r["methods"]))
+    header = [f"{name} ({reports[name]['settings']['metric']})" for name in tasks]
+    lines = ["| method | " + " | ".join(header) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+    for label in rows:
+        cells, means = [], []
+        for name in tasks:
+            row = reports[name]["methods"].get(label)
+            if row is None:
+                cells.append("—")
+                continue
+            cells.append(f"{_fmt(row['test_mean'], '.4f')} ± {_fmt(row['test_std'], '.4f')}" + (" ⚑" if row["flagged"] else ""))
+            means.append(row["test_mean"])
+        average = statistics.fmean(_finite(means)) if _finite(means) else float("nan")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(average, '.4f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m goat_lora.report study NAME=REPORT.json ...`: print the study table."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "study":
+        print("usage: python -m goat_lora.report study NAME=path/to/report.json ...", file=sys.stderr)
+        return 2
+    reports = {}
+    for item in args[1:]:
+        name, _, path = item.partition("=")
+        reports[name] = _read_json(path)
+    print(study_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import InitMode, RoutingMode, ScalingMode
+from .recipes import RECIPES
 
 TRAIN, COMPARE, EVAL, INSPECT = "train", "compare", "eval", "inspect"
 RUN = (TRAIN, COMPARE)  # knobs of a training run: goat train and goat compare
 ANSWER_TYPES = ("number", "choice", "text")
 SCALINGS = tuple(m.value for m in ScalingMode)
 ROUTINGS = tuple(m.value for m in RoutingMode)
+RECIPE_NAMES = tuple(RECIPES)
 INITS = tuple(m.value for m in InitMode)
 # transformers' SchedulerType names that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -52,7 +54,7 @@ class RunSettings:
     # ---- the task: which family, which data -------------------------------------------------------
     task: str = knob("classification", "task family: classification, regression, image-classification, qa, causal-lm")
     data: str | None = knob(
-        None, "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz, instructions), a .csv/.tsv/"
+        None, "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz-capitals, quiz-elements, instructions), a .csv/.tsv/"
         ".jsonl/.json/.parquet file, an image folder DIR/<class>/<file>, or a datasets hub name (needs network); "
         "default: the task's built-in one", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
     data_config: str | None = knob(None, "configuration of a hub data set, e.g. --data glue --data-config mrpc",
@@ -92,6 +94,8 @@ class RunSettings:
                            minimum=1)  # fmt: skip
 
     # ---- the model and the method -------------------------------------------------------------------
+    recipe: str | None = knob(None, "fill in the hyper-parameters of one of the paper's runs (goat_lora/recipes.py): "
+                              + ", ".join(RECIPE_NAMES) + "; flags given beside it win", choices=RECIPE_NAMES)  # fmt: skip
     method: str = knob("goat", "goat, goat_mini, goat_s, molora, hydralora, lora, rslora, dora, pissa, milora, full, "
                        "head", commands=(TRAIN,))  # fmt: skip
     model: str | None = knob(None, "local path or hub name; default the task's shipped model (minilm; smollm2 for "
@@ -141,6 +145,8 @@ class RunSettings:
     seed: int = knob(0, "seed for splits, initialisation and data order")
     logging_steps: int = knob(10, "log the training loss every N steps", minimum=1)
     eval_each_epoch: bool = knob(True, "the validation metric after every epoch")
+    select: str = knob("best-epoch", "which epoch's model is tested and saved: best-epoch (the best validation "
+                       "--metric, the paper's protocol) or last", choices=("best-epoch", "last"))  # fmt: skip
     save_steps: int = knob(500, "checkpoint every N steps in the hidden staging folder, for --resume (0: none)",
                            minimum=0, commands=(TRAIN,))  # fmt: skip
 
@@ -184,6 +190,15 @@ class RunSettings:
 
     def replace(self, **changes) -> "RunSettings":
         return dataclasses.replace(self, **changes)
+
+    def with_recipe(self, name: str | None, **overrides) -> "RunSettings":
+        """These settings with recipe `name`'s values filled in (goat_lora.recipes), then `overrides`
+        (the flags given); config.json records the recipe's name."""
+        if name is None:
+            return self.replace(**overrides)
+        from .recipes import recipe_values
+
+        return self.replace(**recipe_values(name), recipe=name).replace(**overrides)
 
     # ---- validation ---------------------------------------------------------------------------------
     def validate(self) -> "RunSettings":

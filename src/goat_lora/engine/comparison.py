@@ -1,80 +1,182 @@
-"""`goat compare`: methods x learning rates x seeds on one task, any family.
+"""`goat compare`: methods (and GOAT variants) x learning rates x seeds on one task, fair by construction.
 
-Every run of a seed sees the same data splits (loaded once per seed). Per method, the learning rate
-with the best mean validation value of the compared metric (--metric) is chosen, and its test value
-is reported (mean, std over seeds) in report.md, report.json and compare.png, with each run's
-metrics.json under runs/<method>-lr<lr>-seed<seed>/.
+    budget   --budget params (default): every adapter's rank is chosen so that its trainable parameter
+             count is within 10% of GOAT's at --rank (full fine-tuning and head-only are exempt and
+             marked); --budget rank: every method at --rank.
+    epochs   --select best-epoch (default): each run is validated after every epoch and tested at its
+             best epoch (the paper's protocol); --select last: the last epoch.
+    lr       each seed picks, per method, the learning rate of its grid with the best validation value
+             of --metric; that run's test value is the seed's result.
+    seeds    every method sees the same data splits and data order for a given seed, so GOAT's
+             difference to a method is paired per seed (report.summarize: mean, 95% CI, win/tie/loss).
+    vary     --vary FIELD=V1,V2,... adds GOAT variants under the same protocol (the paper's ablations:
+             init, scaling, top_k, aux_loss_coef, routing), labelled goat[FIELD=V].
 
-The comparison is built in the hidden staging folder `.NAME.partial`, and each finished run's
-metrics.json lands there as it finishes. If the comparison is interrupted or killed, the folder
-stays; `resume=True` (`goat compare ... --resume`, same settings and output) reuses the finished
-runs and trains only the others. Without it, a stale folder with finished runs is moved aside to
+Writes report.md, report.json and compare.png, and each run's metrics.json under
+runs/<label>-lr<lr>-seed<seed>/. The comparison is built in the hidden staging folder `.NAME.partial`;
+an interrupted comparison keeps its finished runs there and `resume=True` (same settings and output)
+trains only the others. Without it, a stale folder with finished runs is moved aside to
 `NAME.failed-<time>` rather than deleted.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 
-from ..baselines import DEFAULT_LR_GRID, check_method
-from ..settings import RunSettings
+from ..baselines import DEFAULT_LR_GRID, GOAT_METHODS, check_method, count_parameters, prepare_model
+from ..settings import RunSettings, field_type, knob_fields
 from .folders import check_output, publish, staging_folder, staging_path, write_json
 from .run import resolve_settings, train
 
 COMPARE_PLAN = "compare_plan.json"
+BUDGETS = ("params", "rank")
+EXEMPT = ("full", "head")  # no rank to choose: marked in the report
+BUDGET_TOLERANCE = 0.10
 
 
-def compare(methods: list[str], base: RunSettings, output: str, *, seeds: list[int],
-            lr_grid: dict[str, list[float]] | None = None, overwrite: bool = False, settings: dict | None = None,
-            log=print, resume: bool = False) -> dict:  # fmt: skip
+@dataclass
+class Entry:
+    """One compared row: a method, or GOAT with one knob changed (--vary)."""
+
+    label: str
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+
+def plan_entries(methods: list[str], vary: str | None) -> list[Entry]:
+    """The methods, then one GOAT variant per value of `vary` ("FIELD=V1,V2,...")."""
+    entries = [Entry(check_method(m), m) for m in methods]
+    if vary:
+        name, values = parse_vary(vary)
+        entries += [Entry(f"goat[{name}={value}]", "goat", {name: value}) for value in values]
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--methods / --vary name a row twice: {labels}")
+    if not entries:
+        raise ValueError("nothing to compare: give --methods and/or --vary")
+    return entries
+
+
+def parse_vary(text: str) -> tuple[str, list]:
+    """"init=goat,principal" -> ("init", ["goat", "principal"]), each value read as the knob's type."""
+    name, _, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    fields = knob_fields()
+    if name not in fields or not values:
+        raise ValueError(f"--vary {text!r} must look like FIELD=V1,V2 with FIELD a setting (e.g. init, scaling, top_k, "
+                         "aux_loss_coef, routing)")  # fmt: skip
+    base, _ = field_type(fields[name])
+    parsed = []
+    for value in (v.strip() for v in values.split(",") if v.strip()):
+        try:
+            parsed.append({"true": True, "false": False}[value.lower()] if base is bool else base(value))
+        except (ValueError, KeyError):
+            raise ValueError(f"--vary {name}={value!r}: {name} takes {base.__name__} values") from None
+    return name, parsed
+
+
+# ---- equal budgets ------------------------------------------------------------------------------
+def trainable_count(parts, settings: RunSettings, method: str, rank: int) -> int:
+    """Trainable parameters of `method` at `rank` on a copy of the task's base model. Initialisations
+    that cost an SVD are replaced by one with the same parameters (GOAT's by zero-init, PiSSA's and
+    MiLoRA's by LoRA's): the count does not depend on them."""
+    proxy = {"goat": "molora", "goat_mini": "molora", "goat_s": "molora", "pissa": "lora", "milora": "lora"}.get(method, method)
+    # alpha, init and scale change no count; fixed values keep every proxy buildable
+    trial = settings.replace(method=proxy, rank=rank, lora_alpha=2.0 * rank, init="zero", scaling="alpha")
+    model = prepare_model(proxy, copy.deepcopy(parts.model), trial, parts.targets, parts.head)
+    return count_parameters(model)[0]
+
+
+def param_budget(entries: list[Entry], settings: RunSettings, task, meta: dict, budget: str) -> dict[str, dict]:
+    """label -> {"rank", "trainable_params", "exempt", "within_budget"}: under budget "params" every
+    adapter's rank is the one whose trainable count is nearest GOAT's at settings.rank (counts are
+    linear in the rank, so two counts give the line); GOAT-family rows keep settings.rank."""
+    if budget not in BUDGETS:
+        raise ValueError(f"--budget {budget!r} is not allowed; choose one of {', '.join(BUDGETS)}")
+    parts = task.build(settings, meta)
+    target = trainable_count(parts, settings, "goat", settings.rank)
+    plan = {}
+    for entry in entries:
+        entry_settings = settings.replace(**entry.overrides)
+        if entry.method in EXEMPT:
+            count = trainable_count(parts, entry_settings, entry.method, entry_settings.rank)
+            plan[entry.label] = {"rank": None, "trainable_params": count, "exempt": True, "within_budget": None}
+            continue
+        rank = entry_settings.rank
+        if budget == "params" and entry.method not in GOAT_METHODS:
+            one, two = (trainable_count(parts, entry_settings, entry.method, r) for r in (1, 2))
+            slope = max(two - one, 1)
+            guess = max(1, round(1 + (target - one) / slope))
+            rank = min((max(1, guess + d) for d in (-1, 0, 1)), key=lambda r: abs(one + (r - 1) * slope - target))
+        count = trainable_count(parts, entry_settings, entry.method, rank)
+        plan[entry.label] = {"rank": rank, "trainable_params": count, "exempt": False,
+                             "within_budget": abs(count - target) <= BUDGET_TOLERANCE * target}  # fmt: skip
+    plan["_goat_target"] = {"trainable_params": target}
+    return plan
+
+
+# ---- the comparison -----------------------------------------------------------------------------
+def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list[int],
+            lr_grid: dict[str, list[float]] | None = None, budget: str = "params", overwrite: bool = False,
+            settings: dict | None = None, log=print, resume: bool = False) -> dict:  # fmt: skip
     from ..report import write_compare_report
 
-    for method in methods:
-        check_method(method)
     check_output(output, overwrite)
-    grids = {m: list((lr_grid or {}).get(m) or DEFAULT_LR_GRID[m]) for m in methods}
-    _, task = resolve_settings(base.replace(method=methods[0]))  # the task and its checks, before any run
-    plan = {"methods": list(methods), "seeds": list(seeds), "base": base.to_dict(), "lr_grid": grids}
+    grids = {e.label: list((lr_grid or {}).get(e.label) or (lr_grid or {}).get(e.method) or DEFAULT_LR_GRID[e.method])
+             for e in entries}  # fmt: skip
+    first, task = resolve_settings(base.replace(method=entries[0].method, **entries[0].overrides))
+    data_by_seed = {seeds[0]: task.load_data(first.replace(seed=seeds[0]))}
+    ranks = param_budget(entries, first, task, data_by_seed[seeds[0]].meta, budget)
+    plan = {"entries": [e.__dict__ for e in entries], "seeds": list(seeds), "base": base.to_dict(), "lr_grid": grids,
+            "budget": budget}  # fmt: skip
+    for entry in entries:  # every row's settings checked before the first run starts
+        for lr in grids[entry.label]:
+            resolve_settings(base.replace(method=entry.method, rank=ranks[entry.label]["rank"] or base.rank, lr=lr,
+                                          **entry.overrides))  # fmt: skip
     staging = _compare_staging(output, plan, resume)
     results: list[dict] = []
-    data_by_seed: dict[int, object] = {}
     try:
         total, done = sum(len(g) for g in grids.values()) * len(seeds), 0
-        metric = None
-        for method in methods:
-            for lr in grids[method]:
+        for entry in entries:
+            rank = ranks[entry.label]["rank"] or base.rank
+            for lr in grids[entry.label]:
                 for seed in seeds:
-                    args, task = resolve_settings(base.replace(method=method, lr=lr, seed=seed))
-                    metric = args.metric
-                    if seed not in data_by_seed:  # the same seeded splits for every method
+                    args, _ = resolve_settings(base.replace(method=entry.method, rank=rank, lr=lr, seed=seed,
+                                                            **entry.overrides))  # fmt: skip
+                    if seed not in data_by_seed:  # the same seeded splits (and data order) for every method
                         data_by_seed[seed] = task.load_data(args)
-                    run_name = f"{method}-lr{lr:g}-seed{seed}"
-                    run_dir = os.path.join(staging, "runs", run_name)
+                    name = f"{entry.label}-lr{lr:g}-seed{seed}".replace("[", "_").replace("]", "").replace("=", "-")
+                    run_dir = os.path.join(staging, "runs", name)
                     finished = os.path.join(run_dir, "metrics.json")
                     if os.path.isfile(finished):  # done before an interruption (only with resume)
                         with open(finished, encoding="utf-8") as fh:
                             metrics = json.load(fh)
                     else:
-                        metrics = train(args, run_dir, quiet=True, save_weights=False, plots=False,
-                                        data=data_by_seed[seed])  # fmt: skip
+                        metrics = train(args, run_dir, quiet=True, save_weights=False, plots=False, data=data_by_seed[seed])
                     done += 1
-                    row = {k: metrics.get(k) for k in ("method", "trainable_params", "trainable_percent",
-                                                        "step_time_s", "peak_memory_mb", "wall_time_s", "router")}  # fmt: skip
-                    row.update(validation=metrics.get(f"validation_{metric}"), test=metrics.get(f"test_{metric}"),
+                    row = {k: metrics.get(k) for k in ("method", "trainable_params", "trainable_percent", "step_time_s",
+                                                        "peak_memory_mb", "wall_time_s", "router", "selected_epoch")}  # fmt: skip
+                    row.update(label=entry.label, rank=rank if entry.method not in EXEMPT else None, lr=lr, seed=seed,
+                               validation=metrics.get(f"validation_{args.metric}"), test=metrics.get(f"test_{args.metric}"),
                                test_metrics={k[5:]: v for k, v in metrics.items() if k.startswith("test_")},
-                               lr=lr, seed=seed, run=f"runs/{run_name}")  # fmt: skip
+                               run=f"runs/{name}")  # fmt: skip
                     results.append(row)
-                    log(f"[{done}/{total}] {method:<9} lr={lr:<7g} seed={seed}  validation {metric} "
-                        f"{_fmt(row['validation'])}  test {_fmt(row['test'])}  ({row['wall_time_s']:.0f} s)")  # fmt: skip
+                    log(f"[{done}/{total}] {entry.label:<22} lr={lr:<7g} seed={seed}  validation {args.metric} "
+                        f"{_fmt(row['validation'])}  test {_fmt(row['test'])}  epoch {row['selected_epoch']}  "
+                        f"({row['wall_time_s']:.0f} s)")  # fmt: skip
                     # a partial report after every run: a long comparison can be read while it runs
                     write_json(os.path.join(staging, "results.partial.json"), {"runs": results})
-        first = data_by_seed[seeds[0]]
-        report_settings = {**(settings or {}), "task": task.name, "metric": metric, "baseline_name": task.baseline_name,
-                           "lower_is_better": metric in task.lower_is_better}  # fmt: skip
-        summary = write_compare_report(staging, results, report_settings, task.constant_baseline(first))
+        report_settings = {**(settings or {}), "task": task.name, "data": first.data, "model": first.model,
+                           "metric": first.metric, "budget": budget,
+                           "select": first.select, "baseline_name": task.baseline_name,
+                           "lower_is_better": first.metric in task.lower_is_better,
+                           "reference": "goat" if "goat" in grids else entries[0].label, "ranks": ranks}  # fmt: skip
+        summary = write_compare_report(staging, results, report_settings, task.constant_baseline(data_by_seed[seeds[0]]))
         for name in ("results.partial.json", COMPARE_PLAN):
             os.unlink(os.path.join(staging, name))
         publish(staging, output)

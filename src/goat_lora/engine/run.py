@@ -48,7 +48,15 @@ from .folders import (
     write_jsonl,
 )
 from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
-from .trainer import ExpertLoadCallback, goat_model, make_trainer, peak_memory_mb, reset_peak_memory, training_arguments
+from .trainer import (
+    BestEpoch,
+    ExpertLoadCallback,
+    goat_model,
+    make_trainer,
+    peak_memory_mb,
+    reset_peak_memory,
+    training_arguments,
+)
 
 CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE = "config.json", "metrics.json", "predictions.jsonl"
 
@@ -70,10 +78,10 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
     elif values["metric"] not in task.metrics:
         raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
     resolved = RunSettings(**values).validate()
-    if resolved.method in GOAT_METHODS or resolved.method == "hydralora":
+    if resolved.method in GOAT_METHODS:  # HydraLoRA's experts share one A of the full rank: any rank will do
         if resolved.rank % resolved.experts:
             raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
-        routed = resolved.experts - (resolved.routing == "shared" and resolved.method != "hydralora")
+        routed = resolved.experts - (resolved.routing == "shared")
         if resolved.top_k > routed:
             raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}"
                              + (" - 1 with --routing shared (one expert is shared)" if routed < resolved.experts else ""))  # fmt: skip
@@ -163,13 +171,24 @@ def _train_in(staging, task, settings, data, parts, model, quiet, started, check
     def validate() -> dict:
         return evaluate_split(task, model, data.validation, parts, settings, device)[0].metrics
 
-    trainer = make_trainer(model, training_args, settings, staging, [callback], quiet, data_collator=parts.collator,
-                           train_dataset=data.train, eval_dataset=data.validation if validating else None,
-                           goat_validate=validate)  # fmt: skip
+    best = BestEpoch(model, settings.metric, settings.metric in task.lower_is_better,
+                     os.path.join(staging, TRAINER_DIR) if settings.save_steps else None)  # fmt: skip
+    if checkpoint is not None:
+        best.resume(int(checkpoint.rsplit("-", 1)[-1]))
+    trainer = make_trainer(model, training_args, settings, staging, [callback, best], quiet,
+                           data_collator=parts.collator, train_dataset=data.train,
+                           eval_dataset=data.validation if validating else None, goat_validate=validate)  # fmt: skip
     trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.time() - start
+    if settings.select == "best-epoch":
+        best.restore()  # test and save the epoch with the best validation metric
     test, load = evaluate_split(task, model, data.test, parts, settings, device)
     metrics = run_metrics(task, settings, data, trainer, callback, test, load, counts, train_time, time.time() - started)
+    selected = settings.select == "best-epoch" and best.state is not None
+    metrics["best_epoch"] = best.epoch  # the epoch with the best validation metric (None without validation)
+    metrics["selected_epoch"] = best.epoch if selected else trainer.state.epoch  # the epoch tested and saved
+    if selected:  # the validation value of the tested model, which goat compare ranks learning rates by
+        metrics[f"validation_{settings.metric}"] = best.value
     scaleout.gather_full_parameters(model)  # FSDP2: full tensors before rank 0 saves (every rank takes part)
     shutil.rmtree(os.path.join(staging, TRAINER_DIR), ignore_errors=True)
     if not main_process:

@@ -100,6 +100,113 @@ class ExpertLoadCallback(TrainerCallback):
         self.step_times.append(time.perf_counter() - self._step_start)
 
 
+class ConsoleProgress(TrainerCallback):
+    """What a person watching a run sees: one progress bar over the optimisation steps whose postfix
+    holds the last logged loss, learning rate, balance loss and expert balance, and one line per
+    evaluation. It replaces the Trainer's printed dictionaries; the logs still reach TensorBoard,
+    wandb and metrics.json unchanged. Only the main process prints."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0.0):.2e}"}
+        if "aux_loss" in logs:
+            shown["aux"] = f"{logs['aux_loss']:.2f}"
+        if "expert_balance" in logs:
+            shown["balance"] = f"{logs['expert_balance']:.3f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.bar is None or not metrics:
+            return
+        values = ", ".join(f"{key[5:]} {value:.4f}" for key, value in metrics.items()
+                           if key.startswith("eval_") and key != "eval_runtime" and isinstance(value, (int, float)))  # fmt: skip
+        self.bar.write(f"epoch {state.epoch:g}: validation {values} ({metrics.get('eval_runtime', 0.0):.1f} s)")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class BestEpoch(TrainerCallback):
+    """Keeps a copy of the trainable parameters of the epoch whose validation metric was best, so the
+    run can be tested (and saved) at that epoch: the paper's protocol. The copy lives in CPU memory
+    (the trainable parameters only: a LoRA's worth for the adapters, the whole model for full
+    fine-tuning) and, when the run checkpoints for --resume, in `folder` as well."""
+
+    FILE = "best_epoch.safetensors"
+
+    def __init__(self, model, metric: str, lower_is_better: bool, folder: str | None = None) -> None:
+        self.model, self.metric, self.lower_is_better, self.folder = model, metric, lower_is_better, folder
+        self.value: float | None = None
+        self.loss: float | None = None  # the validation loss at the best epoch: breaks ties of the metric
+        self.epoch: float | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def _better(self, value: float, loss: float | None) -> bool:
+        """A better metric wins; an equal one wins with a lower validation loss (an exact match stuck
+        at 0 for several epochs then still picks the epoch whose model is closest to the answers)."""
+        if value is None or value != value:  # NaN never wins
+            return False
+        if self.value is None or value != self.value:
+            return self.value is None or (value < self.value if self.lower_is_better else value > self.value)
+        return loss is not None and self.loss is not None and loss < self.loss
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value, loss = (metrics or {}).get(f"eval_{self.metric}"), (metrics or {}).get("eval_loss")
+        if not self._better(value, loss):
+            return
+        self.value, self.loss, self.epoch = float(value), loss, state.epoch
+        self.state = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()
+                      if p.requires_grad}  # fmt: skip
+        if self.folder is not None and state.is_world_process_zero:
+            import safetensors.torch
+
+            from ..config import atomic_write_bytes
+
+            meta = {"epoch": str(self.epoch), "value": str(self.value), "loss": str(self.loss), "step": str(state.global_step)}
+            atomic_write_bytes(os.path.join(self.folder, self.FILE), safetensors.torch.save(self.state, metadata=meta))
+
+    def resume(self, up_to_step: int) -> None:
+        """After --resume: the best epoch seen before the checkpoint at `up_to_step` (a later one is
+        replayed by the resumed training)."""
+        path = os.path.join(self.folder or "", self.FILE)
+        if self.folder is None or not os.path.isfile(path):
+            return
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata()
+            if int(meta["step"]) <= up_to_step:
+                self.state = {key: fh.get_tensor(key) for key in fh.keys()}
+                self.value, self.epoch = float(meta["value"]), float(meta["epoch"])
+                self.loss = None if meta["loss"] == "None" else float(meta["loss"])
+
+    def restore(self) -> None:
+        """Put the best epoch's parameters back into the model (nothing when no validation ran)."""
+        if self.state is None:
+            return
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.state:
+                    param.copy_(self.state[name])
+
+
 def warmup_arguments(ratio: float, fields=None) -> dict:
     """The TrainingArguments that give a warm-up over `ratio` of the steps: transformers 4.x has
     `warmup_ratio` (its `warmup_steps` is an integer count, and 0.06 steps would mean no warm-up);
@@ -139,15 +246,15 @@ def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> Tr
 
 def make_trainer(model, training_args: TrainingArguments, settings, staging: str, callbacks: list, quiet: bool,
                  **trainer_kwargs) -> GoatTrainer:  # fmt: skip
-    """A GoatTrainer with the given callbacks and the scale-out ones (TensorBoard into
-    RUN/tensorboard), the run's shuffling, and no printing when `quiet`."""
-    trainer = GoatTrainer(model=model, args=training_args, callbacks=[*callbacks, *scaleout.callbacks(settings, staging)],
-                          goat_shuffle=settings.shuffle, **trainer_kwargs)  # fmt: skip
-    if quiet:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    """A GoatTrainer with the given callbacks, the console progress (none when `quiet`) and the
+    scale-out ones (TensorBoard into RUN/tensorboard), and the run's shuffling."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+    console = [] if quiet else [ConsoleProgress()]
+    trainer = GoatTrainer(model=model, args=training_args, goat_shuffle=settings.shuffle,
+                          callbacks=[*callbacks, *console, *scaleout.callbacks(settings, staging)], **trainer_kwargs)  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # the raw dictionaries; ConsoleProgress shows them readably
+    trainer.remove_callback(ProgressCallback)
     return trainer
 
 

@@ -3,15 +3,18 @@ one line in TASKS (docs/design.md shows it)."""
 
 from __future__ import annotations
 
-from . import causal_lm, classification, regression
 from .base import Task
 from .causal_lm import CausalLM
 from .classification import Classification
+from .image import ImageClassification
+from .qa import QA
 from .regression import Regression
 
 TASKS: dict[str, Task] = {
     "classification": Classification(),
     "regression": Regression(),
+    "image-classification": ImageClassification(),
+    "qa": QA(),
     "causal-lm": CausalLM(),
 }
 
@@ -23,4 +26,4 @@ def get_task(name: str) -> Task:
 
 
 # Names --data resolves without files or network (each family's built-in data sets).
-BUILTIN_DATA = frozenset({*classification.BUILTINS, *regression.BUILTINS, causal_lm.BUILTIN_INSTRUCTIONS})
+BUILTIN_DATA = frozenset(name for task in TASKS.values() for name in task.builtin_data)

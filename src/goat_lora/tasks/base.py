@@ -80,6 +80,7 @@ class Task(Protocol):
     metrics: tuple[str, ...]  # metric names, the default --metric first
     lower_is_better: frozenset[str]  # metrics where smaller wins (mse, loss, perplexity)
     baseline_name: str  # what constant_baseline predicts, for the printed summary ("majority class")
+    builtin_data: tuple[str, ...]  # --data names the family resolves without files or network
 
     def defaults(self, settings) -> dict[str, Any]: ...
 

@@ -50,6 +50,7 @@ class CausalLM:
     metrics = ("perplexity", "loss")
     lower_is_better = frozenset({"perplexity", "loss"})
     baseline_name = "constant"
+    builtin_data = (BUILTIN_INSTRUCTIONS,)
 
     def defaults(self, settings) -> dict:
         data = settings.data or BUILTIN_INSTRUCTIONS

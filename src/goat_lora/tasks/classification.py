@@ -85,6 +85,7 @@ class Classification:
     metrics = ("accuracy", "macro_f1", "matthews_corrcoef")
     lower_is_better = frozenset({"loss"})
     baseline_name = "majority class"
+    builtin_data = tuple(BUILTINS)
 
     def defaults(self, settings) -> dict:
         data = settings.data or "finefoods"

@@ -42,6 +42,7 @@ class Regression:
     metrics = ("pearson", "spearman", "mse")
     lower_is_better = frozenset({"mse", "loss"})
     baseline_name = "training mean"
+    builtin_data = tuple(BUILTINS)
 
     def defaults(self, settings) -> dict:
         return {"data": settings.data or "tate", "model": DEFAULT_TEXT_MODEL, "text_column": "text",

