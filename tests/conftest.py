@@ -56,6 +56,34 @@ def tiny_llama(seed: int = 0, hidden: int = 32, dtype: torch.dtype = torch.float
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def save_tiny_decoder(folder) -> str:
+    """Write a tiny random LlamaForCausalLM (2 layers, hidden 32) and a 300-token byte-level BPE tokenizer
+    trained on the shipped instruction set to `folder`, as from_pretrained reads them; returns the folder."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from goat_lora.tasks.causal_lm import instructions_path
+
+    with open(instructions_path(), encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(str(folder))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    return str(folder)
+
+
 def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -26,6 +26,7 @@ _EXPORTS = {  # public name -> submodule that defines it
     "evaluate_run": "engine",
     "load_run": "engine",
     "get_task": "tasks",
+    "register_with_peft": "peft_integration",
 }
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "get_goat_model",
     "get_task",
     "load_run",
+    "register_with_peft",
     "train",
 ]
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below l
     from .layer import GoatLayer
     from .engine import evaluate_run, load_run, train
     from .model import GoatModel, get_goat_model
+    from .peft_integration import register_with_peft
     from .settings import RunSettings
     from .tasks import get_task
 

@@ -4,6 +4,7 @@
     goat train --task regression --data tate
     goat train --method lora --data pairs.csv --text-column sentence1 --text-pair-column sentence2
     goat eval --adapter runs/RUN        reload a run and evaluate it on its test split or --data
+    goat eval --adapter runs/RUN --harness TASK   ... or with lm-evaluation-harness tasks (goat-lora[eval])
     goat compare --methods goat lora    methods x seeds x a small lr grid -> report.md / .json / .png
     goat bench ...                      speed and memory of the GOAT layer (goat_lora.bench)
     goat inspect [--model M]            which layers GOAT adapts, their shapes and scales
@@ -110,11 +111,22 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     """Reload a saved run (any task family, also runs of goat-lora 0.1.0) onto its base model and
     evaluate it: on the run's own test split, or on --data (a built-in data set, a file, a hub data
     set with the run's classes). Writes metrics.json (the run's metric names), predictions.jsonl
-    where the task generates, and expert_load.png."""
+    where the task generates, and expert_load.png. With --harness: lm-evaluation-harness tasks instead
+    (decoders; harness.json)."""
     from .engine import evaluate_run
     from .tasks import get_task
 
-    metrics = evaluate_run(ns.adapter, ns.output, overrides=given_knobs(ns), overwrite=ns.overwrite)
+    given = given_knobs(ns)
+    if given.get("harness"):
+        from .harness import harness_eval
+
+        summary = harness_eval(ns.adapter, ns.output, overrides=given, overwrite=ns.overwrite)
+        print(summary["table"].rstrip())
+        print(f"eval folder: {summary['output']}")
+        return 0
+    if given.get("harness_include") or given.get("harness_limit"):
+        raise ValueError("--harness-include and --harness-limit need --harness TASK")
+    metrics = evaluate_run(ns.adapter, ns.output, overrides=given, overwrite=ns.overwrite)
     task = get_task(metrics["task"])
     metric = metrics["metric"]
     others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]

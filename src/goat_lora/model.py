@@ -1,20 +1,33 @@
-"""GoatModel: a model whose target layers carry GOAT adapters, with PEFT-like conveniences."""
+"""GoatModel: a model whose target layers carry GOAT adapters, with PEFT-like conveniences.
+
+Several adapters on one base (`add_adapter`, `load_adapter`, `set_adapter`, `delete_adapter`): the layers
+hold the active adapter only. An inactive adapter is kept as the tensors its checkpoint holds (a
+`SavedAdapter`), and switching unloads the active one (the base weights come back bit for bit, see
+GoatLayer.restore_base_weight) and adapts the base again from the other's tensors, the very operations
+`from_pretrained` runs on a fresh base. So switching gives the logits of loading that adapter alone,
+bit for bit, and no sequence of switches drifts the base weights.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
-from .checkpoint import read_adapter, save_adapter
+from .checkpoint import SavedAdapter, read_adapter, save_adapter
 from .config import GoatConfig
 from .inject import find_modules_to_save, find_target_modules, inject_goat_layers, replace_module
 from .layer import GoatLayer
+
+DEFAULT_ADAPTER = "default"  # peft's name for the first adapter
 
 
 def get_goat_model(model: nn.Module, config: GoatConfig) -> "GoatModel":
@@ -24,14 +37,37 @@ def get_goat_model(model: nn.Module, config: GoatConfig) -> "GoatModel":
         raise ValueError("the model is already a GoatModel; call unload() first to adapt it again")
     if not isinstance(config, GoatConfig):
         raise ValueError(f"config must be a GoatConfig, got {type(config).__name__}")
-    targets = find_target_modules(model, config)
+    return GoatModel(model, *adapt_in_place(model, config))
+
+
+class Adapted(NamedTuple):
+    """One adapter put onto a base model: what GoatModel needs to know about it."""
+
+    config: GoatConfig
+    layers: dict[str, GoatLayer]
+    modules_to_save: list[str]
+    saved_originals: dict[str, dict[str, torch.Tensor]]  # modules_to_save -> their state before adapting
+    original_requires_grad: dict[str, bool]
+
+
+def adapt_in_place(model: nn.Module, config: GoatConfig, saved: SavedAdapter | None = None) -> Adapted:
+    """Adapt `model` in place, from the SVD of its weights (`saved` None) or from a saved adapter's tensors
+    (read from disk by read_adapter, or kept in memory by a GoatModel): then no SVD runs."""
+    targets = find_target_modules(model, config) if saved is None else saved.targets
     original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    saved = find_modules_to_save(model, config)
+    to_save = find_modules_to_save(model, config) if saved is None else list(saved.module_states)
     saved_originals = {
-        name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()} for name in saved
+        name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()} for name in to_save
     }
-    layers = inject_goat_layers(model, config, targets)
-    return GoatModel(model, config, layers, saved, saved_originals, original_requires_grad)
+    layers = inject_goat_layers(model, config, targets, saved_factors=None if saved is None else saved.factors)
+    if saved is not None:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A.copy_(saved.trained[name]["lora_A"])
+                layer.lora_B.copy_(saved.trained[name]["lora_B"])
+        for name, state in saved.module_states.items():
+            model.get_submodule(name).load_state_dict(state, strict=True)
+    return Adapted(config, layers, to_save, saved_originals, original_requires_grad)
 
 
 class GoatModel(nn.Module):
@@ -53,12 +89,29 @@ class GoatModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = base_model
-        self.goat_config = config
-        self.goat_layer_names = list(layers)
-        self.modules_to_save = list(modules_to_save)
-        self._saved_originals = saved_originals
-        self._original_requires_grad = original_requires_grad
+        self.active_adapter = DEFAULT_ADAPTER
+        self._inactive: dict[str, _Parked] = {}  # the other adapters, taken off the base (_park)
+        self._frozen = False  # from_pretrained(is_trainable=False): every adapter is loaded frozen
+        self._disabled = False  # inside disable_adapter()
+        self._attach(Adapted(config, layers, modules_to_save, saved_originals, original_requires_grad))
+        # Let inspect.signature(model.forward) show the base model's arguments: the transformers
+        # Trainer drops dataset columns that the forward does not name.
+        self.forward = functools.update_wrapper(functools.partial(GoatModel._forward, self), base_model.forward)
+
+    def _attach(self, adapted: Adapted) -> None:
+        """Take `adapted` (just put onto self.base_model) as the active adapter."""
+        self._active = adapted
+        self.goat_config = adapted.config
+        self.goat_layer_names = list(adapted.layers)
+        self.modules_to_save = list(adapted.modules_to_save)
+        self._saved_originals = adapted.saved_originals
+        self._original_requires_grad = adapted.original_requires_grad
         self._set_trainable()
+        if self._frozen:
+            for param in self.base_model.parameters():
+                param.requires_grad_(False)
+        for layer in adapted.layers.values():  # new layers follow the wrapper's train / eval mode (dropout)
+            layer.train(self.training)
         # DDP must not broadcast the layers' buffers from rank 0 at every forward: load_counts is
         # per-process bookkeeping (expert_load() sums it over processes; a broadcast replaced every
         # rank's counts with rank 0's), and init_A / init_B / expert_scale are frozen and equal on
@@ -68,18 +121,22 @@ class GoatModel(nn.Module):
             for name in self.goat_layer_names
             for buffer in ("load_counts", "init_A", "init_B", "expert_scale")
         ]
-        # Let inspect.signature(model.forward) show the base model's arguments: the transformers
-        # Trainer drops dataset columns that the forward does not name.
-        self.forward = functools.update_wrapper(functools.partial(GoatModel._forward, self), base_model.forward)
 
     # ---- forward ------------------------------------------------------------------------------
     def _forward(self, *args, **kwargs):
-        mask = kwargs.get("attention_mask") if self.goat_config.aux_loss_ignore_padding else None
+        with self.padding_mask(kwargs.get("attention_mask")):
+            return self.base_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def padding_mask(self, attention_mask: torch.Tensor | None):
+        """Inside: the balance loss skips padding tokens (with aux_loss_ignore_padding). The forward sets
+        it; code that calls the wrapped model directly (TRL's trainers, peft's PeftModel) uses this."""
+        mask = attention_mask if self.goat_config.aux_loss_ignore_padding else None
         layers = list(self.goat_layers())
         for layer in layers:
             layer.token_mask = mask
         try:
-            return self.base_model(*args, **kwargs)
+            yield
         finally:
             for layer in layers:
                 layer.token_mask = None
@@ -207,48 +264,205 @@ class GoatModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- save / load / unload -----------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write adapter_config.json and adapter_model.safetensors (PEFT's layout), atomically."""
-        save_adapter(self, save_directory)
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write adapter_config.json and adapter_model.safetensors (PEFT's layout), atomically: the active
+        adapter into `save_directory`; with `selected_adapters`, each of them, "default" into
+        `save_directory` and any other into `save_directory/<name>` (peft's layout for several adapters)."""
+        if selected_adapters is None:
+            save_adapter(self, save_directory)
+            return
+        for name in selected_adapters:
+            self._check_adapter(name)
+        active = self.active_adapter
+        try:
+            for name in selected_adapters:  # saving reads the layers, so each one in turn becomes active
+                self.set_adapter(name)
+                save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name))
+        finally:
+            self.set_adapter(active)
 
     @classmethod
     def from_pretrained(
-        cls, base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False
-    ) -> "GoatModel":
+        cls, base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> "GoatModel":  # fmt: skip
         """Rebuild a saved GoatModel on a fresh copy of its base model; no SVD runs. Every check of
         the saved files against the base model passes before the model is changed."""
+        _check_name(adapter_name)
         saved = read_adapter(base_model, adapter_directory)
-        original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
-        saved_originals = {
-            name: {k: v.detach().clone() for k, v in base_model.get_submodule(name).state_dict().items()}
-            for name in saved.module_states
-        }
-        layers = inject_goat_layers(base_model, saved.config, saved.targets, saved_factors=saved.factors)
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.lora_A.copy_(saved.trained[name]["lora_A"])
-                layer.lora_B.copy_(saved.trained[name]["lora_B"])
-        for name, state in saved.module_states.items():
-            base_model.get_submodule(name).load_state_dict(state, strict=True)
-        model = cls(base_model, saved.config, layers, list(saved.module_states), saved_originals, original_requires_grad)
+        model = cls(base_model, *adapt_in_place(base_model, saved.config, saved))
+        model.active_adapter = adapter_name
         if not is_trainable:
-            for param in model.parameters():
-                param.requires_grad_(False)
-            model.eval()
+            model._freeze()
         return model
 
+    def _freeze(self) -> None:
+        """Every parameter frozen and eval mode, also for adapters activated later (inference only)."""
+        self._frozen = True
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self.eval()
+
     def unload(self) -> nn.Module:
-        """Return the base model with its original weights: W_res added back to every adapted layer
-        (equal to the original within the dtype's rounding), modules_to_save restored, and each
-        parameter's requires_grad as it was. The GoatModel must not be used afterwards."""
-        for name, layer in list(self.named_goat_layers()):
-            replace_module(self.base_model, name, layer.restore_base_weight())
-        for name, original in self._saved_originals.items():
-            self.base_model.get_submodule(name).load_state_dict(original)
-        for name, param in self.base_model.named_parameters():
-            param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
-        self.goat_layer_names = []
+        """Return the base model with its original weights, bit for bit (W_res added back, the entries that
+        rounding would change written from the patch kept at adapting), modules_to_save restored, and each
+        parameter's requires_grad as it was. Inactive adapters are dropped. The GoatModel must not be used
+        afterwards."""
+        self._refuse_inside_disable("unload()")
+        self._park()
+        self._inactive.clear()
         return self.base_model
+
+    # ---- several adapters on one base ----------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters' names, the active one first."""
+        return [self.active_adapter, *self._inactive]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """peft's spelling: one adapter is active at a time."""
+        return [self.active_adapter]
+
+    def add_adapter(self, adapter_name: str, config: GoatConfig) -> None:
+        """A new adapter, initialised from the original weights' SVD as get_goat_model(base, config) would
+        (the same factors and router). It is kept inactive, as in peft: set_adapter(adapter_name) makes it
+        the one that runs and trains."""
+        self._check_new_adapter(adapter_name)
+        if not isinstance(config, GoatConfig):
+            raise ValueError(f"config must be a GoatConfig, got {type(config).__name__}")
+        active = self._park()
+        try:
+            self._inactive[adapter_name] = self._park(adapt_in_place(self.base_model, config))
+        finally:
+            self._unpark(active)
+
+    def load_adapter(self, adapter_directory: str | os.PathLike, adapter_name: str) -> None:
+        """Load a saved adapter beside the active one, inactive (as peft does); no SVD runs. Its files are
+        checked against the original base weights (as from_pretrained does) before anything is kept."""
+        self._check_new_adapter(adapter_name)
+        active = self._park()
+        try:
+            saved = read_adapter(self.base_model, adapter_directory)
+            self._inactive[adapter_name] = self._park(adapt_in_place(self.base_model, saved.config, saved))
+        finally:
+            self._unpark(active)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter that runs and trains: the base weights are those of loading it
+        alone, bit for bit. Its parameters are the same objects as before it was set aside, so an optimizer
+        built over them keeps working; the other adapters' parameters leave the model (and requires_grad)."""
+        self._check_adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            return
+        self._refuse_inside_disable("set_adapter()")
+        parked = self._inactive.pop(adapter_name)
+        self._inactive[self.active_adapter] = self._park()
+        self._unpark(parked)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget an inactive adapter (set another one active first to delete the active one)."""
+        self._check_adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            raise ValueError(
+                f"adapter {adapter_name!r} is active; set_adapter() another one first (unload() removes them all)"
+            )
+        del self._inactive[adapter_name]
+
+    def _park(self, adapted: Adapted | None = None) -> _Parked:
+        """Take an adapter (by default the active one) off the base: its layers give back W0 bit for bit and
+        leave the model, its modules_to_save return to their original state and requires_grad is restored.
+        What it returns puts the adapter back exactly (_unpark)."""
+        if adapted is None:
+            adapted = self._active
+            self._active = Adapted(self.goat_config, {}, [], {}, {})
+            self.goat_layer_names, self.modules_to_save = [], []
+        for name, layer in adapted.layers.items():
+            replace_module(self.base_model, name, layer.restore_base_weight())
+        states = {}
+        for name, original in adapted.saved_originals.items():
+            module = self.base_model.get_submodule(name)
+            states[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            module.load_state_dict(original)
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(adapted.original_requires_grad.get(name, param.requires_grad))
+        return _Parked(adapted, states)
+
+    def _unpark(self, parked: _Parked) -> None:
+        """Put a parked adapter back as the active one: the same layer objects, the same bits of W0 - W_res."""
+        adapted = parked.adapted
+        for name, layer in adapted.layers.items():
+            layer.to(layer.base_layer.weight.device)  # the model may have moved while it was parked
+            layer.subtract_residual()
+            replace_module(self.base_model, name, layer)
+        for name, state in parked.module_states.items():
+            self.base_model.get_submodule(name).load_state_dict(state)
+        self._attach(adapted)
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {self.adapters}")
+
+    def _check_new_adapter(self, adapter_name: str) -> None:
+        _check_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already ({self.adapters}); delete_adapter() it first")
+        self._refuse_inside_disable("adding an adapter")
+
+    # ---- the pretrained model, for a reference forward -----------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside: the pretrained model, e.g. the frozen reference of a DPO step or a KL penalty. Every
+        GoatLayer computes (W0 - W_res) x + b + W_res x (W_res x a rank-r product from the frozen initial
+        factors), so outputs equal the base model's within the base dtype's rounding; the weights are not
+        rewritten, because the autograd graph of an earlier forward (the policy's) holds them. No routing
+        runs, so the balance loss and expert load keep what the last adapted forward recorded;
+        modules_to_save are replaced by frozen copies in their original state (one transient copy each);
+        gradients are off. On exit the model is exactly the adapted one again (nothing was changed)."""
+        if self._disabled:  # nested: already the pretrained model
+            with torch.no_grad():
+                yield
+            return
+        layers = list(self.goat_layers())
+        trained = {}
+        for name in self.modules_to_save:
+            module = self.base_model.get_submodule(name)
+            original = copy.deepcopy(module)
+            original.load_state_dict(self._saved_originals[name], assign=True)  # shares the kept tensors
+            original.requires_grad_(False)
+            replace_module(self.base_model, name, original)
+            trained[name] = module
+        self._disabled = True
+        for layer in layers:
+            layer.adapter_disabled = True
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for layer in layers:
+                layer.adapter_disabled = False
+            for name, module in trained.items():
+                replace_module(self.base_model, name, module)
+            self._disabled = False
+
+    def _refuse_inside_disable(self, what: str) -> None:
+        if self._disabled:
+            raise RuntimeError(f"{what} is not allowed inside disable_adapter(); leave the context first")
+
+
+class _Parked(NamedTuple):
+    """An adapter taken off the base model: its layers (holding their tensors) and its modules_to_save's
+    trained state. Memory: the adapter's checkpoint tensors, 2 r (m + n) + R n + E float32 per layer."""
+
+    adapted: Adapted
+    module_states: dict[str, dict[str, torch.Tensor]]
+
+
+def _check_name(adapter_name: str) -> None:
+    # "/" or "." would break save_pretrained's sub-folder layout (and peft's state-dict keys)
+    if not isinstance(adapter_name, str) or not adapter_name or any(c in adapter_name for c in "/\\."):
+        raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '/', '\\' or '.'")
 
 
 def _distributed() -> bool:

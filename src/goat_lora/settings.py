@@ -150,6 +150,16 @@ class RunSettings:
     save_steps: int = knob(500, "checkpoint every N steps in the hidden staging folder, for --resume (0: none)",
                            minimum=0, commands=(TRAIN,))  # fmt: skip
 
+    # ---- goat eval with lm-evaluation-harness (goat_lora.harness) ----------------------------------
+    harness: list[str] | None = knob(
+        None, "score the run's model with lm-evaluation-harness tasks (their names, or tasks of --harness-include) "
+        "instead of its own test split; decoders only; needs pip install 'goat-lora[eval]'", commands=(EVAL,),
+        metavar="TASK")  # fmt: skip
+    harness_include: str | None = knob(None, "a folder of lm-eval task YAML files (e.g. examples/harness)",
+                                       commands=(EVAL,), metavar="DIR")  # fmt: skip
+    harness_limit: int | None = knob(None, "at most this many examples per harness task (default all)", minimum=1,
+                                     commands=(EVAL,))  # fmt: skip
+
     # ---- scale-out and reporting (goat_lora.scaleout, docs/scaling.md) ------------------------------
     shuffle: bool = knob(True, "shuffle the training data (--no-shuffle: sequential, so N processes see the "
                          "1-process run's global batches)")  # fmt: skip
