@@ -240,13 +240,17 @@ class GoatModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the base model with its original weights: W_res added back to every adapted layer
         (equal to the original within the dtype's rounding), modules_to_save restored, and each
-        parameter's requires_grad as it was. The GoatModel must not be used afterwards."""
+        parameter's requires_grad as it was. The GoatModel must not be used afterwards.
+        Quantized bases (GoatLayer.restore_base_weight): a base that arrived quantized comes back as the
+        same layers, bit for bit; layers GOAT quantized itself (GoatConfig.quantize) come back as the
+        bitsandbytes layers holding Q(W0 - W_res), frozen: a quantization of W0, not W0."""
         for name, layer in list(self.named_goat_layers()):
             replace_module(self.base_model, name, layer.restore_base_weight())
         for name, original in self._saved_originals.items():
             self.base_model.get_submodule(name).load_state_dict(original)
         for name, param in self.base_model.named_parameters():
-            param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
+            if param.is_floating_point():  # quantized codes cannot require gradients
+                param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
         self.goat_layer_names = []
         return self.base_model
 
