@@ -106,6 +106,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     set with the run's classes). Writes metrics.json (the run's metric names), predictions.jsonl
     where the task generates, and expert_load.png."""
     from .engine import evaluate_run
+    from .report import method_label
     from .tasks import get_task
 
     metrics = evaluate_run(ns.adapter, ns.output, overrides=given_knobs(ns), overwrite=ns.overwrite)
@@ -113,7 +114,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     metric = metrics["metric"]
     others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]
     print(f"test {metric} {metrics[f'test_{metric}']:.4f} on {metrics['num_examples']} examples | "
-          + "".join(f"{text}, " for text in others) + metrics["method"])  # fmt: skip
+          + "".join(f"{text}, " for text in others)
+          + method_label(metrics["method"], metrics.get("quantize")))  # fmt: skip
     if (metrics["eval_source"] or {}).get("note"):
         print(f"note: {metrics['eval_source']['note']}")
     print(f"eval folder: {metrics['output']}")
@@ -161,13 +163,15 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         "lr_grid": {m: list((grid or {}).get(m) or DEFAULT_LR_GRID[m]) for m in methods},
         "data": base.data,
         "model": base.model,
+        "quantize": base.quantize,
         "given": given_knobs(ns),
     }
     summary = compare(methods, base, output, seeds=seeds, lr_grid=grid, overwrite=ns.overwrite, settings=settings,
                       resume=ns.resume)  # fmt: skip
     with open(os.path.join(output, "report.json"), encoding="utf-8") as fh:
         report = json.load(fh)["settings"]
-    print(markdown_table(summary, report["metric"], lower_is_better=report["lower_is_better"]))
+    print(markdown_table(summary, report["metric"], lower_is_better=report["lower_is_better"],
+                         quantize=report.get("quantize")))  # fmt: skip
     print(f"report: {os.path.join(os.path.abspath(output), 'report.md')}")
     return 0
 

@@ -165,6 +165,18 @@ def summarize(results: list[dict], lower_is_better: bool = False) -> dict:
     return methods
 
 
+# What a method is called on a quantized base (--quantize): QLoRA and its kin.
+QUANTIZED_NAMES = {"lora": "QLoRA", "rslora": "QrsLoRA", "dora": "QDoRA", "pissa": "QPiSSA", "goat": "QGOAT",
+                   "goat_mini": "QGOAT-mini", "goat_s": "QGOAT-s", "molora": "QMoLoRA"}  # fmt: skip
+
+
+def method_label(method: str, quantize: str | None = None) -> str:
+    """The name a report shows: the method, or on a quantized base its Q-name (the kind added unless nf4)."""
+    if not quantize:
+        return method
+    return QUANTIZED_NAMES.get(method, method) + ("" if quantize == "nf4" else f" ({quantize})")
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
@@ -172,7 +184,8 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def markdown_table(methods: dict, metric: str = "accuracy", baseline: float | None = None,
-                   baseline_name: str = "constant prediction", lower_is_better: bool = False) -> str:  # fmt: skip
+                   baseline_name: str = "constant prediction", lower_is_better: bool = False,
+                   quantize: str | None = None) -> str:  # fmt: skip
     lines = [
         f"| method | test {metric} (mean ± std) | lr (chosen on validation) | trainable % | step time (s) | peak memory (MB) |",
         "|---|---|---|---|---|---|",
@@ -184,7 +197,7 @@ def markdown_table(methods: dict, metric: str = "accuracy", baseline: float | No
         if best is not None and m["test_mean"] == best:
             value = f"**{value}**"
         lines.append(
-            f"| {name} | {value} | {m['lr']:g} | {_fmt(m['trainable_percent'], '.3f')} | "
+            f"| {method_label(name, quantize)} | {value} | {m['lr']:g} | {_fmt(m['trainable_percent'], '.3f')} | "
             f"{_fmt(m['step_time_s'], '.3f')} | {_fmt(m['peak_memory_mb'], '.0f')} |"
         )
     if baseline is not None:
@@ -192,7 +205,8 @@ def markdown_table(methods: dict, metric: str = "accuracy", baseline: float | No
     return "\n".join(lines)
 
 
-def plot_compare(methods: dict, path: str, metric: str = "accuracy", title: str = "") -> None:
+def plot_compare(methods: dict, path: str, metric: str = "accuracy", title: str = "",
+                 quantize: str | None = None) -> None:  # fmt: skip
     names = list(methods)
     means = [methods[n]["test_mean"] for n in names]
     stds = [methods[n]["test_std"] for n in names]
@@ -207,7 +221,8 @@ def plot_compare(methods: dict, path: str, metric: str = "accuracy", title: str 
         ax.set_ylim(low - pad, high + pad)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(
-        [f"{n}\n{methods[n]['trainable_percent']:.2f}%\n{_fmt(methods[n]['step_time_s'], '.2f')}s/step\n"
+        [f"{method_label(n, quantize)}\n{methods[n]['trainable_percent']:.2f}%\n"
+         f"{_fmt(methods[n]['step_time_s'], '.2f')}s/step\n"
          f"{_fmt(methods[n]['peak_memory_mb'], '.0f')}MB" for n in names],  # fmt: skip
         fontsize=7,
     )
@@ -220,7 +235,10 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
     """Write report.json, report.md and compare.png into `folder`; return the summary. `settings`
     holds metric, lower_is_better, baseline_name, command, date, machine, data, model, seeds."""
     metric, lower = settings.get("metric", "accuracy"), bool(settings.get("lower_is_better"))
+    quantize = settings.get("quantize")
     methods = summarize(results, lower)
+    for name, summary in methods.items():
+        summary["label"] = method_label(name, quantize)
     report = {"settings": settings, "constant_baseline": baseline, "methods": methods, "runs": results}
     atomic_write_text(os.path.join(folder, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
     reference = (baseline or {}).get(metric)
@@ -232,12 +250,17 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
         f"Task: {settings.get('task')}; data: {settings.get('data')}, model: {settings.get('model')}; seeds "
         f"{settings.get('seeds')}; learning rate per method chosen on the validation split (carved from train), "
         f"{metric} reported on test.",
+        *([f"Base: the adapted layers quantized {quantize} by bitsandbytes (4-bit: double quantization), one quantizer "
+           f"for every method; GOAT quantizes W0 - W_res (QPiSSA's order), QPiSSA its residual W0 - s B A, the others "
+           f"W0; adapters, routers and the head in float32."] if quantize else []),
         "",
-        markdown_table(methods, metric, reference, settings.get("baseline_name", "constant prediction"), lower),
+        markdown_table(methods, metric, reference, settings.get("baseline_name", "constant prediction"), lower,
+                       quantize),
         "",
         "![comparison](compare.png)",
         "",
     ]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
-    plot_compare(methods, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}")
+    plot_compare(methods, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}",
+                 quantize=quantize)
     return methods

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-from ..baselines import DEFAULT_LR_GRID, check_method
+from ..baselines import DEFAULT_LR_GRID, check_method, check_quantize
 from ..settings import RunSettings
 from .folders import check_output, publish, staging_folder, staging_path, write_json
 from .run import resolve_settings, train
@@ -34,6 +34,7 @@ def compare(methods: list[str], base: RunSettings, output: str, *, seeds: list[i
 
     for method in methods:
         check_method(method)
+    check_quantize(methods, base.quantize)  # names every method without a quantized route, before any run
     check_output(output, overwrite)
     grids = {m: list((lr_grid or {}).get(m) or DEFAULT_LR_GRID[m]) for m in methods}
     _, task = resolve_settings(base.replace(method=methods[0]))  # the task and its checks, before any run
