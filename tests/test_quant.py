@@ -542,6 +542,30 @@ def test_ddp_on_cpu_runs_with_a_quantized_base(tiny_text, tmp_path):
     assert [h["loss"] for h in two["train_loss"]] == pytest.approx([h["loss"] for h in one["train_loss"]], abs=1e-5)
 
 
+@needs_bnb
+@pytest.mark.slow
+def test_sigkill_then_resume_on_a_quantized_base_matches_the_uninterrupted_run(tiny_text, tmp_path):
+    """Checkpoints of a --quantize run (the Trainer saves the bitsandbytes codes and statistics with the
+    model) resume after SIGKILL to the uninterrupted run's losses and test metrics."""
+    from conftest import run_until_stalled_then_kill
+
+    from goat_lora.cli import main
+
+    model_dir, data = tiny_text
+    run = ["train", "--data", data, "--model", model_dir, *TINY, "--batch-size", "4", "--epochs", "2", "--seed", "3",
+           "--quantize", "nf4", "--logging-steps", "1", "--save-steps", "4", "--lr", "1e-2"]  # fmt: skip
+    assert main([*run, "--output", str(tmp_path / "reference")]) == 0
+    out, marker = tmp_path / "run", tmp_path / "stalled"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": "7", "STALL_MARKER": str(marker),
+           "PYTHONPATH": os.path.join(REPO, "src")}  # fmt: skip
+    run_until_stalled_then_kill([*run, "--output", str(out)], env, marker)
+    assert main(["train", "--resume", str(out)]) == 0
+    reference, resumed = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("reference", "run"))
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+    assert [h["loss"] for h in resumed["train_loss"]] == pytest.approx([h["loss"] for h in reference["train_loss"]],
+                                                                       abs=1e-6)  # fmt: skip
+
+
 # ---- goat bench --quantize / --quant-error ---------------------------------------------------------------
 @needs_bnb
 @pytest.mark.slow
