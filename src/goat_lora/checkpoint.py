@@ -3,10 +3,14 @@
 The safetensors file holds, per adapted layer, the trained `lora_A`, `lora_B`, `router.weight`, the
 frozen initial factors `init_A`, `init_B` and scales `expert_scale` (so the residual W_res is
 rebuilt bit-for-bit without an SVD), and a small `base_fingerprint` of the original weight (so an
-adapter loaded onto another base model is refused). Files are written to a temporary name and
-renamed, so a crash never leaves a half-written adapter. adapter_config.json records the SHA-256 of
-the weights file (`weights_sha256`), so bytes changed after saving (or a weights file that does not
-belong to this config) are refused on load instead of silently giving other numbers.
+adapter loaded onto another base model is refused). Quantized bases (goat_lora.quant): a config with
+`quantize` rebuilds Q(W0 - W_res) from a full-precision base exactly (same float32 operations, same
+codes); layers whose base arrived quantized are listed in adapter_config.json's `base_quantization`,
+and loading requires a base quantized the same way (anything else is refused in one line).
+Files are written to a temporary name and renamed, so a crash never leaves a half-written adapter.
+adapter_config.json records the SHA-256 of the weights file (`weights_sha256`), so bytes changed
+after saving (or a weights file that does not belong to this config) are refused on load instead of
+silently giving other numbers.
 """
 
 from __future__ import annotations
@@ -22,26 +26,15 @@ from torch import nn
 
 from . import __version__
 from . import functional as F
+from . import quant
 from .config import GoatConfig, atomic_write_files
 from .inject import find_modules_to_save, find_target_modules
-from .layer import base_weight_2d, layer_shape
+from .layer import base_weight_2d, layer_shape, weight_fingerprint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "GOAT"
 _LAYER_KEYS = ("lora_A", "lora_B", "router.weight", "init_A", "init_B", "expert_scale", "base_fingerprint")
-_FINGERPRINT_POINTS = 16
-
-
-def weight_fingerprint(weight_2d: torch.Tensor) -> torch.Tensor:
-    """[mean, mean |w|, 16 entries at positions fixed by the shape] in float64: cheap, and enough to
-    tell one pretrained weight from another while tolerating a change of dtype."""
-    w = weight_2d.detach().to(torch.float64)
-    rows, cols = w.shape
-    generator = torch.Generator().manual_seed(rows * 100_003 + cols)
-    r = torch.randint(rows, (_FINGERPRINT_POINTS,), generator=generator)
-    c = torch.randint(cols, (_FINGERPRINT_POINTS,), generator=generator)
-    return torch.cat([torch.stack([w.mean(), w.abs().mean()]).cpu(), w[r.to(w.device), c.to(w.device)].cpu()])
 
 
 def _fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
@@ -52,17 +45,24 @@ def _fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
 def save_adapter(model, save_directory: str | os.PathLike) -> None:
     os.makedirs(save_directory, exist_ok=True)
     tensors = model.trainable_state_dict()
+    base_quantization = {}  # layers whose base arrived quantized: loading needs the same quantization
     for name, layer in model.named_goat_layers():
-        original = base_weight_2d(layer.base_layer).float() + layer.residual().to(layer.base_layer.weight.device)
-        tensors[f"{name}.base_fingerprint"] = weight_fingerprint(original)
+        if layer.original_fingerprint is not None:  # taken before the layer changed W0 (quantized bases)
+            tensors[f"{name}.base_fingerprint"] = layer.original_fingerprint
+        else:
+            original = base_weight_2d(layer.base_layer).float() + layer.residual().to(layer.base_layer.weight.device)
+            tensors[f"{name}.base_fingerprint"] = weight_fingerprint(original)
+        if layer.residual_at_runtime:
+            base_quantization[name] = quant.layer_quantization(layer.base_layer)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"format": "pt", "goat_lora_version": __version__}
     weights = safetensors.torch.save(tensors, metadata=metadata)
     layers = {name: list(layer_shape(layer.base_layer)) for name, layer in model.named_goat_layers()}
-    config_text = model.goat_config.to_json_text(
-        extra={"peft_type": PEFT_TYPE, "goat_lora_version": __version__, "layers": layers,
-               "weights_sha256": hashlib.sha256(weights).hexdigest()},
-    )
+    extra = {"peft_type": PEFT_TYPE, "goat_lora_version": __version__, "layers": layers,
+             "weights_sha256": hashlib.sha256(weights).hexdigest()}  # fmt: skip
+    if base_quantization:  # absent: every base layer was full precision (or GOAT quantized it: config.quantize)
+        extra["base_quantization"] = base_quantization
+    config_text = model.goat_config.to_json_text(extra=extra)
     # Both files are staged before either replaces the old one; if the process dies between the two
     # renames, the config's checksum refuses the mismatched pair on load.
     atomic_write_files({
@@ -71,8 +71,9 @@ def save_adapter(model, save_directory: str | os.PathLike) -> None:
     })
 
 
-def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a saved adapter, with a clear error for each way they can be bad."""
+def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig, dict[str, torch.Tensor], dict]:
+    """The config, tensors and metadata (adapter_config.json as read) of a saved adapter, with a clear
+    error for each way they can be bad."""
     folder = str(adapter_directory)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"adapter directory {folder!r} does not exist")
@@ -83,7 +84,8 @@ def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig
             raise FileNotFoundError(f"adapter file {path!r} is missing")
     config = GoatConfig.load(config_path)
     with open(config_path, encoding="utf-8") as fh:
-        expected_sha256 = json.load(fh).get("weights_sha256")  # absent in adapters saved before it existed
+        metadata = json.load(fh)
+    expected_sha256 = metadata.get("weights_sha256")  # absent in adapters saved before it existed
     with open(weights_path, "rb") as fh:
         weights = fh.read()
     if expected_sha256 is not None and hashlib.sha256(weights).hexdigest() != expected_sha256:
@@ -95,7 +97,29 @@ def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig
         tensors = safetensors.torch.load(weights)
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"adapter weights {weights_path!r} are unreadable (truncated or corrupt): {err}") from None
-    return config, tensors
+    return config, tensors, metadata
+
+
+def _check_base_quantization(name: str, module: nn.Module, config: GoatConfig, saved: str | None) -> None:
+    """The base layer must hold what the adapter was trained on: a full-precision W0 where GOAT quantizes
+    it (config.quantize) or where it was full precision, the same bitsandbytes quantization where the base
+    arrived quantized. Another quantization moves the frozen base by about its quantization error (4-bit:
+    9% of |W0|, docs/benchmarks.md), which the trained adapters never saw: refused, not approximated."""
+    current = quant.layer_quantization(module)
+    if config.quantize is not None and current is not None:
+        raise ValueError(
+            f"the adapter quantizes its base itself (quantize={config.quantize!r}: Q(W0 - W_res) from float32); load "
+            f"it onto the full-precision base model, not onto one whose layer {name!r} is already bitsandbytes "
+            f"{current}"
+        )
+    if saved != current:
+        def describe(kind: str | None) -> str:
+            return f"a bitsandbytes {kind}" if kind else "a full-precision"
+
+        raise ValueError(
+            f"adapter layer {name!r} was trained on {describe(saved)} base layer, but this base's layer is "
+            f"{describe(current)} one; load it onto a base {'quantized the same way' if saved else 'in full precision'}"
+        )
 
 
 def _check_layer_tensors(
@@ -161,7 +185,8 @@ class SavedAdapter:
 def read_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike) -> SavedAdapter:
     """Read a saved adapter and check every tensor against `base_model` (shapes, weight fingerprints,
     modules_to_save) without changing the model: a failed check leaves it as it was."""
-    config, tensors = read_adapter_files(adapter_directory)
+    config, tensors, metadata = read_adapter_files(adapter_directory)
+    saved_quantization = metadata.get("base_quantization") or {}  # absent: every base layer full precision
     targets = find_target_modules(base_model, config)
     saved_layers = sorted({key[: -len(".lora_A")] for key in tensors if key.endswith(".lora_A")})
     if sorted(targets) != saved_layers:
@@ -188,6 +213,7 @@ def read_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike) ->
                 f"but this base model's layer has (out={out_features}, in={in_features})"
             )
         _check_layer_tensors(name, layer_tensors, config, out_features, in_features)
+        _check_base_quantization(name, module, config, saved_quantization.get(name))
         if not _fingerprints_match(layer_tensors["base_fingerprint"], weight_fingerprint(base_weight_2d(module))):
             raise ValueError(
                 f"adapter layer {name!r} was trained on other base weights than this model's "

@@ -114,6 +114,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     where the task generates, and expert_load.png. With --harness: lm-evaluation-harness tasks instead
     (decoders; harness.json)."""
     from .engine import evaluate_run
+    from .report import method_label
     from .tasks import get_task
 
     given = given_knobs(ns)
@@ -131,7 +132,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     metric = metrics["metric"]
     others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]
     print(f"test {metric} {metrics[f'test_{metric}']:.4f} on {metrics['num_examples']} examples | "
-          + "".join(f"{text}, " for text in others) + metrics["method"])  # fmt: skip
+          + "".join(f"{text}, " for text in others)
+          + method_label(metrics["method"], metrics.get("quantize")))  # fmt: skip
     if (metrics["eval_source"] or {}).get("note"):
         print(f"note: {metrics['eval_source']['note']}")
     print(f"eval folder: {metrics['output']}")
@@ -182,6 +184,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
                     for e in entries},  # fmt: skip
         "data": base.data,
         "model": base.model,
+        "quantize": base.quantize,
         "given": given_knobs(ns),
     }
     summary = compare(entries, base, output, seeds=seeds, lr_grid=grid, budget=ns.budget, overwrite=ns.overwrite,
@@ -190,7 +193,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         report = json.load(fh)
     saved = report["settings"]
     print(markdown_table(summary, saved["metric"], saved["lower_is_better"], saved["reference"],
-                         (report["constant_baseline"] or {}).get(saved["metric"]), saved["baseline_name"]))  # fmt: skip
+                         (report["constant_baseline"] or {}).get(saved["metric"]), saved["baseline_name"],
+                         saved.get("quantize")))  # fmt: skip
     print(f"report: {os.path.join(os.path.abspath(output), 'report.md')}")
     return 0
 

@@ -50,6 +50,14 @@ class RoutingMode(str, Enum):
     SHARED = "shared"  # expert 0 always on with weight 1 (DeepSeekMoE's shared expert) + top-k of the other E - 1
 
 
+class QuantizeKind(str, Enum):
+    """How GOAT quantizes the frozen base W0 - W_res itself (bitsandbytes; goat_lora.quant)."""
+
+    NF4 = "nf4"  # 4-bit NormalFloat, blocks of 64 weights (QLoRA's data type)
+    FP4 = "fp4"  # 4-bit float, blocks of 64
+    INT8 = "int8"  # LLM.int8(): one absmax per output row
+
+
 class SvdMethod(str, Enum):
     """How the needed singular components are computed at initialisation."""
 
@@ -97,6 +105,10 @@ class GoatConfig:
     aux_loss_form: str = "public"  # AuxLossForm
     aux_loss_ignore_padding: bool = False  # count only tokens whose attention_mask is 1
     svd_method: str = "auto"  # SvdMethod
+    quantize: str | None = None  # QuantizeKind: the base becomes Q(W0 - W_res), quantized from float32 after the
+    # factors come from W0 (QPiSSA's order; needs bitsandbytes). None: a full-precision base stays so, and a base
+    # that arrives quantized (bitsandbytes layers) is kept as it is, W_res x subtracted at run time (goat_lora.quant)
+    double_quant: bool = True  # quantize "nf4" / "fp4" only: quantize the block absmaxes too (QLoRA's recipe)
     seed: int = 0  # seeds router init, the "random" init and the "zero" init's A
     base_model_name_or_path: str | None = None  # recorded for loading; not used by the math
 
@@ -143,6 +155,10 @@ class GoatConfig:
         self.scaling = _as_enum(ScalingMode, "scaling", self.scaling).value
         self.aux_loss_form = _as_enum(AuxLossForm, "aux_loss_form", self.aux_loss_form).value
         self.svd_method = _as_enum(SvdMethod, "svd_method", self.svd_method).value
+        if self.quantize is not None:
+            self.quantize = _as_enum(QuantizeKind, "quantize", self.quantize).value
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"GoatConfig.double_quant={self.double_quant!r} must be true or false")
         for name in ("lora_alpha", "eta", "rho"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -259,7 +275,7 @@ class GoatConfig:
 
 
 # Keys written next to the config for tools that read adapter_config.json (PEFT-style metadata).
-_METADATA_KEYS = {"peft_type", "goat_lora_version", "task_type", "layers", "weights_sha256"}
+_METADATA_KEYS = {"peft_type", "goat_lora_version", "task_type", "layers", "weights_sha256", "base_quantization"}
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import quant
 from .config import GoatConfig, InitMode
 from .svd import batched_singular_components, singular_components
 from .layer import SUPPORTED_LAYER_TYPES, Conv1D, GoatLayer, base_weight_2d, is_supported_layer, layer_shape
@@ -59,7 +60,9 @@ def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
         for name, module in model.named_modules():
             if module is output_head or (name in CLASSIFIER_HEAD_NAMES):  # top-level heads only
                 excluded_prefixes.append(name)
-        candidates = [name for name, module in model.named_modules() if _is_linear(module)]
+        # other libraries' quantized linear layers (GPTQ, AWQ, ...) are candidates too, to be refused by name below
+        candidates = [name for name, module in model.named_modules()
+                      if _is_linear(module) or quant.unsupported_quantization(module) is not None]  # fmt: skip
     else:
         candidates = [name for name, _ in model.named_modules() if name and _name_matches(name, spec)]
     targets = [
@@ -76,6 +79,10 @@ def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
         )
     modules = dict(model.named_modules())
     for name in targets:
+        kind = quant.unsupported_quantization(modules[name])
+        if kind is not None:
+            raise ValueError(f"target module {name!r} is a {kind} quantized layer, which GOAT cannot adapt; "
+                             f"supported quantized layers: {quant.SUPPORTED_QUANTIZED}")  # fmt: skip
         if not is_supported_layer(modules[name]):
             raise ValueError(
                 f"target module {name!r} is a {type(modules[name]).__name__}, which GOAT cannot adapt; "
@@ -170,6 +177,20 @@ def inject_goat_layers(
     """Swap each target for a GoatLayer. Factors come from the SVD, or from `saved_factors`
     (name -> (initial factors, router weight)) when loading a checkpoint: then no SVD runs."""
     layers: dict[str, GoatLayer] = {}
+    spec = quant.spec_from_config(config)
+    if spec is not None:  # before any SVD: bitsandbytes is there, and every target is a full-precision nn.Linear
+        quant.bitsandbytes()
+        for name in targets:
+            module = model.get_submodule(name)
+            if quant.is_quantized_layer(module):
+                raise ValueError(
+                    f"GoatConfig.quantize={spec.kind!r} quantizes a full-precision base; layer {name!r} is already "
+                    f"bitsandbytes {quant.layer_quantization(module)}: adapt it with quantize=None (W_res x is then "
+                    f"subtracted at run time)"
+                )
+            if type(module) is not nn.Linear:
+                raise ValueError(f"GoatConfig.quantize={spec.kind!r}: bitsandbytes quantizes nn.Linear layers only; "
+                                 f"layer {name!r} is a {type(module).__name__}")  # fmt: skip
     generators = {name: layer_generator(config.seed, index) for index, name in enumerate(targets)}
     if saved_factors is None:  # all SVDs first, batched over layers of equal shape
         computed = all_initial_factors({name: model.get_submodule(name) for name in targets}, config, generators)
@@ -191,6 +212,7 @@ def inject_goat_layers(
             aux_loss_form=config.aux_loss_form,
             router_weight=router_weight,
             generator=generator,
+            quantize=spec,
         )
         replace_module(model, name, layer)
         layers[name] = layer

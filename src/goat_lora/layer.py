@@ -10,6 +10,9 @@ rebuild W_res exactly without another SVD. Adapters and router are float32 whate
 `restore_base_weight()` gives W0 back bit for bit: the few entries where adding W_res back rounds to
 another number are remembered at the rewrite (`_subtract_residual`). With `adapter_disabled` set
 (GoatModel.disable_adapter) the layer computes the pretrained layer, W0 x + b, without routing.
+Quantized bases (goat_lora.quant): with `quantize` the base becomes Q(W0 - W_res), quantized once
+from float32; a base that arrives quantized keeps W0 and has W_res x subtracted at run time
+(`residual_at_runtime`, `residual_forward`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import quant
 from .config import RoutingMode
 
 try:  # GPT-2 style layers: y = x W + b with W stored (in, out)
@@ -30,12 +34,15 @@ except ImportError:  # transformers is optional for plain PyTorch models
     Conv1D = None  # type: ignore[assignment,misc]
 
 SUPPORTED_LAYER_TYPES = (
-    "nn.Linear, transformers Conv1D, nn.Conv2d with a 1x1 kernel (stride 1, no padding, groups=1)"
+    "nn.Linear, transformers Conv1D, nn.Conv2d with a 1x1 kernel (stride 1, no padding, groups=1), "
+    "bitsandbytes Linear4bit / Linear8bitLt"
 )
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if quant.unsupported_quantization(module) is not None:  # GPTQ, AWQ, ... (some subclass nn.Linear)
+        return False
+    if isinstance(module, nn.Linear):  # bitsandbytes' Linear4bit and Linear8bitLt too
         return True
     if Conv1D is not None and isinstance(module, Conv1D):
         return True
@@ -60,7 +67,10 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def base_weight_2d(module: nn.Module) -> torch.Tensor:
-    """A (m, n) view of the layer's weight W0, whatever layout the layer keeps it in."""
+    """A (m, n) view of the layer's weight W0, whatever layout the layer keeps it in; for a bitsandbytes
+    layer a float32 copy of its dequantized weight."""
+    if quant.is_quantized_layer(module):
+        return quant.dequantized_weight(module)
     weight = module.weight
     if isinstance(module, nn.Conv2d):
         return weight.view(weight.shape[0], weight.shape[1])
@@ -103,6 +113,18 @@ def _subtract_residual(module: nn.Module, residual: torch.Tensor) -> tuple[torch
         wrong = (_bits(back_raw) != _bits(original)).reshape(-1).nonzero().squeeze(1)
         index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
         return wrong.to(index_dtype), original.reshape(-1)[wrong]
+_FINGERPRINT_POINTS = 16
+
+
+def weight_fingerprint(weight_2d: torch.Tensor) -> torch.Tensor:
+    """[mean, mean |w|, 16 entries at positions fixed by the shape] in float64: cheap, and enough to
+    tell one pretrained weight from another while tolerating a change of dtype."""
+    w = weight_2d.detach().to(torch.float64)
+    rows, cols = w.shape
+    generator = torch.Generator().manual_seed(rows * 100_003 + cols)
+    r = torch.randint(rows, (_FINGERPRINT_POINTS,), generator=generator)
+    c = torch.randint(cols, (_FINGERPRINT_POINTS,), generator=generator)
+    return torch.cat([torch.stack([w.mean(), w.abs().mean()]).cpu(), w[r.to(w.device), c.to(w.device)].cpu()])
 
 
 def _in_backward_recompute() -> bool:
@@ -157,6 +179,8 @@ class GoatLayer(nn.Module):
     every token with weight 1 and the router (n -> E - 1) chooses top_k of experts 1..E-1.
     residual_coef: c_j in W_res = sum_j c_j s_j B_j A_j, one number for all experts or E of them
     (GoatConfig.residual_coefs: E[w_j] unless init_cof is set).
+    quantize: a full-precision nn.Linear base is replaced by a bitsandbytes layer holding Q(W0 - W_res).
+    A bitsandbytes base is kept as it is and W_res x is subtracted at run time (residual_at_runtime).
     """
 
     def __init__(
@@ -172,6 +196,7 @@ class GoatLayer(nn.Module):
         aux_loss_form: str = "public",
         router_weight: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        quantize: quant.QuantSpec | None = None,
     ) -> None:
         super().__init__()
         if not is_supported_layer(base_layer):
@@ -227,9 +252,27 @@ class GoatLayer(nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
         # True inside GoatModel.disable_adapter(): the forward is the pretrained layer's, nothing is recorded
         self.adapter_disabled = False
+        self._restore_patch: tuple[torch.Tensor, torch.Tensor] | None = None  # see subtract_residual
 
-        self._restore_patch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.subtract_residual()  # W0 <- W0 - W_res
+        # Where W_res goes (docs/design.md, "Quantized bases"). A quantized weight cannot be rewritten
+        # without rounding it again, which would lose most of the small W_res: subtract W_res x at run time.
+        self.residual_at_runtime = quant.is_quantized_layer(base_layer)
+        self.original_fingerprint: torch.Tensor | None = None  # of W0, where the layer no longer holds it exactly
+        if self.residual_at_runtime:
+            if quantize is not None:
+                raise ValueError(f"quantize={quantize.kind!r} needs a full-precision base; this one is already "
+                                 f"bitsandbytes {quant.layer_quantization(base_layer)}")  # fmt: skip
+            self.original_fingerprint = weight_fingerprint(base_weight_2d(base_layer))
+        elif quantize is not None:  # QPiSSA's order: Q(W0 - W_res), quantized once from float32
+            if type(base_layer) is not nn.Linear:
+                raise ValueError(f"quantize={quantize.kind!r}: bitsandbytes quantizes nn.Linear layers; this layer "
+                                 f"is a {type(base_layer).__name__}")  # fmt: skip
+            weight = base_layer.weight
+            self.original_fingerprint = weight_fingerprint(weight)
+            target = weight.detach().float() - self.residual()  # W0 - W_res in float32
+            self.base_layer = quant.quantize_linear(target, base_layer.bias, quantize, compute_dtype=weight.dtype)
+        else:
+            self.subtract_residual()  # W0 <- W0 - W_res
 
     # Bookkeeping that a whole-module cast (module.half(), module.bfloat16(), DeepSpeed's bf16 engine)
     # must not round: the float64 expert-load counts (bf16 holds integers exactly only up to 256) and
@@ -249,11 +292,14 @@ class GoatLayer(nn.Module):
         factors = F.ExpertFactors(self.init_A, self.init_B, self.expert_scale)
         return F.residual_weight(factors, torch.tensor(self.residual_coefs))
 
-    def residual_delta(self, tokens: torch.Tensor) -> torch.Tensor:
-        """W_res x for float32 tokens (T, n) -> (T, m), without forming W_res: the experts' product with
-        every expert's weight fixed at c_j, from the frozen initial factors (one rank-r LoRA's cost)."""
-        coefs = torch.tensor(self.residual_coefs, dtype=tokens.dtype, device=tokens.device)
-        return F.experts_delta(tokens, self.init_A, self.init_B, coefs.expand(tokens.shape[0], -1), self.expert_scale)
+    def residual_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """W_res x for tokens (T, n) -> (T, m), float32, without forming W_res: the frozen initial factors
+        in the experts' two rank-r matmuls, every expert at its weight c_j (functional.experts_delta).
+        What a base that arrived quantized subtracts at run time; a caller that wants the pretrained
+        output from a layer whose base holds W0 - W_res adds it back."""
+        coefs = tokens.new_tensor(self.residual_coefs, dtype=torch.float32)  # (E,)
+        weights = coefs.expand(tokens.shape[0], -1)  # (T, E): c_j for every token
+        return F.experts_delta(tokens.float(), self.init_A, self.init_B, weights, self.expert_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapter_disabled:
@@ -262,18 +308,21 @@ class GoatLayer(nn.Module):
 
     def _pretrained_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W0 x + b as (W0 - W_res) x + b + W_res x, within the base dtype's rounding of the pretrained
-        layer. The weights are not touched: an autograd graph built before (the policy's forward of a
+        layer (on a base GOAT quantized: Q(W0 - W_res) x + b + W_res x; on one that arrived quantized: its own
+        output). The weights are not touched: an autograd graph built before (the policy's forward of a
         DPO step) still holds them. No routing, so no statistics and no load are recorded."""
         result = self.base_layer(x)
-        tokens = self._to_tokens(x).to(self.init_A.dtype)
-        return result + self._from_tokens(self.residual_delta(tokens), result).to(result.dtype)
+        if self.residual_at_runtime:  # the base still holds W0
+            return result
+        tokens = self._to_tokens(x)
+        return result + self._from_tokens(self.residual_forward(tokens), result).to(result.dtype)
 
     def forward_loop_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer with a per-expert Python loop (slow; used to check the batched path)."""
         return self._adapted_forward(x, per_expert_loop=True)
 
     def _adapted_forward(self, x: torch.Tensor, per_expert_loop: bool) -> torch.Tensor:
-        result = self.base_layer(x)  # (W0 - W_res) x + b
+        result = self.base_layer(x)  # (W0 - W_res) x + b; W0 x + b when the residual is applied at run time
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
         routing = F.route(self.router(tokens), self.top_k, self.routing, self.top_p)
         kept, dropout_scale = self._experts_dropout(tokens)
@@ -284,6 +333,8 @@ class GoatLayer(nn.Module):
             delta = F.experts_delta_loop(kept, self.lora_A, self.lora_B, routing, expert_scale)
         else:  # all experts in two matmuls
             delta = F.experts_delta(kept, self.lora_A, self.lora_B, routing.weights, expert_scale)
+        if self.residual_at_runtime:  # - W_res x, on the undropped input: it belongs to the frozen base
+            delta = delta - self.residual_forward(tokens)
         self._record(routing, x)
         return result + self._from_tokens(delta, result).to(result.dtype)
 
@@ -342,14 +393,25 @@ class GoatLayer(nn.Module):
     def subtract_residual(self) -> None:
         """W0 <- W0 - W_res in the base layer (done at construction; again after restore_base_weight, with the
         same bits). Keeps what restore_base_weight needs to give W0's exact bits back: a plain attribute, not
-        a buffer, since it is neither state to save nor something DDP should broadcast."""
+        a buffer, since it is neither state to save nor something DDP should broadcast. A quantized base is
+        never rewritten (restore_base_weight leaves it as it is, so this does nothing there)."""
+        if quant.is_quantized_layer(self.base_layer):
+            return
         self._restore_patch = _subtract_residual(self.base_layer, self.residual())
 
     def restore_base_weight(self) -> nn.Module:
-        """Add W_res back and return the base layer, whose weight is then W0 bit for bit (the entries that
-        rounding would change are written from the patch kept at the rewrite). Once per subtract_residual."""
+        """The base layer with W_res back in it where that is exact; return it.
+
+        Full precision: W0 bit for bit (the entries that rounding would change are written from the patch
+        kept at the rewrite); once per subtract_residual. A base that arrived
+        quantized: returned untouched (it never held W_res), the same codes bit for bit. A base GOAT
+        quantized itself: returned as it is, Q(W0 - W_res), a quantization of W0 as good as Q(W0) for
+        4-bit (W_res is far below 4-bit resolution, docs/design.md); adding W_res back would need a
+        second rounding that loses it again, and the full-precision W0 is not kept."""
+        if quant.is_quantized_layer(self.base_layer):
+            return self.base_layer
         _add_to_base_weight(self.base_layer, self.residual())
-        if self._restore_patch is not None:
+        if self._restore_patch is not None:  # the entries whose rounding differs, written back exactly
             index, values = self._restore_patch
             weight = self.base_layer.weight
             with torch.no_grad():
@@ -362,4 +424,5 @@ class GoatLayer(nn.Module):
             f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
             f"routing={self.routing}, top_k={self.top_k}, top_p={self.top_p:g}, rank_per_expert={self.expert_rank}, "
             f"residual_coefs=({', '.join(f'{c:g}' for c in self.residual_coefs)})"
+            + (", residual_at_runtime=True" if self.residual_at_runtime else "")
         )

@@ -307,7 +307,9 @@ class GoatModel(nn.Module):
         """Return the base model with its original weights, bit for bit (W_res added back, the entries that
         rounding would change written from the patch kept at adapting), modules_to_save restored, and each
         parameter's requires_grad as it was. Inactive adapters are dropped. The GoatModel must not be used
-        afterwards."""
+        afterwards. Quantized bases (GoatLayer.restore_base_weight): a base that arrived quantized comes back
+        as the same layers, bit for bit; layers GOAT quantized itself (GoatConfig.quantize) come back as the
+        bitsandbytes layers holding Q(W0 - W_res), frozen: a quantization of W0, not W0."""
         self._refuse_inside_disable("unload()")
         self._park()
         self._inactive.clear()
@@ -331,6 +333,9 @@ class GoatModel(nn.Module):
         self._check_new_adapter(adapter_name)
         if not isinstance(config, GoatConfig):
             raise ValueError(f"config must be a GoatConfig, got {type(config).__name__}")
+        if config.quantize is not None:
+            raise ValueError(f"an added adapter cannot quantize the shared base (quantize={config.quantize!r}); "
+                             "load the model quantized (BitsAndBytesConfig) instead")  # fmt: skip
         active = self._park()
         try:
             self._inactive[adapter_name] = self._park(adapt_in_place(self.base_model, config))
@@ -344,6 +349,9 @@ class GoatModel(nn.Module):
         active = self._park()
         try:
             saved = read_adapter(self.base_model, adapter_directory)
+            if saved.config.quantize is not None:
+                raise ValueError(f"adapter {adapter_directory} quantizes its base itself (quantize={saved.config.quantize!r}) "
+                                 "and cannot share one; load it alone with GoatModel.from_pretrained")  # fmt: skip
             self._inactive[adapter_name] = self._park(adapt_in_place(self.base_model, saved.config, saved))
         finally:
             self._unpark(active)
@@ -386,7 +394,8 @@ class GoatModel(nn.Module):
             states[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             module.load_state_dict(original)
         for name, param in self.base_model.named_parameters():
-            param.requires_grad_(adapted.original_requires_grad.get(name, param.requires_grad))
+            if param.is_floating_point():  # quantized codes cannot require gradients
+                param.requires_grad_(adapted.original_requires_grad.get(name, param.requires_grad))
         return _Parked(adapted, states)
 
     def _unpark(self, parked: _Parked) -> None:
@@ -409,6 +418,10 @@ class GoatModel(nn.Module):
         if adapter_name in self.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} exists already ({self.adapters}); delete_adapter() it first")
         self._refuse_inside_disable("adding an adapter")
+        if self.goat_config.quantize is not None:  # its layers hold Q(W0 - W_res): W0 cannot be given back
+            raise ValueError(f"adapter {self.active_adapter!r} quantized the base itself (quantize="
+                             f"{self.goat_config.quantize!r}), so the base cannot be shared; load the model quantized "
+                             "(BitsAndBytesConfig) to give it several adapters")  # fmt: skip
 
     # ---- the pretrained model, for a reference forward -----------------------------------------
     @contextlib.contextmanager

@@ -205,6 +205,18 @@ def summarize(results: list[dict], lower_is_better: bool = False, reference: str
     return rows
 
 
+# What a method is called on a quantized base (--quantize): QLoRA and its kin.
+QUANTIZED_NAMES = {"lora": "QLoRA", "rslora": "QrsLoRA", "dora": "QDoRA", "pissa": "QPiSSA", "goat": "QGOAT",
+                   "goat_mini": "QGOAT-mini", "goat_s": "QGOAT-s", "molora": "QMoLoRA"}  # fmt: skip
+
+
+def method_label(method: str, quantize: str | None = None) -> str:
+    """The name a report shows: the method, or on a quantized base its Q-name (the kind added unless nf4)."""
+    if not quantize:
+        return method
+    return QUANTIZED_NAMES.get(method, method) + ("" if quantize == "nf4" else f" ({quantize})")
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
@@ -212,10 +224,11 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def markdown_table(rows: dict, metric: str = "accuracy", lower_is_better: bool = False, reference: str | None = None,
-                   baseline: float | None = None, baseline_name: str = "constant prediction") -> str:  # fmt: skip
-    """One line per row label: rank and trainable parameters, test mean ± std and 95% CI, the paired
-    difference to the reference (positive: the reference was better) with win / tie / loss, and each
-    seed's chosen lr and epoch."""
+                   baseline: float | None = None, baseline_name: str = "constant prediction",
+                   quantize: str | None = None) -> str:  # fmt: skip
+    """One line per row label (its Q-name on a quantized base): rank and trainable parameters, test
+    mean ± std and 95% CI, the paired difference to the reference (positive: the reference was better)
+    with win / tie / loss, and each seed's chosen lr and epoch."""
     lines = [
         f"| method | rank | trainable | test {metric} (mean ± std) | 95% CI | {reference or 'reference'} − method "
         "(paired, 95% CI) | W/T/L | lr / epoch per seed | step (s) | peak MB |",
@@ -236,7 +249,7 @@ def markdown_table(rows: dict, metric: str = "accuracy", lower_is_better: bool =
         seeds = ", ".join(f"{p['lr']:g}/{_fmt(p['epoch'], 'g')}" for p in r["per_seed"])
         rank = "exempt" if r["rank"] is None else str(r["rank"])
         trainable = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "-"
-        lines.append(f"| {label} | {rank} | {trainable} | {value} | {ci} | {diff} | {wtl} | {seeds} | "
+        lines.append(f"| {method_label(label, quantize)} | {rank} | {trainable} | {value} | {ci} | {diff} | {wtl} | {seeds} | "
                      f"{_fmt(r['step_time_s'], '.3f')} | {_fmt(r['peak_memory_mb'], '.0f')} |")  # fmt: skip
     if baseline is not None:
         lines.append(f"\n{baseline_name.capitalize()} ({metric}) on test: {baseline:.4f}.")
@@ -246,7 +259,7 @@ def markdown_table(rows: dict, metric: str = "accuracy", lower_is_better: bool =
     return "\n".join(lines)
 
 
-def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "") -> None:
+def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "", quantize: str | None = None) -> None:
     names = list(rows)
     means = [rows[n]["test_mean"] for n in names]
     low = [m - rows[n]["test_ci"][0] if _finite([rows[n]["test_ci"][0]]) else 0.0 for n, m in zip(names, means)]
@@ -260,7 +273,7 @@ def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "
         pad = 0.1 * (top - bottom) or 0.05
         ax.set_ylim(bottom - pad, top + pad)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{n}\n{_fmt(rows[n]['trainable_percent'], '.2f')}%" for n in names], fontsize=7, rotation=30)
+    ax.set_xticklabels([f"{method_label(n, quantize)}\n{_fmt(rows[n]['trainable_percent'], '.2f')}%" for n in names], fontsize=7, rotation=30)
     ax.set_ylabel(f"test {metric} (mean, 95% CI over seeds)")
     ax.set_title(title or "goat compare")
     _save_figure(fig, path)
@@ -272,6 +285,9 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
     metric, lower = settings.get("metric", "accuracy"), bool(settings.get("lower_is_better"))
     reference_value = (baseline or {}).get(metric)
     rows = summarize(results, lower, settings.get("reference"), reference_value)
+    quantize = settings.get("quantize")
+    for label, row in rows.items():
+        row["label"] = method_label(label, quantize)
     report = {"settings": settings, "constant_baseline": baseline, "methods": rows, "runs": results}
     atomic_write_text(os.path.join(folder, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
     text = [
@@ -283,15 +299,19 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
         f"{settings.get('seeds')}; budget: {settings.get('budget', 'rank')} (ranks chosen so trainable parameters are "
         f"within 10% of GOAT's; full and head exempt); epochs: {settings.get('select', 'last')}; each seed picks its "
         f"learning rate on the validation split (carved from train); {metric} reported on test.",
+        *([f"Base: the adapted layers quantized {quantize} by bitsandbytes (4-bit: double quantization), one quantizer "
+           f"for every method; GOAT quantizes W0 - W_res (QPiSSA's order), QPiSSA its residual W0 - s B A, the others "
+           f"W0; adapters, routers and the head in float32."] if quantize else []),
         "",
         markdown_table(rows, metric, lower, settings.get("reference"), reference_value,
-                       settings.get("baseline_name", "constant prediction")),  # fmt: skip
+                       settings.get("baseline_name", "constant prediction"), quantize),  # fmt: skip
         "",
         "![comparison](compare.png)",
         "",
     ]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
-    plot_compare(rows, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}")
+    plot_compare(rows, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}",
+                 quantize=quantize)
     return rows
 
 

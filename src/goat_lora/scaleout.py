@@ -54,6 +54,10 @@ def validate(args) -> None:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"--dropout {dropout} must be in [0, 1)")
     deepspeed = getattr(args, "deepspeed", None)
+    quantize = getattr(args, "quantize", None)
+    if quantize and (deepspeed or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
+        raise ValueError(f"--quantize {quantize} runs with one process or DDP; sharding a bitsandbytes base "
+                         f"({'DeepSpeed' if deepspeed else 'FSDP'}) is not supported here")  # fmt: skip
     if deepspeed:
         if not os.path.isfile(deepspeed):
             raise FileNotFoundError(f"--deepspeed config {deepspeed!r} does not exist")

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import InitMode, RoutingMode, ScalingMode
+from .config import InitMode, QuantizeKind, RoutingMode, ScalingMode
 from .recipes import RECIPES
 
 TRAIN, COMPARE, EVAL, INSPECT = "train", "compare", "eval", "inspect"
@@ -31,6 +31,7 @@ SCALINGS = tuple(m.value for m in ScalingMode)
 ROUTINGS = tuple(m.value for m in RoutingMode)
 RECIPE_NAMES = tuple(RECIPES)
 INITS = tuple(m.value for m in InitMode)
+QUANTIZE_KINDS = tuple(m.value for m in QuantizeKind)
 # transformers' SchedulerType names that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")  # fmt: skip
@@ -127,6 +128,11 @@ class RunSettings:
     init_cof: float | None = knob(None, "residual coefficient c in W_res = c s sum_j B_j A_j (default 1/E, which "
                                   "keeps the start at the pretrained model)")  # fmt: skip
     aux_loss_coef: float = knob(1e-3, "load-balancing loss coefficient", minimum=0.0)
+    quantize: str | None = knob(
+        None, "quantize the frozen base with bitsandbytes (pip install goat-lora[quant]): nf4 or fp4 (4-bit, double "
+        "quantization: QLoRA's recipe) or int8; GOAT computes its experts from W0 in float32, then quantizes W0 - W_res "
+        "(QPiSSA's order); lora, rslora, dora, pissa run as QLoRA, QrsLoRA, QDoRA, QPiSSA; adapters, routers and the "
+        "head stay float32", choices=QUANTIZE_KINDS)  # fmt: skip
 
     # ---- the schedule ------------------------------------------------------------------------------
     lr: float | None = knob(None, "learning rate (default: per method, goat 3e-4)", minimum=0.0, exclusive_minimum=True)

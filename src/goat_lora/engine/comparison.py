@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from ..baselines import DEFAULT_LR_GRID, GOAT_METHODS, check_method, count_parameters, prepare_model
+from ..baselines import DEFAULT_LR_GRID, GOAT_METHODS, check_method, check_quantize, count_parameters, prepare_model
 from ..settings import RunSettings, field_type, knob_fields
 from .folders import check_output, publish, staging_folder, staging_path, write_json
 from .run import resolve_settings, train
@@ -126,6 +126,7 @@ def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list
             settings: dict | None = None, log=print, resume: bool = False) -> dict:  # fmt: skip
     from ..report import write_compare_report
 
+    check_quantize([e.method for e in entries], base.quantize)  # names every method without a quantized route
     check_output(output, overwrite)
     grids = {e.label: list((lr_grid or {}).get(e.label) or (lr_grid or {}).get(e.method) or DEFAULT_LR_GRID[e.method])
              for e in entries}  # fmt: skip

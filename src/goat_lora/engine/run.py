@@ -26,6 +26,7 @@ from .. import __version__, scaleout
 from ..baselines import (
     GOAT_METHODS,
     check_method,
+    check_quantize,
     count_parameters,
     expert_load,
     method_defaults,
@@ -33,7 +34,7 @@ from ..baselines import (
     reset_expert_load,
 )
 from ..config import atomic_write_bytes
-from ..report import router_statistics
+from ..report import method_label, router_statistics
 from ..settings import RunSettings
 from ..tasks import get_task
 from ..tasks.base import Evaluation, ModelParts, Task
@@ -78,6 +79,7 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
     elif values["metric"] not in task.metrics:
         raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
     resolved = RunSettings(**values).validate()
+    check_quantize(resolved.method, resolved.quantize)  # a method without a quantized route, or no bitsandbytes
     if resolved.method in GOAT_METHODS:  # HydraLoRA's experts share one A of the full rank: any rank will do
         if resolved.rank % resolved.experts:
             raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
@@ -234,6 +236,7 @@ def run_metrics(task, settings, data, trainer, callback, test: Evaluation, load,
     return {
         "task": task.name,
         "method": settings.method,
+        "quantize": settings.quantize,  # the base's bitsandbytes quantization, or None
         "metric": settings.metric,
         **{f"test_{name}": value for name, value in test.metrics.items()},
         "constant_baseline": task.constant_baseline(data),  # the best constant prediction's test metrics
@@ -350,6 +353,7 @@ def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | N
     metrics = {
         "task": task.name,
         "method": settings.method,
+        "quantize": settings.quantize,
         "metric": settings.metric,
         "run": os.path.abspath(run_dir),
         **{f"test_{name}": value for name, value in evaluation.metrics.items()},
@@ -388,7 +392,7 @@ def summary_line(metrics: dict, task: Task | None = None) -> str:
     others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]
     if others:
         text += " | " + ", ".join(others)
-    text += f" | {metrics['method']}"
+    text += f" | {method_label(metrics['method'], metrics.get('quantize'))}"
     if "trainable_params" in metrics:
         text += f" | trainable {metrics['trainable_params']:,d} params ({metrics['trainable_percent']:.2f}%)"
     return text + f" | {metrics['wall_time_s']:.0f} s"
