@@ -76,6 +76,11 @@ def _add_to_base_weight(module: nn.Module, delta: torch.Tensor) -> None:
 def _in_backward_recompute() -> bool:
     # Non-reentrant activation checkpointing re-runs forwards inside backward; their routing must
     # not be recorded twice (and must not replace the stats whose graph reaches the loss).
+    # Under torch.compile no Python runs in backward: the compiled backward recomputes tensors only,
+    # and dynamo records a checkpointed region's side effects once when
+    # torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint is set (docs/design.md).
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -92,7 +97,13 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     15; an element is dropped when its lane's integer falls in the lowest round(p * 2^b) of the
     2^b values (b = 16, 15). So P(drop) = round(p * 2^b) / 2^b, within 2^-16 of p. Seeded by
     torch.manual_seed like any other draw. On other devices: bernoulli_.
+
+    Under torch.compile: uniform(0, 1) >= p, exactly 1 - p. Dynamo cannot trace the in-place
+    random_ / bernoulli_, and inductor draws these numbers (Philox) inside the fused kernel anyway,
+    so the compiled path's masks are other draws than eager's for the same seed.
     """
+    if torch.compiler.is_compiling():
+        return torch.rand(shape, device=device) >= p
     if device.type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
     count = math.prod(shape)
