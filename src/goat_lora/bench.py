@@ -37,7 +37,7 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
   median over repetitions of the per-repetition ratio. Eval throughput is measured the same way
   (model.eval(), torch.inference_mode()). Peak memory: on CUDA torch.cuda.max_memory_allocated()
   over one step; on CPU the bytes of parameters, buffers and optimizer state plus the peak of the
-  bytes allocated during one (separate, untimed) step, from torch.profiler's memory accounting.
+  bytes allocated during one (separate, untimed) step, from the allocator events torch.profiler records.
 
 * the initialisation benchmark (``--init``): adapting every target matrix of one LLaMA-2-7B-shaped
   decoder layer (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; random weights), with
@@ -468,9 +468,12 @@ def peak_step_memory(runner: _Runner) -> int:
     resident = runner.resident_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         runner.train_step()
+    # the allocator's own events, not the ops' net allocations: a compiled graph is one "op" whose
+    # temporaries are allocated and freed inside it, which the ops' figures would net to nothing
+    allocations = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage  # allocations minus frees made by the op itself
+    for event in sorted(allocations, key=lambda e: e.start_ns()):
+        current += event.nbytes()  # an allocation (> 0) or a free (< 0)
         peak = max(peak, current)
     return resident + peak
 
@@ -552,7 +555,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "seq_len": seq_len,
         "load_s": load_s,
         "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
-        "params+buffers+optimizer state + peak of torch.profiler allocations during one step",
+        "params+buffers+optimizer state + peak of the allocations (torch.profiler allocator events) during one step",
         "methods": methods,
         "ratios": _ratios(step_times, eval_times, memory),
     }
