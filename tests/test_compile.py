@@ -116,27 +116,29 @@ def test_compiled_llama_with_activation_checkpointing_equals_eager_and_records_r
     """Non-reentrant checkpointing compiled with the whole model: dynamo traces each checkpointed
     decoder layer as one region and, with skip_fwd_side_effects_in_bwd_under_checkpoint (what
     `goat train --compile` sets), records its routing statistics and expert-load counts once, in the
-    forward; the compiled backward recomputes tensors, never Python. Compared with an eager model
-    without checkpointing (the same function): with the padding left out of the balance loss. Two
-    adapted layers per block keep the compile short."""
+    forward; the compiled backward recomputes tensors, never Python. Compared with the same model
+    checkpointed in eager mode and without checkpointing, padding left out of the balance loss (the
+    eager checkpointed case failed before: its recompute no longer sees the token mask). Two adapted
+    layers per block keep the compile short."""
     model, inputs = _llama(target_modules=["q_proj", "down_proj"])
-    reference = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
     model.activation_checkpointing_enable()
-    assert model.base_model.model.gradient_checkpointing
+    eager = copy.deepcopy(model)
+    assert model.base_model.model.gradient_checkpointing and eager.base_model.model.gradient_checkpointing
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-        eager, compiled = reference, torch.compile(model, fullgraph=True, backend="aot_eager")
-        model.train(), eager.train()
-        for runner, net in ((compiled, model), (eager, eager)):
-            out = runner(**inputs)
-            _loss(net, out).backward()
-        torch.testing.assert_close(model.aux_loss(), eager.aux_loss())
-        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        for runner, net in ((compiled, model), (eager, eager), (plain, plain)):
+            net.train()
+            _loss(net, runner(**inputs)).backward()
+    tokens = float(inputs["attention_mask"].sum())
+    for other in (eager, plain):
+        torch.testing.assert_close(model.aux_loss(), other.aux_loss())
+        for (name, p), q in zip(model.named_parameters(), other.parameters()):
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-        tokens = float(inputs["attention_mask"].sum())
-        for layer_c, layer_e in zip(model.goat_layers(), eager.goat_layers()):
-            assert float(layer_c.load_counts.sum()) == tokens * 2  # one forward's k=2 slots per real token
-            assert torch.equal(layer_c.load_counts, layer_e.load_counts)
+        for layer, other_layer in zip(model.goat_layers(), other.goat_layers()):
+            assert float(layer.load_counts.sum()) == tokens * 2  # one forward's k=2 slots per real token
+            assert torch.equal(layer.load_counts, other_layer.load_counts)
 
 
 def test_compiled_keep_mask_drops_about_p_through_inductor():

@@ -84,6 +84,10 @@ def _in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 # Which 16-bit lane of an int64 holds its top bits (int64.random_() leaves the sign bit 0).
 _TOP_LANE = 3 if sys.byteorder == "little" else 0
 
@@ -277,7 +281,14 @@ class GoatLayer(nn.Module):
         if self.token_mask is not None and not isinstance(self.base_layer, nn.Conv2d):
             if tuple(self.token_mask.shape) == tuple(x.shape[:-1]):
                 mask = self.token_mask.reshape(-1).to(torch.bool)
-        stats = F.routing_stats(routing, mask)
+        if mask is None or torch.compiler.is_compiling():
+            stats = F.routing_stats(routing, mask)
+        else:
+            # The masked sums save the mask for backward. Non-reentrant checkpointing requires its recompute
+            # (which records nothing) to save as many tensors as the forward did: under hooks of our own the
+            # mask is kept outside the checkpoint's count.
+            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                stats = F.routing_stats(routing, mask)
         self.last_stats = stats
         # the load over all E experts, for expert_load(): the shared expert serves every counted token
         load = torch.cat([stats.num_tokens.reshape(1).expand(self.num_shared), stats.counts.detach()])
