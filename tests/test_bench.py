@@ -192,3 +192,32 @@ def test_routing_variant_methods_build_their_routing():
         config = bench.build_method(method, base, args).goat_config
         assert (config.routing, config.top_p, config.top_k) == (routing, 0.4, 3)
     assert parse([]).methods == list(bench.METHODS)  # the variants run only when asked for
+
+
+def test_compile_times_compiled_goat_against_compiled_lora_and_both_eager(tmp_path, capsys, monkeypatch):
+    """--compile: lora, goat and their compiled twins in one round robin, compile time apart, the
+    compiled ratios printed. torch.compile is replaced by a recorder here (compiling takes minutes on
+    this CPU; tests/test_compile.py compiles GOAT for real)."""
+    compiled = []
+
+    def fake_compile(model, **kwargs):
+        if isinstance(model, nn.Module):  # libraries compile small functions of their own too
+            compiled.append((type(model).__name__, kwargs))
+        return model
+
+    monkeypatch.setattr(bench.torch, "compile", fake_compile)
+    out = tmp_path / "figures.json"
+    assert bench.run_bench(parse(["--smoke", "--models", "tiny-bert", "--compile", "--json", str(out)])) == 0
+    assert sorted(compiled, key=str) == [("GoatModel", {"backend": "inductor", "fullgraph": True}),
+                                         ("PeftModel", {"backend": "inductor", "fullgraph": False})]  # fmt: skip
+    printed = capsys.readouterr().out
+    for text in ("lora_compiled", "goat_compiled", "compiled GOAT step time / compiled LoRA", "target <= 1.15x",
+                 "compiled GOAT peak memory / compiled LoRA", "eager GOAT step time / compiled GOAT",
+                 "goat_compiled: compile time"):
+        assert text in printed
+    figures = json.loads(out.read_text())
+    assert figures["meta"]["compile_backend"] == "inductor"
+    model = figures["models"]["tiny-bert"]
+    assert set(model["methods"]) == set(bench.COMPILE_METHODS)
+    assert "compile_s" in model["methods"]["goat_compiled"] and "compile_s" not in model["methods"]["goat"]
+    assert {"compiled_step", "compiled_memory", "compile_speedup", "step"} <= set(model["ratios"])

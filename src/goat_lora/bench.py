@@ -20,6 +20,13 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
 
   Their step times are reported against goat's (same round robin) as "top_p_step" / "shared_step".
 
+  With --compile (issue 13) the methods are lora and goat, eager and wrapped in torch.compile
+  (lora_compiled, goat_compiled; GOAT with fullgraph=True), in the same round robin. A compiled
+  method's first training step (and first eval forward) includes compiling it: its compile time is
+  reported as that first call minus the steady median, apart from the step time. Ratios:
+  "compiled_step" goat_compiled / lora_compiled, "compiled_memory" likewise, "compile_speedup" goat /
+  goat_compiled (eager GOAT's step over compiled GOAT's).
+
   Issue 4's loop target (GOAT >= 2.2x faster than the per-expert loop) was derived from the public
   layer, so "loop_speedup" is goat_public's step time / goat's. goat_loop / goat is reported as
   "lean_loop_speedup", for information, without a target.
@@ -30,7 +37,7 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
   median over repetitions of the per-repetition ratio. Eval throughput is measured the same way
   (model.eval(), torch.inference_mode()). Peak memory: on CUDA torch.cuda.max_memory_allocated()
   over one step; on CPU the bytes of parameters, buffers and optimizer state plus the peak of the
-  bytes allocated during one (separate, untimed) step, from torch.profiler's memory accounting.
+  bytes allocated during one (separate, untimed) step, from the allocator events torch.profiler records.
 
 * the initialisation benchmark (``--init``): adapting every target matrix of one LLaMA-2-7B-shaped
   decoder layer (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; random weights), with
@@ -76,6 +83,7 @@ from . import functional as F
 from .layer import _in_backward_recompute
 
 METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")  # the default set
+COMPILE_METHODS = ("lora", "goat", "lora_compiled", "goat_compiled")  # --compile
 ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
 QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
 MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
@@ -86,6 +94,8 @@ TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is publ
     "memory": ("<=", 1.10),
     "eval": (">=", 0.90),
     "loop_speedup": (">=", 2.2),
+    "compiled_step": ("<=", 1.15),  # issue 13: compiled GOAT against compiled LoRA
+    "compiled_memory": ("<=", 1.05),
 }
 QUANT_TARGETS = {**TARGETS, "memory": ("<=", 1.05)}  # on a quantized base (issue 12): GOAT / QLoRA
 INIT_TARGET = 4.0  # exact SVD time / this project's time
@@ -131,9 +141,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         default=list(METHODS),
-        choices=METHODS + ROUTING_METHODS + ("goat_runtime",),
+        choices=METHODS + ROUTING_METHODS + ("goat_runtime",) + COMPILE_METHODS[2:],
         help="methods to run (default: the first five; goat_top_p and goat_shared time GOAT's routing variants; "
-        "with --quantize: lora goat goat_runtime, and head on request)",
+        "with --quantize: lora goat goat_runtime, and head on request; with --compile lora, goat, lora_compiled "
+        "and goat_compiled)",
     )
     parser.add_argument(
         "--quantize",
@@ -147,6 +158,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the quantization-error table instead: QLoRA's base W0 against GOAT's W0 - W_res, per layer type of "
         "SmolLM2-135M and of one LLaMA-2-7B-shaped layer, for nf4, fp4 and int8",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile: time compiled GOAT against compiled peft LoRA, and both eager, in one round robin; "
+        "compile time reported apart",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=("inductor", "aot_eager", "eager"),
+        help="torch.compile backend for --compile (default inductor; eager and aot_eager only check that it runs)",
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the eval-throughput measurement")
     parser.add_argument(
@@ -176,8 +199,11 @@ def run_bench(args: argparse.Namespace) -> int:
         result = {"meta": meta, "init": bench_init(args, device)}
         print(format_init_table(result["init"]))
     else:
+        if args.compile and args.methods == list(METHODS):  # the default set: --compile has its own
+            args.methods = list(COMPILE_METHODS)
+        tiny = [m for m in args.models if m.startswith("tiny-")]  # --smoke may name one of its two models
         models = {}
-        for name in (["tiny-bert", "tiny-llama"] if args.smoke else args.models):
+        for name in ((tiny or ["tiny-bert", "tiny-llama"]) if args.smoke else args.models):
             models[name] = bench_model(name, args, device)
             print(format_model_table(name, models[name]))
             print(flush=True)
@@ -254,6 +280,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict:
         "warmup": args.warmup if not args.smoke else 1,
         "smoke": bool(args.smoke),
         "git_commit": _git_commit(),
+        "compile_backend": args.compile_backend if getattr(args, "compile", False) else None,
     }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
@@ -322,7 +349,9 @@ def _head_names(model: nn.Module) -> list[str]:
 
 def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.Module:
     """A fresh copy of `base` adapted by `method`, with only that method's parameters trainable. With
-    --quantize every base but goat's (which quantizes W0 - W_res itself) is quantized first."""
+    --quantize every base but goat's (which quantizes W0 - W_res itself) is quantized first; a "_compiled"
+    method is built as its eager twin (_Runner compiles it)."""
+    method = method.removesuffix("_compiled")
     model = copy.deepcopy(base)
     heads = _head_names(model)
     quantize = getattr(args, "quantize", None)
@@ -439,16 +468,19 @@ def _public_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _Runner:
     """One method's model, optimizer and step / eval closures on a fixed batch."""
 
-    def __init__(self, method: str, model: nn.Module, batch: dict, device: torch.device):
+    def __init__(self, method: str, model: nn.Module, batch: dict, device: torch.device, backend: str = "inductor"):
         self.method, self.model, self.batch, self.device = method, model.to(device), batch, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.aux_coef = model.goat_config.aux_loss_coef if hasattr(model, "goat_layers") else 0.0
+        self.forward = model
+        if method.endswith("_compiled"):  # GOAT in one graph (issue 13); peft's LoRA as torch.compile takes it
+            self.forward = torch.compile(model, backend=backend, fullgraph=method.startswith("goat"))
 
     def train_step(self) -> None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(**self.batch)
+        out = self.forward(**self.batch)
         loss = out.loss
         if self.aux_coef:
             loss = loss + self.aux_coef * self.model.aux_loss()  # GOAT's balance loss, as training adds it
@@ -459,7 +491,7 @@ class _Runner:
         self.model.eval()
         with torch.inference_mode():
             inputs = {k: v for k, v in self.batch.items() if k != "labels"}
-            self.model(**inputs)
+            self.forward(**inputs)
 
     def resident_bytes(self) -> int:
         """Parameters, buffers, optimizer state and quantized weights' statistics (what stays allocated
@@ -507,9 +539,12 @@ def peak_step_memory(runner: _Runner) -> int:
     resident = runner.resident_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         runner.train_step()
+    # the allocator's own events, not the ops' net allocations: a compiled graph is one "op" whose
+    # temporaries are allocated and freed inside it, which the ops' figures would net to nothing
+    allocations = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage  # allocations minus frees made by the op itself
+    for event in sorted(allocations, key=lambda e: e.start_ns()):
+        current += event.nbytes()  # an allocation (> 0) or a free (< 0)
         peak = max(peak, current)
     return resident + peak
 
@@ -531,6 +566,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     start = time.perf_counter()
     base = _load_model(name, args.seed)
     load_s = time.perf_counter() - start
+    if base.config.problem_type is None:  # set by the first forward otherwise: a recompile of compiled methods
+        base.config.problem_type = "single_label_classification"
     vocab = base.config.vocab_size
     generator = torch.Generator().manual_seed(args.seed)
     batch = {
@@ -546,20 +583,23 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         model = build_method(method, base, args)
         setup_s[method] = time.perf_counter() - start
         trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        runners[method] = _Runner(method, model, batch, device)
+        runners[method] = _Runner(method, model, batch, device, getattr(args, "compile_backend", "inductor"))
     del base
 
     step_times = {m: [] for m in runners}
     eval_times = {m: [] for m in runners}
+    first_step, first_eval = {}, {}  # the first call: a compiled method compiles there
     for repetition in range(warmup + steps):  # round robin: every method once per repetition
         for method, runner in runners.items():
             elapsed = _timed(runner.train_step, device)
+            first_step.setdefault(method, elapsed)
             if repetition >= warmup:
                 step_times[method].append(elapsed)
     if not args.no_eval:
         for repetition in range(warmup + steps):
             for method, runner in runners.items():
                 elapsed = _timed(runner.eval_step, device)
+                first_eval.setdefault(method, elapsed)
                 if repetition >= warmup:
                     eval_times[method].append(elapsed)
     memory = {m: peak_step_memory(r) for m, r in runners.items()}
@@ -576,13 +616,17 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         if eval_times[method]:
             entry["eval_s"] = _stats(eval_times[method])
             entry["eval_tokens_per_s"] = tokens / entry["eval_s"]["median"]
+        if method.endswith("_compiled"):  # first call minus a steady one
+            entry["compile_s"] = first_step[method] - entry["step_s"]["median"]
+            if eval_times[method]:
+                entry["eval_compile_s"] = first_eval[method] - entry["eval_s"]["median"]
         methods[method] = entry
     return {
         "batch_size": batch_size,
         "seq_len": seq_len,
         "load_s": load_s,
         "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
-        "params+buffers+optimizer state + peak of torch.profiler allocations during one step",
+        "params+buffers+optimizer state + peak of the allocations (torch.profiler allocator events) during one step",
         "methods": methods,
         "ratios": _ratios(step_times, eval_times, memory, getattr(args, "quantize", None)),
         "quantize": getattr(args, "quantize", None),
@@ -608,6 +652,14 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict, quantize: str | No
         ratios["loop_speedup"] = _paired_ratio(step_times["goat_public"], step_times["goat"])
     if "goat" in step_times and "goat_loop" in step_times:  # information only: no target
         ratios["lean_loop_speedup"] = _paired_ratio(step_times["goat_loop"], step_times["goat"])
+    if "goat_compiled" in step_times and "lora_compiled" in step_times:  # issue 13: compiled against compiled
+        ratios["compiled_step"] = _paired_ratio(step_times["goat_compiled"], step_times["lora_compiled"])
+        ratios["compiled_memory"] = memory["goat_compiled"] / memory["lora_compiled"]
+        ratios["compiled_eval"] = _paired_ratio(eval_times["lora_compiled"], eval_times["goat_compiled"])
+    if "goat_compiled" in step_times and "goat" in step_times:
+        ratios["compile_speedup"] = _paired_ratio(step_times["goat"], step_times["goat_compiled"])
+    if "lora_compiled" in step_times and "lora" in step_times:
+        ratios["lora_compile_speedup"] = _paired_ratio(step_times["lora"], step_times["lora_compiled"])
     for method, key in (("goat_top_p", "top_p_step"), ("goat_shared", "shared_step"),
                         ("goat_runtime", "runtime_step")):  # routing variants; the run-time residual
         if "goat" in step_times and method in step_times:
@@ -668,6 +720,11 @@ def format_model_table(name: str, figures: dict) -> str:
         "runtime_step": "GOAT run-time residual step time / GOAT",
         "runtime_step_vs_lora": "GOAT run-time residual step time / LoRA",
         "runtime_memory_vs_lora": "GOAT run-time residual peak memory / LoRA",
+        "compiled_step": "compiled GOAT step time / compiled LoRA",
+        "compiled_memory": "compiled GOAT peak memory / compiled LoRA",
+        "compiled_eval": "compiled GOAT eval throughput / compiled LoRA",
+        "compile_speedup": "eager GOAT step time / compiled GOAT",
+        "lora_compile_speedup": "eager LoRA step time / compiled LoRA",
     }
     for key, label in labels.items():
         if ratios.get(key) is None:
@@ -678,6 +735,10 @@ def format_model_table(name: str, figures: dict) -> str:
         op, bound = targets[key]
         verdict = "met" if ratios["met"][key] else "MISSED"
         lines.append(f"  {label:<46} {ratios[key]:5.2f}x  (target {op} {bound:.2f}x)  {verdict}")
+    for method, entry in methods.items():
+        if "compile_s" in entry:
+            lines.append(f"  {method}: compile time {entry['compile_s']:.1f} s (first step minus the median)"
+                         + (f", eval {entry['eval_compile_s']:.1f} s" if "eval_compile_s" in entry else ""))
     return "\n".join(lines)
 
 

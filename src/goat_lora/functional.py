@@ -288,12 +288,17 @@ def routing_stats(routing: Routing, token_mask: torch.Tensor | None = None) -> R
     """Sufficient statistics of one forward; `token_mask` (T,) bool drops padding tokens. Shared experts
     (the first E - R columns of `used`) have no router probability and are left out."""
     probs, used = routing.probs, routing.used
-    if token_mask is not None:
-        probs, used = probs[token_mask], used[token_mask]
     num_shared = used.shape[-1] - probs.shape[-1]
-    counts = used[:, num_shared:].sum(dim=0, dtype=torch.float32)  # (R,)
-    # a fill on the device, not torch.tensor(..., device=...): that copy from the host waits for the GPU
-    num_tokens = torch.full((), float(probs.shape[0]), device=probs.device)
+    used = used[:, num_shared:]  # (T, R)
+    if token_mask is not None:
+        # zeros for padding rather than probs[token_mask]: a boolean index has a data-dependent shape
+        # (a graph break under torch.compile, a device-to-host sync on a GPU)
+        probs = torch.where(token_mask[:, None], probs, 0.0)
+        used = used & token_mask[:, None]
+        num_tokens = token_mask.sum(dtype=torch.float32)
+    else:  # a fill on the device, not torch.tensor(..., device=...): that copy from the host waits for the GPU
+        num_tokens = torch.full((), float(probs.shape[0]), device=probs.device)
+    counts = used.sum(dim=0, dtype=torch.float32)  # (R,)
     return RoutingStats(probs.sum(dim=0), counts, num_tokens)
 
 

@@ -74,6 +74,8 @@ def load_sequence_classifier(name_or_path: str | None, num_labels: int, dtype=No
     if model.config.pad_token_id is None:  # decoders classify from the last non-pad token
         tokenizer = load_tokenizer(name_or_path)
         model.config.pad_token_id = tokenizer.pad_token_id
+    if model.config.problem_type is None:  # what the first forward would set (under torch.compile: a recompile)
+        model.config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     return model
 
 

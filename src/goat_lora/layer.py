@@ -130,7 +130,16 @@ def weight_fingerprint(weight_2d: torch.Tensor) -> torch.Tensor:
 def _in_backward_recompute() -> bool:
     # Non-reentrant activation checkpointing re-runs forwards inside backward; their routing must
     # not be recorded twice (and must not replace the stats whose graph reaches the loss).
+    # Under torch.compile no Python runs in backward: the compiled backward recomputes tensors only,
+    # and dynamo records a checkpointed region's side effects once when
+    # torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint is set (docs/design.md).
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 # Which 16-bit lane of an int64 holds its top bits (int64.random_() leaves the sign bit 0).
@@ -146,7 +155,13 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     15; an element is dropped when its lane's integer falls in the lowest round(p * 2^b) of the
     2^b values (b = 16, 15). So P(drop) = round(p * 2^b) / 2^b, within 2^-16 of p. Seeded by
     torch.manual_seed like any other draw. On other devices: bernoulli_.
+
+    Under torch.compile: uniform(0, 1) >= p, exactly 1 - p. Dynamo cannot trace the in-place
+    random_ / bernoulli_, and inductor draws these numbers (Philox) inside the fused kernel anyway,
+    so the compiled path's masks are other draws than eager's for the same seed.
     """
+    if torch.compiler.is_compiling():
+        return torch.rand(shape, device=device) >= p
     if device.type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
     count = math.prod(shape)
@@ -368,7 +383,14 @@ class GoatLayer(nn.Module):
         if self.token_mask is not None and not isinstance(self.base_layer, nn.Conv2d):
             if tuple(self.token_mask.shape) == tuple(x.shape[:-1]):
                 mask = self.token_mask.reshape(-1).to(torch.bool)
-        stats = F.routing_stats(routing, mask)
+        if mask is None or torch.compiler.is_compiling():
+            stats = F.routing_stats(routing, mask)
+        else:
+            # The masked sums save the mask for backward. Non-reentrant checkpointing requires its recompute
+            # (which records nothing) to save as many tensors as the forward did: under hooks of our own the
+            # mask is kept outside the checkpoint's count.
+            with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                stats = F.routing_stats(routing, mask)
         self.last_stats = stats
         # the load over all E experts, for expert_load(): the shared expert serves every counted token
         load = torch.cat([stats.num_tokens.reshape(1).expand(self.num_shared), stats.counts.detach()])

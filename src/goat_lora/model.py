@@ -158,8 +158,15 @@ class GoatModel(nn.Module):
             )
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)
         if enable is None:  # transformers < 5
-            return self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-        return enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+            result = self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        else:
+            result = enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        # transformers also hooks requires_grad_(True) onto the embeddings' output, which only reentrant
+        # checkpointing needs; under torch.compile that call on an intermediate stops the graph
+        disable = getattr(self.base_model, "disable_input_require_grads", None)
+        if disable is not None:
+            disable()
+        return result
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         """Older name of activation_checkpointing_enable (same checks)."""

@@ -35,6 +35,7 @@ QUANTIZE_KINDS = tuple(m.value for m in QuantizeKind)
 # transformers' SchedulerType names that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")  # fmt: skip
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 REPORTERS_HELP = "tensorboard (event files in RUN/tensorboard), wandb, both comma-separated, or none"
 
 
@@ -173,6 +174,11 @@ class RunSettings:
     bf16: bool = knob(False, "bfloat16 autocast (CPU or GPU); weights, adapters and optimiser state stay float32")
     report_to: str = knob("tensorboard", REPORTERS_HELP)
     deepspeed: str | None = knob(None, "DeepSpeed config (GPU), e.g. configs/ds_zero2.json", metavar="CONFIG")
+    compile: bool = knob(False, "torch.compile the whole model for training (GOAT's routing fused with the rest); the "
+                         "first steps pay the compilation, and a new batch shape one recompilation")  # fmt: skip
+    compile_backend: str = knob("inductor", "--compile: the torch.compile backend; inductor generates fused kernels, "
+                                "aot_eager and eager run the captured graph with eager kernels (a quick check that a "
+                                "model compiles)", choices=COMPILE_BACKENDS)  # fmt: skip
 
     # ---- conversions --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

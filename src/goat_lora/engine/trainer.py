@@ -47,7 +47,8 @@ class GoatTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs.loss  # the task's loss, computed by the transformers model from `labels`
-        goat = goat_model(self.accelerator.unwrap_model(model))
+        # keep_torch_compile=False: with --compile the model here is torch.compile's wrapper, not the GoatModel
+        goat = goat_model(self.accelerator.unwrap_model(model, keep_torch_compile=False))
         if goat is not None:
             aux = goat.aux_loss()  # load balance of this forward, summed over adapted layers
             loss = loss + goat.goat_config.aux_loss_coef * aux
@@ -71,7 +72,7 @@ class GoatTrainer(Trainer):
             if self._aux_count:
                 logs["aux_loss"] = round(self._aux_sum / self._aux_count, 4)
                 self._aux_sum, self._aux_count = 0.0, 0
-            stats = router_statistics(expert_load(self.accelerator.unwrap_model(self.model)))
+            stats = router_statistics(expert_load(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)))
             if stats:
                 logs["expert_balance"] = round(stats["balance"], 4)  # 1 = experts used evenly
         super().log(logs, *args, **kwargs)
@@ -215,6 +216,18 @@ def warmup_arguments(ratio: float, fields=None) -> dict:
     return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
 
 
+def compile_arguments(settings) -> dict:
+    """--compile: the Trainer (through accelerate) wraps the whole model in torch.compile. With
+    activation checkpointing, dynamo is told to record a checkpointed block's side effects (GOAT's
+    routing statistics and expert-load counts) once, in the forward: the compiled backward recomputes
+    tensors only, which is what eager GOAT does by skipping its record during the recompute."""
+    if not getattr(settings, "compile", False):
+        return {}
+    if settings.gradient_checkpointing:
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return {"torch_compile": True, "torch_compile_backend": settings.compile_backend}
+
+
 def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> TrainingArguments:
     """The TrainingArguments every run shares (schedule, seeds, checkpoints into staging/.trainer
     for --resume, scale-out settings); `task_kwargs` adds the rest."""
@@ -234,6 +247,7 @@ def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> Tr
         save_steps=settings.save_steps or 500,
         save_total_limit=1,
         **scaleout.training_kwargs(settings),  # report_to, bf16, gradient checkpointing, deepspeed
+        **compile_arguments(settings),
         seed=settings.seed,
         data_seed=settings.seed,
         dataloader_num_workers=0,

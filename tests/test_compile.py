@@ -1,0 +1,209 @@
+"""torch.compile (issue 13): a GOAT model compiles with fullgraph=True, in training mode (experts'
+dropout, routing statistics, expert-load counts, the balance loss) and in eval mode, and the compiled
+model computes what the eager one does.
+
+Compiling is slow on a small CPU, so the models are tiny and the configurations few:
+* graph breaks are counted by torch._dynamo.explain (tracing only, no code generation);
+* compiled against eager uses the aot_eager backend: dynamo's graph through AOTAutograd (the
+  functionalised forward and the partitioned backward that inductor would receive), run by eager
+  kernels. Only the keep mask goes through inductor itself, because inductor lowers torch.rand to
+  its own generator;
+* MiniLM is the shipped checkpoint cut to its first encoder layer (the six layers are the same code).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_mlp, token_batch
+from test_scaleout import _flags, one_process, tiny_task  # noqa: F401  (module fixtures reused)
+
+from goat_lora import GoatConfig, get_goat_model
+
+
+def _mlp():
+    model = get_goat_model(tiny_mlp(), GoatConfig(r=4, num_experts=2, top_k=1, dropout=0.0))
+    return model, {"x": torch.randn(3, 4, 24)}
+
+
+def _llama(**config):
+    config = {"r": 8, "num_experts": 4, "dropout": 0.0, "aux_loss_ignore_padding": True, **config}
+    model = get_goat_model(tiny_llama(), GoatConfig(**config))
+    batch = token_batch()
+    return model, {**batch, "labels": batch["input_ids"], "use_cache": False}
+
+
+def _minilm(minilm, minilm_batch):
+    minilm.bert.encoder.layer = minilm.bert.encoder.layer[:1]
+    for module in minilm.modules():  # BERT's own dropouts would draw other numbers compiled
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model = get_goat_model(minilm, GoatConfig(r=8, num_experts=4, dropout=0.0, modules_to_save=["classifier"]))
+    return model, {**minilm_batch, "labels": torch.tensor([0, 1])}
+
+
+def _model(name, request):
+    if name == "mlp":
+        return _mlp()
+    if name == "llama":
+        return _llama()
+    return _minilm(request.getfixturevalue("minilm"), request.getfixturevalue("minilm_batch"))
+
+
+def _loss(model, out) -> torch.Tensor:
+    """The training loss: the task's (or a sum for the MLP) plus the balance loss."""
+    task = out.sum() if isinstance(out, torch.Tensor) else out.loss
+    return task + model.aux_loss()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["mlp", "llama", "minilm"])
+def test_no_graph_breaks(name, mode, request):
+    """One graph for the whole step: the model's forward and the balance loss (train mode with the
+    experts' dropout on: 0.1 here), or the forward alone (eval)."""
+    model, inputs = _model(name, request)
+    for layer in model.goat_layers():
+        layer.dropout = torch.nn.Dropout(0.1)
+    getattr(model, mode)()
+
+    def step(**kwargs):
+        out = model(**kwargs)
+        return _loss(model, out) if mode == "train" else out
+
+    explained = torch._dynamo.explain(step)(**inputs)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _compiled_equals_eager(model, inputs, compile_model=None):
+    """Two training steps of `model` compiled (fullgraph, aot_eager) against a deep copy run eagerly:
+    outputs, balance loss, gradients (of the second step: the first one compiles) and expert loads."""
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(compile_model or model, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        results = []
+        for runner, net in ((compiled, model), (eager, eager)):
+            net.train()
+            net.zero_grad(set_to_none=True)
+            out = runner(**inputs)
+            loss = _loss(net, out)
+            loss.backward()
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            results.append((logits.detach(), net.aux_loss().detach(), _grads(net)))
+        (out_c, aux_c, grads_c), (out_e, aux_e, grads_e) = results
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(aux_c, aux_e, rtol=1e-5, atol=1e-6)
+        assert grads_c.keys() == grads_e.keys() and grads_c
+        for key in grads_e:
+            torch.testing.assert_close(grads_c[key], grads_e[key], rtol=1e-4, atol=1e-6, msg=key)
+    for layer_c, layer_e in zip(model.goat_layers(), eager.goat_layers()):
+        assert torch.equal(layer_c.load_counts, layer_e.load_counts)  # two forwards each, counted once
+
+
+@pytest.mark.parametrize("name", ["mlp", "minilm"])
+def test_compiled_training_step_equals_eager(name, request):
+    _compiled_equals_eager(*_model(name, request))
+
+
+def test_compiled_llama_with_activation_checkpointing_equals_eager_and_records_routing_once():
+    """Non-reentrant checkpointing compiled with the whole model: dynamo traces each checkpointed
+    decoder layer as one region and, with skip_fwd_side_effects_in_bwd_under_checkpoint (what
+    `goat train --compile` sets), records its routing statistics and expert-load counts once, in the
+    forward; the compiled backward recomputes tensors, never Python. Compared with the same model
+    checkpointed in eager mode and without checkpointing, padding left out of the balance loss (the
+    eager checkpointed case failed before: its recompute no longer sees the token mask). Two adapted
+    layers per block keep the compile short."""
+    model, inputs = _llama(target_modules=["q_proj", "down_proj"])
+    plain = copy.deepcopy(model)
+    model.activation_checkpointing_enable()
+    eager = copy.deepcopy(model)
+    assert model.base_model.model.gradient_checkpointing and eager.base_model.model.gradient_checkpointing
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        for runner, net in ((compiled, model), (eager, eager), (plain, plain)):
+            net.train()
+            _loss(net, runner(**inputs)).backward()
+    tokens = float(inputs["attention_mask"].sum())
+    for other in (eager, plain):
+        torch.testing.assert_close(model.aux_loss(), other.aux_loss())
+        for (name, p), q in zip(model.named_parameters(), other.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for layer, other_layer in zip(model.goat_layers(), other.goat_layers()):
+            assert float(layer.load_counts.sum()) == tokens * 2  # one forward's k=2 slots per real token
+            assert torch.equal(layer.load_counts, other_layer.load_counts)
+
+
+def test_compiled_keep_mask_drops_about_p_through_inductor():
+    """Under torch.compile the keep mask is uniform >= p (inductor's own generator, fused with the
+    comparison): P(drop) = p, and torch.manual_seed repeats it."""
+    from goat_lora.layer import keep_mask
+
+    mask = torch.compile(lambda x: keep_mask(x.shape, 0.3, x.device), fullgraph=True)
+    x = torch.empty(600, 1000)
+    torch.manual_seed(0)
+    keep = mask(x)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    assert abs(1.0 - float(keep.double().mean()) - 0.3) < 5 * (0.3 * 0.7 / keep.numel()) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(mask(x), keep)
+
+
+def test_compiled_layer_drops_the_experts_inputs_with_probability_p():
+    """A compiled GOAT layer in training mode: one token of 4000 features, so the gradient of lora_A's
+    rows is g_i * (x * keep) and its zeros are the dropped features."""
+    from goat_lora.layer import GoatLayer  # noqa: F401  (the layer under test)
+
+    model = get_goat_model(torch.nn.Sequential(torch.nn.Linear(4000, 8)), GoatConfig(r=2, num_experts=2, top_k=2,
+                                                                                      dropout=0.3))  # fmt: skip
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.rand(1, 4000) + 0.5  # no zero feature
+    compiled(x).sum().backward()
+    grad = model.base_model[0].lora_A.grad  # (2, 4000)
+    dropped = float((grad[0] == 0).double().mean())
+    assert abs(dropped - 0.3) < 5 * (0.3 * 0.7 / 4000) ** 0.5
+    assert torch.equal(grad[0] == 0, grad[1] == 0)  # one mask per input element, shared by the experts
+
+
+def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path):  # noqa: F811
+    """`goat train --compile` gives the eager run's per-step losses, balance losses and expert balance.
+    Backend eager (dynamo's graph run by eager kernels): the Trainer's path to the compiled model is
+    what is tested here; AOTAutograd is tested above, and inductor's code generation takes minutes on
+    this CPU."""
+    import json
+
+    from goat_lora.cli import main
+
+    model_dir, data = tiny_task
+    out = tmp_path / "run"
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    argv = ["train", *_flags(model_dir, data), "--batch-size", "8", "--report-to", "none", "--compile",
+            "--compile-backend", "eager", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it did compile
+    compiled = json.loads((out / "metrics.json").read_text())
+    eager = json.loads(open(f"{one_process}/metrics.json").read())
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["compile"] is True and config["args"]["compile_backend"] == "eager"
+    assert len(compiled["train_loss"]) == len(eager["train_loss"]) == 4
+    for a, b in zip(compiled["train_loss"], eager["train_loss"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+        assert a["aux_loss"] == b["aux_loss"] and a["expert_balance"] == b["expert_balance"]
+    assert compiled["test_accuracy"] == eager["test_accuracy"]
+
+
+def test_compile_knob_passes_to_the_training_arguments():
+    from goat_lora.engine.trainer import compile_arguments
+    from goat_lora.settings import RunSettings
+
+    assert compile_arguments(RunSettings()) == {}
+    settings = dataclasses.replace(RunSettings(), compile=True, compile_backend="aot_eager")
+    assert compile_arguments(settings) == {"torch_compile": True, "torch_compile_backend": "aot_eager"}
