@@ -193,16 +193,33 @@ def test_smollm2_trains_generates_and_reloads():
     assert after[0]["token_ids"] == before[0]["token_ids"] and len(before[0]["token_ids"]) > 0
 
 
-def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal_lm_run(tiny_decoder, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tied_decoder(tmp_path_factory) -> str:
+    """The tiny decoder with its output layer tied to the input embeddings, as SmolLM2's."""
+    from transformers import LlamaForCausalLM
+
+    folder = save_tiny_decoder(tmp_path_factory.mktemp("decoder") / "tied-llama")
+    model = LlamaForCausalLM.from_pretrained(folder)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("embeddings", ["untied", "tied"])
+def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal_lm_run(embeddings, tiny_decoder,
+                                                                                       tied_decoder, tmp_path, monkeypatch):  # fmt: skip
     """As tests/test_resume.py for classification: 2 epochs x 6 steps, a checkpoint every 4 steps, the
     process SIGKILLed after step 7; `goat train --resume` runs only the remaining 8 steps and ends
-    with the losses and test loss of a run that was never interrupted."""
+    with the losses and test loss of a run that was never interrupted. Tied embeddings (one tensor
+    under two names, which safetensors refuses to write twice) checkpoint and resume too."""
     from conftest import run_until_stalled_then_kill
 
     import goat_lora.engine.trainer
     from goat_lora.cli import main
 
-    run = ["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", "instructions", "--mask-prompt",
+    decoder = tied_decoder if embeddings == "tied" else tiny_decoder
+    run = ["train", "--task", "causal-lm", "--model", decoder, "--data", "instructions", "--mask-prompt",
            "--train-size", "24", "--test-size", "6", "--max-length", "32", "--batch-size", "4", "--rank", "4",
            "--experts", "2", "--top-k", "1", "--lr", "1e-2", "--epochs", "2", "--logging-steps", "1", "--seed", "3",
            "--save-steps", "4"]  # fmt: skip

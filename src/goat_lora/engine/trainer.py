@@ -57,6 +57,19 @@ class GoatTrainer(Trainer):
                 self._aux_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A GoatModel is not a PreTrainedModel, so the Trainer writes its state dict with safetensors, which
+        refuses tensors that share memory (tied input / output embeddings, as in SmolLM2). One name per
+        shared tensor is kept: resuming loads with strict=False, and loading one name fills every alias."""
+        if state_dict is None:
+            state_dict, seen = {}, set()
+            for name, tensor in self.model.state_dict().items():
+                key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+                if key not in seen:
+                    seen.add(key)
+                    state_dict[name] = tensor
+        super()._save(output_dir, state_dict)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         if self.goat_validate is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
