@@ -100,10 +100,11 @@ def test_goat_compare_runs_causal_lm_selecting_by_perplexity(tiny_decoder, tmp_p
                  "--experts", "2", "--report-to", "none", "--output", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["metric"] == "perplexity" and report["settings"]["lower_is_better"] is True
-    for method, summary in report["methods"].items():
-        by_lr = summary["by_lr"]
-        best = min(by_lr, key=lambda lr: by_lr[lr]["validation_mean"])  # lower perplexity wins
-        assert f"{summary['lr']:g}" == best
+    for label, summary in report["methods"].items():
+        for chosen in summary["per_seed"]:  # each seed keeps the rate with the lower validation perplexity
+            runs = [r for r in report["runs"] if r["label"] == label and r["seed"] == chosen["seed"]]
+            assert len(runs) == 2 and chosen["validation"] == min(r["validation"] for r in runs)
+            assert chosen["lr"] == min(runs, key=lambda r: r["validation"])["lr"]
 
 
 def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
