@@ -245,3 +245,22 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
     for a, b in zip(resumed["train_loss"], reference["train_loss"], strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_decoder_checkpoint_trains_in_float32(dtype, tmp_path):
+    """transformers 5 loads a checkpoint in its own dtype; training bf16 / fp16 weights without autocast or
+    loss scaling is unsafe, so every decoder family loads float32 (--bf16 autocasts instead)."""
+    from transformers import LlamaForCausalLM
+
+    from goat_lora.cli import main
+
+    folder = save_tiny_decoder(tmp_path / "half")
+    LlamaForCausalLM.from_pretrained(folder).to(dtype).save_pretrained(folder)
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal-lm", "--model", folder, "--train-size", "8", "--test-size", "4",
+                 "--max-length", "32", "--batch-size", "4", "--rank", "4", "--experts", "2", "--top-k", "1",
+                 "--save-steps", "0", "--report-to", "none", "--output", str(out)]) == 0  # fmt: skip
+    model = load_run(str(out))[0]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
