@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -56,9 +57,10 @@ def tiny_llama(seed: int = 0, hidden: int = 32, dtype: torch.dtype = torch.float
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def save_tiny_decoder(folder) -> str:
-    """Write a tiny random LlamaForCausalLM (2 layers, hidden 32) and a 300-token byte-level BPE tokenizer
-    trained on the shipped instruction set to `folder`, as from_pretrained reads them; returns the folder."""
+def save_tiny_decoder(folder, texts: list[str] | None = None, vocab_size: int = 300) -> str:
+    """Write a tiny random LlamaForCausalLM (2 layers, hidden 32) and a byte-level BPE tokenizer of
+    `vocab_size` tokens trained on `texts` (default: the shipped instruction set) to `folder`, as
+    from_pretrained reads them; returns the folder."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -66,12 +68,13 @@ def save_tiny_decoder(folder) -> str:
 
     from goat_lora.tasks.causal_lm import instructions_path
 
-    with open(instructions_path(), encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in fh]
+    if texts is None:
+        with open(instructions_path(), encoding="utf-8") as fh:
+            texts = [json.loads(line)["text"] for line in fh]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
     tok.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -81,6 +84,23 @@ def save_tiny_decoder(folder) -> str:
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+def save_word_bert(folder, words: list[str], hidden: int = 32) -> str:
+    """Write a tiny random BertForSequenceClassification (2 layers, 2 labels, no dropout) with a word-level
+    tokenizer over `words` to `folder`; returns the folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
     return str(folder)
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyMLP, tiny_convnet, tiny_llama
+from conftest import TinyMLP, save_word_bert, tiny_convnet, tiny_llama
 from goat_lora import GoatConfig, GoatModel, get_goat_model
 from goat_lora import quant
 from goat_lora.layer import GoatLayer, base_weight_2d
@@ -446,19 +446,9 @@ def tiny_text(tmp_path_factory):
     import csv
     import random
 
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     words = ["good", "bad", "great", "awful", "tasty", "stale", "fresh", "cheap", "love", "hate", "snack", "tea"]
     root = tmp_path_factory.mktemp("quant-text")
-    model_dir = root / "bert"
-    model_dir.mkdir()
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(str(model_dir / "vocab.txt")).save_pretrained(str(model_dir))
-    config = BertConfig(vocab_size=len(words) + 5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(model_dir))
+    model_dir = save_word_bert(root / "bert", words, hidden=64)
     rng = random.Random(0)
     data = root / "reviews.csv"
     with open(data, "w", newline="") as fh:

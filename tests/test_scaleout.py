@@ -24,6 +24,7 @@ import sys
 import pytest
 import torch
 
+from conftest import save_word_bert
 from goat_lora.engine import resolve_settings, train
 from goat_lora.settings import RunSettings
 
@@ -35,20 +36,8 @@ WORDS = ["good", "bad", "great", "awful", "tasty", "stale", "fresh", "cheap",
 @pytest.fixture(scope="module")
 def tiny_task(tmp_path_factory):
     """(model folder, csv path): tiny random BERT (no dropout) + word tokenizer, 60 six-word reviews."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     root = tmp_path_factory.mktemp("scaleout")
-    model_dir = root / "bert"
-    model_dir.mkdir()
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(str(model_dir / "vocab.txt")).save_pretrained(str(model_dir))
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        classifier_dropout=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(model_dir))
+    model_dir = save_word_bert(root / "bert", WORDS)
     rng = random.Random(0)
     data = root / "reviews.csv"
     with open(data, "w", newline="") as fh:

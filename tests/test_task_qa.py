@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from conftest import save_tiny_decoder
 from goat_lora.tasks import qa, quiz
 from goat_lora.tasks.base import Split
 
@@ -161,28 +162,11 @@ for light, heavy, heavy_first in COMMONSENSE_THINGS:
 
 @pytest.fixture(scope="module")
 def tiny_decoder(tmp_path_factory) -> str:
-    """A folder with a tiny random LlamaForCausalLM (2 layers, hidden 32) and a 400-token BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("decoder") / "tiny-llama"
+    """A folder with a tiny random LlamaForCausalLM (2 layers, hidden 32) and a 400-token BPE tokenizer
+    trained on the fixtures' prompts and answers."""
     texts = [qa.format_prompt("instruction", r["question"]) + r["answer"] for r in GSM_ROWS]
     texts += [qa.format_prompt("instruction", r["instruction"]) + r["output"] for r in COMMONSENSE_ROWS]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=alphabet,
-                                  show_progress=False)  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.save_pretrained(str(folder))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    return str(folder)
+    return save_tiny_decoder(tmp_path_factory.mktemp("decoder") / "tiny-llama", texts, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
