@@ -74,6 +74,11 @@ def test_smoke_init_benchmark_reports_speed_and_subspace_quality(tmp_path, capsy
     assert quality["max_angle_deg"] < 0.1 and quality["max_rel_error"] < 1e-3  # accuracy, not speed
     assert quality["max_alignment_error"] < 1e-6  # W0 - W_res + c s sum_j B_j A_j == W0
     assert init["exact_s"]["median"] > 0 and init["fast_s"]["median"] > 0
+    largest = init["largest_matrix"]  # the single largest matrix, and the route's floor beside it
+    assert largest["name"] in ("gate_proj", "up_proj", "down_proj") and largest["shape"] in ("172x64", "64x172")
+    assert 0 < largest["floor_s"] == pytest.approx(largest["gram_product_s"]["median"] + largest["sytrd_s"]["median"])
+    assert largest["floor_speedup"] == pytest.approx(largest["exact_s"]["median"] / largest["floor_s"])
+    assert "largest matrix alone" in printed and "floor of the Gram route" in printed
 
 
 def test_json_is_written_atomically(tmp_path, monkeypatch):

@@ -766,6 +766,14 @@ def format_init_table(figures: dict) -> str:
         lines.append(
             f"    {name:<10} max angle {layer['max_angle_deg']:.3g} deg, max rel. error {layer['max_rel_error']:.2e}"
         )
+    m = figures["largest_matrix"]
+    verdict = "met" if m["speedup"] >= INIT_TARGET else "MISSED"
+    lines.append(f"largest matrix alone ({m['name']} {m['shape']}): exact {m['exact_s']['median']:.2f} s, this project "
+                 f"{m['fast_s']['median']:.2f} s, speed-up {m['speedup']:.2f}x (target >= {INIT_TARGET:.1f}x)  {verdict}")  # fmt: skip
+    if "floor_s" in m:
+        lines.append(f"  floor of the Gram route: Gram product {m['gram_product_s']['median']:.2f} s + LAPACK sytrd "
+                     f"{m['sytrd_s']['median']:.2f} s = {m['floor_s']:.2f} s, {m['floor_share']:.0%} of the route; "
+                     f"exact / floor = {m['floor_speedup']:.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -819,6 +827,9 @@ def bench_init(args: argparse.Namespace, device: torch.device) -> dict:
 
     fast_method = f"{fast} -> {resolve_method(fast, originals[targets[0]])} on {compute_device(originals[targets[0]])}"
     quality = init_quality(layers["exact"], layers[fast], originals)
+    del layers
+    largest = max(targets, key=lambda name: originals[name].numel())
+    largest_matrix = bench_init_matrix(largest, originals[largest], args, "gram" if args.smoke else "auto", repeats)
     exact_s, fast_s = _stats(times["exact"]), _stats(times[fast])
     return {
         "shapes": ", ".join(f"{n} {o}x{i}" for n, o, i in shapes),
@@ -834,7 +845,46 @@ def bench_init(args: argparse.Namespace, device: torch.device) -> dict:
         "target_speedup": INIT_TARGET,
         "met": exact_s["median"] / fast_s["median"] >= INIT_TARGET,
         "quality": quality,
+        "largest_matrix": largest_matrix,
     }
+
+
+def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace, method: str, repeats: int) -> dict:
+    r"""One matrix alone: the exact SVD against `method`, and where the Gram route's floor lies.
+
+    Whatever else it saves, a route through the h x h Gram matrix G must form G and reduce it to
+    tridiagonal form (LAPACK sytrd, h^3 4/3 flops, half of them matrix-vector products bound by
+    memory bandwidth); those two steps are timed apart, on the same matrix, so the table shows how
+    much of the route is left above them and the speed-up no refinement of the rest could beat."""
+    from .functional import expert_component_indices
+    from .svd import _gram_lower_column_major, _lapack_available, singular_components
+
+    rows, cols = weight.shape
+    indices = expert_component_indices("goat", min(rows, cols), args.experts, args.rank // args.experts).reshape(-1)
+    times: dict[str, list[float]] = {"exact": [], method: [], "gram_product": [], "sytrd": []}
+    device = weight.device
+    floor_measurable = device.type == "cpu" and _lapack_available()
+    for _ in range(repeats):  # interleaved like the whole layer
+        times["exact"].append(_timed(lambda: singular_components(weight, indices, "exact"), device))
+        times[method].append(_timed(lambda: singular_components(weight, indices, method), device))
+        if floor_measurable:
+            from scipy.linalg import lapack
+            from threadpoolctl import threadpool_limits
+
+            holder = {}
+            times["gram_product"].append(
+                _timed(lambda: holder.__setitem__("gram", _gram_lower_column_major(weight.float(), rows < cols)), device)
+            )
+            with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+                times["sytrd"].append(_timed(lambda: lapack.ssytrd(holder.pop("gram"), lower=1, overwrite_a=1), device))
+    exact_s, fast_s = _stats(times["exact"]), _stats(times[method])
+    figures = {"name": name, "shape": f"{rows}x{cols}", "exact_s": exact_s, "fast_s": fast_s,
+               "speedup": exact_s["median"] / fast_s["median"]}  # fmt: skip
+    if floor_measurable:
+        floor = statistics.median(g + t for g, t in zip(times["gram_product"], times["sytrd"]))
+        figures.update(gram_product_s=_stats(times["gram_product"]), sytrd_s=_stats(times["sytrd"]), floor_s=floor,
+                       floor_share=floor / fast_s["median"], floor_speedup=exact_s["median"] / floor)  # fmt: skip
+    return figures
 
 
 def init_quality(exact_layers: dict, fast_layers: dict, originals: dict) -> dict:
