@@ -264,3 +264,43 @@ def test_a_half_precision_decoder_checkpoint_trains_in_float32(dtype, tmp_path):
                  "--save-steps", "0", "--report-to", "none", "--output", str(out)]) == 0  # fmt: skip
     model = load_run(str(out))[0]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_is_converted_once_to_the_same_floats(tmp_path, monkeypatch):
+    """The first load of "smollm2" writes the dequantised GGUF as a transformers folder under the cache;
+    loading that folder gives the GGUF load's exact weights and tokenizer, and later loads never convert
+    again. An unwritable cache falls back to the GGUF file, leaving no half-written folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from goat_lora import hf
+
+    try:
+        folder, gguf_file = hf.smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(f"SmolLM2 is not installed: {err}")
+    monkeypatch.setenv("GOAT_LORA_CACHE", str(tmp_path / "cache"))
+    path, extra = hf.resolve_model("smollm2")
+    assert extra == {} and os.path.dirname(path) == str(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(path)]  # no partial folder left
+    cached, direct = hf.load_causal_lm("smollm2"), AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    direct_state = direct.state_dict()
+    assert cached.state_dict().keys() == direct_state.keys()
+    assert all(torch.equal(value, direct_state[name]) for name, value in cached.state_dict().items())
+    texts = ["What is the capital of Peru?", "### Instruction:\nWhat is 2 plus 3?\n### Response:\n"]
+    cached_tokenizer = hf.load_tokenizer("smollm2")
+    direct_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    assert cached_tokenizer(texts)["input_ids"] == direct_tokenizer(texts)["input_ids"]
+    assert cached_tokenizer.eos_token == direct_tokenizer.eos_token
+    assert cached_tokenizer.chat_template == direct_tokenizer.chat_template
+
+    def no_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(hf, "_convert_gguf", no_conversion)
+    assert hf.resolve_model("smollm2") == (path, {})
+    monkeypatch.undo()
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("GOAT_LORA_CACHE", str(blocked / "cache"))
+    assert hf.resolve_model("smollm2") == (folder, {"gguf_file": gguf_file})

@@ -44,9 +44,60 @@ def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
     if name.lower() in (MINILM, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
         return minilm_path(), {}
     if name.lower() in (SMOLLM2, "smollm2-135m", "huggingfacetb/smollm2-135m-instruct"):
-        folder, gguf_file = smollm2_gguf()
-        return folder, {"gguf_file": gguf_file}
+        return smollm2_source()
     return name, {}
+
+
+def model_cache_dir() -> str:
+    """Where converted copies of shipped models live: $GOAT_LORA_CACHE, else $XDG_CACHE_HOME/goat_lora,
+    else ~/.cache/goat_lora."""
+    if os.environ.get("GOAT_LORA_CACHE"):
+        return os.environ["GOAT_LORA_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "goat_lora")
+
+
+def smollm2_source() -> tuple[str, dict]:
+    """(folder, from_pretrained kwargs) of the shipped SmolLM2.
+
+    The package holds a GGUF file, which transformers dequantises to float32 at every load (about
+    15 s on 2 CPU cores, paid by every run of a comparison). So the first load writes the dequantised
+    weights, config and converted tokenizer as an ordinary transformers folder under
+    `model_cache_dir()` (about 0.5 GB) and later loads read that (about a second); the weights are
+    the same floats. The folder is written beside its final name and renamed when complete, so an
+    interrupted conversion leaves nothing half-written. Where the cache cannot be written the GGUF
+    file is read directly."""
+    folder, gguf_file = smollm2_gguf()
+    size = os.path.getsize(os.path.join(folder, gguf_file))
+    cached = os.path.join(model_cache_dir(), f"{os.path.splitext(gguf_file)[0]}-{size}-float32")
+    if os.path.isfile(os.path.join(cached, "config.json")):
+        return cached, {}
+    try:
+        _convert_gguf(folder, gguf_file, cached)
+    except OSError:  # read-only or full disk: no cache, the slower direct load still works
+        return folder, {"gguf_file": gguf_file}
+    return cached, {}
+
+
+def _convert_gguf(folder: str, gguf_file: str, target: str) -> None:
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(target) + ".partial-", dir=os.path.dirname(target))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+        _forget_dequantized_gguf(model, {"gguf_file": gguf_file})
+        model.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(partial)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, "config.json")):  # not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_tokenizer(name_or_path: str | None):
