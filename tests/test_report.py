@@ -121,5 +121,11 @@ def test_study_table_has_methods_as_rows_and_an_average_column():
     table = report.study_table({"a": one(0.8, 0.7), "b": one(0.6, 0.9, "pearson")})
     lines = table.splitlines()
     assert lines[0] == "| method | a (accuracy) | b (pearson) | average |"
-    assert lines[2] == "| goat | 0.8000 ± 0.0000 | 0.6000 ± 0.0000 | 0.7000 |"
-    assert lines[3] == "| lora | 0.7000 ± 0.0000 | 0.9000 ± 0.0000 | 0.8000 |"
+    assert lines[2] == "| goat | **0.8000 ± 0.0000** | 0.6000 ± 0.0000 | 0.7000 |"
+    assert lines[3] == "| lora | 0.7000 ± 0.0000 | **0.9000 ± 0.0000** | 0.8000 |"
+    only_a = one(0.8, 0.7)
+    only_a["methods"]["head"] = report.summarize(
+        [{"method": "head", "lr": 1e-2, "seed": s, "validation": 0.5, "test": 0.55} for s in (0, 1)], baseline=0.5
+    )["head"]
+    lines = report.study_table({"a": only_a, "b": one(0.6, 0.9, "pearson")}).splitlines()
+    assert lines[4] == "| head | 0.5500 ± 0.0000 | — | 0.5500 (1 of 2 tasks) |"

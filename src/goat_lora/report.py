@@ -318,10 +318,16 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
 # ---- a study: several comparisons in the paper's form ---------------------------------------------
 def study_table(reports: dict[str, dict], methods: list[str] | None = None) -> str:
     """Methods as rows, tasks as columns (each `goat compare` report.json: test mean ± std of its
-    metric, ⚑ where the method never beat the constant prediction), and the average over tasks of the
-    means (only over the tasks where the method ran), as the paper's tables are laid out."""
+    metric, the column's best in bold, ⚑ where the method never beat the constant prediction), and the
+    average over tasks of the means, as the paper's tables are laid out. A method that did not run on
+    every task (head-only has no qa column) is averaged over the tasks it ran, and says how many."""
     tasks = list(reports)
     rows = methods or list(dict.fromkeys(label for r in reports.values() for label in r["methods"]))
+    best = {}
+    for name in tasks:
+        lower = bool(reports[name]["settings"].get("lower_is_better"))
+        means = _finite([row["test_mean"] for row in reports[name]["methods"].values()])
+        best[name] = (min if lower else max)(means) if means else None
     header = [f"{name} ({reports[name]['settings']['metric']})" for name in tasks]
     lines = ["| method | " + " | ".join(header) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
     for label in rows:
@@ -331,10 +337,15 @@ def study_table(reports: dict[str, dict], methods: list[str] | None = None) -> s
             if row is None:
                 cells.append("—")
                 continue
-            cells.append(f"{_fmt(row['test_mean'], '.4f')} ± {_fmt(row['test_std'], '.4f')}" + (" ⚑" if row["flagged"] else ""))
+            value = f"{_fmt(row['test_mean'], '.4f')} ± {_fmt(row['test_std'], '.4f')}"
+            if row["test_mean"] == best[name]:
+                value = f"**{value}**"
+            cells.append(value + (" ⚑" if row["flagged"] else ""))
             means.append(row["test_mean"])
-        average = statistics.fmean(_finite(means)) if _finite(means) else float("nan")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(average, '.4f')} |")
+        average = _fmt(statistics.fmean(_finite(means)), ".4f") if _finite(means) else "-"
+        if len(means) < len(tasks):
+            average += f" ({len(means)} of {len(tasks)} tasks)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
     return "\n".join(lines)
 
 
