@@ -100,3 +100,64 @@ def test_hydralora_shares_A_and_matches_a_per_expert_loop():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         prepare_model("nope", tiny_bert(), spec(), [], [])
+
+
+class _PointwiseConvNet(torch.nn.Module):
+    """The image model's adapted layers in small: 1x1 convolutions, then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.expand = torch.nn.Conv2d(6, 12, 1)
+        self.project = torch.nn.Conv2d(12, 8, 1)
+        self.classifier = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+    def forward(self, pixel_values):
+        hidden = self.project(torch.relu(self.expand(pixel_values)))
+        return self.classifier(hidden.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_svd_initialised_baselines_start_at_the_pretrained_convolution_net(method):
+    """peft's PiSSA refuses convolutions ("Unknown initialization"): on 1x1 convs PiSSA is initialised
+    here by peft's formula. Each LoRA holds the r largest (PiSSA) or smallest (MiLoRA) components of W,
+    and W - s B A + s B A = W: the starting model is the pretrained one."""
+    from peft.tuners.lora import LoraLayer
+
+    model, reference = _PointwiseConvNet(), _PointwiseConvNet()
+    pixels = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+    prepared = prepare_model(method, model, spec(method, rank=2), ["expand", "project"], ["classifier"])
+    prepared.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(pixel_values=pixels), reference(pixel_values=pixels), atol=1e-5, rtol=1e-5)
+    layers = [m for m in prepared.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 2
+    for layer in layers:
+        original = getattr(reference, "expand" if layer.get_base_layer().in_channels == 6 else "project").weight
+        S = torch.linalg.svdvals(original.view(original.shape[0], -1).double())
+        product = layer.lora_B["default"].weight.flatten(1).double() @ layer.lora_A["default"].weight.flatten(1).double()
+        kept = S[:2] if method == "pissa" else S[-2:]  # s B A is W's best rank-2 part (PiSSA) or its smallest
+        torch.testing.assert_close(torch.linalg.svdvals(layer.scaling["default"] * product)[:2], kept, atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_here_is_peft_pissa_on_linear_layers():
+    """The formula used on convolutions (`svd_lora_init(..., "principal")`) gives what peft's own PiSSA
+    gives on Linear layers: the same s B A and the same residual base weights."""
+    import peft
+
+    from goat_lora.baselines import svd_lora_init
+
+    targets = _targets(tiny_bert())
+    config = dict(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"])
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(init_lora_weights="pissa", **config))
+    ours = peft.get_peft_model(tiny_bert(), peft.LoraConfig(init_lora_weights=True, **config))
+    svd_lora_init(ours, "principal")
+    for name in targets:
+        a, b = ours.base_model.model.get_submodule(name), theirs.base_model.model.get_submodule(name)
+        delta_a = a.lora_B["default"].weight @ a.lora_A["default"].weight
+        delta_b = b.lora_B["default"].weight @ b.lora_A["default"].weight
+        torch.testing.assert_close(delta_a, delta_b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.get_base_layer().weight, b.get_base_layer().weight, atol=1e-5, rtol=1e-4)

@@ -3,7 +3,9 @@
   goat, goat_mini, goat_s, molora   this project's GoatModel (GoatConfig differs: init / scaling)
   hydralora                         shared A, one B per expert, dense softmax router (HydraLoRA,
                                     Tian et al. 2024); a small module defined here
-  lora, rslora, dora, pissa         peft's LoRA with its own options (not re-written)
+  lora, rslora, dora, pissa         peft's LoRA with its own options (not re-written); peft's PiSSA
+                                    refuses convolutions, so on the image model's 1x1 convs pissa is
+                                    initialised here by peft's formula (`svd_lora_init`)
   milora                            peft's LoRA, re-initialised from the minor singular components
                                     (MiLoRA, Wang et al. 2024; peft has no such init)
   full                              every parameter trained
@@ -175,7 +177,7 @@ def get_peft_baseline(method: str, model: nn.Module, settings, targets: list[str
         modules_to_save=head or None,
         use_rslora=method == "rslora",
         use_dora=method == "dora",
-        init_lora_weights="pissa" if method == "pissa" else True,
+        init_lora_weights="pissa" if method == "pissa" and not _has_convolutions(model, targets) else True,
     )
     spec = None if settings.quantize is None else quant.QuantSpec(settings.quantize)
     if spec is not None and method != "pissa":  # QLoRA: peft adapts the quantized layers (its bitsandbytes LoRA)
@@ -183,7 +185,9 @@ def get_peft_baseline(method: str, model: nn.Module, settings, targets: list[str
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator
     peft_model = get_peft_model(model, config)
     if method == "milora":
-        milora_init(peft_model)
+        svd_lora_init(peft_model, "minor")
+    elif method == "pissa" and config.init_lora_weights is True:
+        svd_lora_init(peft_model, "principal")
     if spec is not None and method == "pissa":
         peft_model = quantized_pissa(peft_model, config, targets, spec)
     return peft_model
@@ -204,11 +208,16 @@ def quantized_pissa(peft_model, config, targets: list[str], spec: quant.QuantSpe
     return quantized
 
 
+def _has_convolutions(model: nn.Module, targets: list[str]) -> bool:
+    return any(isinstance(model.get_submodule(name), nn.Conv2d) for name in targets)
+
+
 @torch.no_grad()
-def milora_init(peft_model) -> None:
-    """MiLoRA: start each LoRA from the r *smallest* singular components of W (PiSSA takes the
-    largest): A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), and W <- W - s B A, so the
-    model starts exactly at the pretrained one."""
+def svd_lora_init(peft_model, components: str) -> None:
+    """Start each LoRA from r singular components of its weight W (m, n; a 1x1 conv as its matrix):
+    the largest (PiSSA, peft's `pissa_init` formula) or the smallest (MiLoRA, which peft lacks):
+    A = sqrt(S_r) V_r^T / sqrt(s), B = U_r sqrt(S_r) / sqrt(s), and W <- W - s B A, so the model
+    starts exactly at the pretrained one."""
     from peft.tuners.lora import LoraLayer
 
     for module in peft_model.modules():
@@ -221,7 +230,8 @@ def milora_init(peft_model) -> None:
             weight = base.weight.view(base.weight.shape[0], -1)  # (m, n); 1x1 convs too
             U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
             r = lora_A.shape[0]
-            U_r, S_r, Vh_r = U[:, -r:], S[-r:], Vh[-r:]
+            keep = slice(0, r) if components == "principal" else slice(-r, None)
+            U_r, S_r, Vh_r = U[:, keep], S[keep], Vh[keep]
             A = (torch.diag(S_r.sqrt()) @ Vh_r) / math.sqrt(scale)  # (r, n)
             B = (U_r @ torch.diag(S_r.sqrt())) / math.sqrt(scale)  # (m, r)
             lora_A.copy_(A.view_as(lora_A).to(lora_A.dtype))
