@@ -35,8 +35,9 @@ step_finefoods() { compare finefoods --task classification --data finefoods --me
 step_pairs() { compare ucla-courses --task classification --data ucla-courses --methods $METHODS $TEXT; }
 step_images() {
   [[ -d "$OUT/mnist5k" ]] || .venv/bin/python scripts/make_image_folder.py "$OUT/mnist5k"
+  # 8 epochs: with 4, most methods chose the last epoch and the top of their grid (mnist-folder-4-epochs/)
   compare mnist-folder --task image-classification --data "$OUT/mnist5k" --methods $METHODS \
-    --train-size 256 --test-size 200 --image-size 32 --epochs 4
+    --train-size 256 --test-size 200 --image-size 32 --epochs 8
 }
 step_qa() {  # a decoder has no classification head: head-only does not apply
   compare quiz-capitals --task qa --data quiz-capitals --methods ${METHODS% head} \
