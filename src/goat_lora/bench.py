@@ -857,13 +857,13 @@ def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace,
     memory bandwidth); those two steps are timed apart, on the same matrix, so the table shows how
     much of the route is left above them and the speed-up no refinement of the rest could beat."""
     from .functional import expert_component_indices
-    from .svd import _gram_lower_column_major, _lapack_available, singular_components
+    from .svd import gram_lower_column_major, lapack_available, singular_components
 
     rows, cols = weight.shape
     indices = expert_component_indices("goat", min(rows, cols), args.experts, args.rank // args.experts).reshape(-1)
     times: dict[str, list[float]] = {"exact": [], method: [], "gram_product": [], "sytrd": []}
     device = weight.device
-    floor_measurable = device.type == "cpu" and _lapack_available()
+    floor_measurable = device.type == "cpu" and lapack_available()
     for _ in range(repeats):  # interleaved like the whole layer
         times["exact"].append(_timed(lambda: singular_components(weight, indices, "exact"), device))
         times[method].append(_timed(lambda: singular_components(weight, indices, method), device))
@@ -873,7 +873,7 @@ def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace,
 
             holder = {}
             times["gram_product"].append(
-                _timed(lambda: holder.__setitem__("gram", _gram_lower_column_major(weight.float(), rows < cols)), device)
+                _timed(lambda: holder.__setitem__("gram", gram_lower_column_major(weight.float(), rows < cols)), device)
             )
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
                 times["sytrd"].append(_timed(lambda: lapack.ssytrd(holder.pop("gram"), lower=1, overwrite_a=1), device))

@@ -132,7 +132,7 @@ def gram_singular_components(
     work = [w.detach().to(device=device, dtype=dtype) for w in weights]
     windows = [_windows(idx.tolist(), margin, h) for idx in indices]
     bases: list[list[torch.Tensor] | None] = [None] * len(work)
-    if device.type == "cpu" and _lapack_available():
+    if device.type == "cpu" and lapack_available():
         bases = [_lapack_window_eigenvectors(w, wide, win) for w, win in zip(work, windows)]
     missing = [i for i, b in enumerate(bases) if b is None]  # GPU, no SciPy, or LAPACK gave up on one
     if missing:
@@ -172,7 +172,7 @@ def _windows(wanted: list[int], margin: int, h: int) -> list[tuple[int, int, int
 # ---- selected eigenvectors through LAPACK (CPU) ------------------------------------------------
 
 
-def _lapack_available() -> bool:
+def lapack_available() -> bool:
     try:
         import scipy.linalg.lapack  # noqa: F401
         import threadpoolctl  # noqa: F401
@@ -181,7 +181,7 @@ def _lapack_available() -> bool:
     return True
 
 
-def _gram_lower_column_major(W: torch.Tensor, wide: bool) -> np.ndarray:
+def gram_lower_column_major(W: torch.Tensor, wide: bool) -> np.ndarray:
     """The lower triangle of W's smaller Gram matrix in a column-major array, which is all that
     LAPACK's sytrd(lower) reads. Only blocks on and above the diagonal of the row-major buffer (on
     and below it in column-major order) are multiplied: about half the flops of W^T W."""
@@ -215,7 +215,7 @@ def _lapack_window_eigenvectors(
     sytrd, stebz, stein = (getattr(lapack, prefix + name) for name in ("sytrd", "stebz", "stein"))
     h = W.shape[1] if not wide else W.shape[0]
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        gram = _gram_lower_column_major(W, wide)
+        gram = gram_lower_column_major(W, wide)
         reflectors, diagonal, off_diagonal, tau, info = sytrd(gram, lower=1, overwrite_a=1)
         if info != 0:
             return None
