@@ -233,18 +233,46 @@ def expected_expert_weights(mode: str, num_experts: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+class _MaskedProjection(torch.autograd.Function):
+    """h = (x * keep) A^T for a bool keep mask. Saves x and the 1-byte mask, not the masked copy
+    (a matmul would save that float copy for A's gradient): GOAT's router keeps x alive anyway, so
+    dropout costs one byte per input element. Backward recomputes x * keep, a pointwise product."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, keep, A)
+        return (x * keep) @ A.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, keep, A = ctx.saved_tensors
+        grad_x = grad_A = None
+        # in grad's dtype, as autocast ran the forward matmul; results in the inputs' own dtypes
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad @ A.to(grad.dtype)) * keep).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_A = (grad.T @ (x * keep).to(grad.dtype)).to(A.dtype)
+        return grad_x, None, grad_A
+
+
 def experts_delta(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, expert_scale: torch.Tensor
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    weights: torch.Tensor,
+    expert_scale: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""sum_j w_j s_j B_j A_j x for every token, at the cost of one LoRA of rank r, whatever the routing mode.
 
-    h = x A_cat^T (T, r); each of expert j's d columns is multiplied by w_j s_j (zero when j is not
+    h = x A_cat^T (T, r), or (x * keep) A_cat^T for a dropout mask (the 1 / (1 - p) is the caller's,
+    in expert_scale); each of expert j's d columns is multiplied by w_j s_j (zero when j is not
     used: the (T, E) weights are dense, so a variable number of experts per token costs nothing
     extra); y = h B_cat^T (T, m).
     """
     tokens, num_experts = weights.shape
     expert_rank = A.shape[0] // num_experts
-    hidden = x @ A.T  # (T, r)
+    hidden = x @ A.T if keep is None else _MaskedProjection.apply(x, keep, A)  # (T, r)
     expert_weights = (weights * expert_scale).to(hidden.dtype)  # (T, E): w_j s_j, in the adapters' dtype
     # (T, E, d) * (T, E, 1): each of expert j's d columns times w_j s_j. A broadcast instead of
     # repeat_interleave, which on CUDA reads its output size back from the GPU (a sync per layer).

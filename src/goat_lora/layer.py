@@ -172,21 +172,6 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return (lanes >= thresholds).view(-1)[:count].view(shape)
 
 
-class _Masked(torch.autograd.Function):
-    """y = x * keep for a bool keep mask, which is all that autograd saves (1 byte per element
-    instead of nn.Dropout's float noise). Multiplying by a 0/1 mask is exact."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        return x * keep
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad * keep, None
-
-
 class GoatLayer(nn.Module):
     """E LoRA experts (concatenated: lora_A (r, n), lora_B (m, r)) and a router around a frozen layer.
 
@@ -340,29 +325,30 @@ class GoatLayer(nn.Module):
         result = self.base_layer(x)  # (W0 - W_res) x + b; W0 x + b when the residual is applied at run time
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
         routing = F.route(self.router(tokens), self.top_k, self.routing, self.top_p)
-        kept, dropout_scale = self._experts_dropout(tokens)
+        keep, dropout_scale = self._experts_dropout(tokens)
         # dropout(x) = (x * keep) / (1 - p), and 1 / (1 - p) commutes with A_j and B_j: it is folded into
         # the per-expert scales (E numbers) instead of multiplying the (T, n) input forward and backward
         expert_scale = self.expert_scale * dropout_scale
         if per_expert_loop:
+            kept = tokens if keep is None else tokens * keep
             delta = F.experts_delta_loop(kept, self.lora_A, self.lora_B, routing, expert_scale)
         else:  # all experts in two matmuls
-            delta = F.experts_delta(kept, self.lora_A, self.lora_B, routing.weights, expert_scale)
+            delta = F.experts_delta(tokens, self.lora_A, self.lora_B, routing.weights, expert_scale, keep)
         if self.residual_at_runtime:  # - W_res x, on the undropped input: it belongs to the frozen base
             delta = delta - self.residual_forward(tokens)
         self._record(routing, x)
         return result + self._from_tokens(delta, result).to(result.dtype)
 
-    def _experts_dropout(self, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(tokens * keep, 1 / (1 - p)): the experts' dropout without its scale, which the caller folds
-        into the expert scales; keep ~ Bernoulli(1 - p) elementwise (keep_mask). Autograd keeps the
-        1-byte mask, not float noise: the router already keeps `tokens` alive, so this holds GOAT's
-        activation memory near LoRA's."""
+    def _experts_dropout(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """(keep, 1 / (1 - p)): the experts' dropout mask, keep ~ Bernoulli(1 - p) elementwise
+        (keep_mask), or None when there is no dropout; the caller folds the scale into the expert
+        scales and multiplies the input by the 0/1 mask inside A's projection, so that autograd keeps
+        the 1-byte mask beside the tokens the router keeps alive anyway, not a float copy: GOAT's
+        activation memory stays at LoRA's."""
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         if not self.training or p == 0.0:
-            return tokens, 1.0
-        keep = keep_mask(tokens.shape, p, tokens.device)  # (T, n)
-        return _Masked.apply(tokens, keep), 1.0 / (1.0 - p)
+            return None, 1.0
+        return keep_mask(tokens.shape, p, tokens.device), 1.0 / (1.0 - p)
 
     # ---- layout plumbing --------------------------------------------------------------------
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
