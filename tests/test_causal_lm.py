@@ -283,7 +283,10 @@ def test_the_shipped_smollm2_is_converted_once_to_the_same_floats(tmp_path, monk
     path, extra = hf.resolve_model("smollm2")
     assert extra == {} and os.path.dirname(path) == str(tmp_path / "cache")
     assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(path)]  # no partial folder left
+    with open(os.path.join(path, "config.json")) as handle:
+        assert "quantization_config" not in json.load(handle)  # else the Trainer refuses it as "purely quantized"
     cached, direct = hf.load_causal_lm("smollm2"), AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    assert not getattr(cached, "is_quantized", False) and getattr(cached, "hf_quantizer", None) is None
     direct_state = direct.state_dict()
     assert cached.state_dict().keys() == direct_state.keys()
     assert all(torch.equal(value, direct_state[name]) for name, value in cached.state_dict().items())

@@ -89,6 +89,8 @@ def _convert_gguf(folder: str, gguf_file: str, target: str) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
         _forget_dequantized_gguf(model, {"gguf_file": gguf_file})
+        if hasattr(model.config, "quantization_config"):  # the GGUF marker: the saved floats are plain weights
+            del model.config.quantization_config
         model.save_pretrained(partial)
         AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(partial)
         try:
