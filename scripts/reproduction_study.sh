@@ -40,10 +40,14 @@ step_images() {
     --train-size 256 --test-size 200 --image-size 32 --epochs 8
 }
 step_qa() {  # a decoder has no classification head: head-only does not apply
-  # 3 epochs: one run with 4 took 455 s here (one thread, a neighbour job), 54 runs ~7 h; the first
-  # such run was best at epoch 2, so 3 still lets a run's best epoch come before its last
+  # 3 epochs: one run with 4 took 455 s here (one thread, a neighbour job); the first such run was
+  # best at epoch 2, so 3 still lets a run's best epoch come before its last. Still ~290 s a run, so
+  # 54 runs (two rates) did not fit a session: one rate per method, the one its seeds chose most often
+  # on the three other tasks (GOAT's top, 1e-3, on all nine), and the plain template (17 tokens a row
+  # instead of 26).
   compare quiz-capitals --task qa --data quiz-capitals --methods ${METHODS% head} \
-    --max-length 48 --max-new-tokens 8 --epochs 3 --batch-size 8
+    --max-length 48 --max-new-tokens 8 --epochs 3 --batch-size 8 --prompt-template plain \
+    --lr-grid goat=1e-3 lora=1e-3 rslora=1e-3 dora=1e-3 pissa=3e-4 milora=1e-3 molora=1e-3 hydralora=3e-3 full=3e-4
 }
 ABLATION="--task classification --data finefoods $TEXT --lrs 1e-3"
 step_ablation_init() { compare ablation-init $ABLATION --vary init=goat,principal,minor,random,zero; }
