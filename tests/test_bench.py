@@ -226,3 +226,49 @@ def test_compile_times_compiled_goat_against_compiled_lora_and_both_eager(tmp_pa
     assert set(model["methods"]) == set(bench.COMPILE_METHODS)
     assert "compile_s" in model["methods"]["goat_compiled"] and "compile_s" not in model["methods"]["goat"]
     assert {"compiled_step", "compiled_memory", "compile_speedup", "step"} <= set(model["ratios"])
+
+
+
+def test_llama2_7b_stack_has_llama2_7b_layer_shapes():
+    """Issue 13's GPU stack: LLaMA-2-7B's matrices (those --init times too), 2 decoder layers, batch 4 x 512.
+    Built on the meta device: the shapes without allocating its 0.6 G parameters here."""
+    from transformers import LlamaForSequenceClassification
+
+    config = bench.architecture_config("llama2-7b-2layers")
+    with torch.device("meta"):
+        model = LlamaForSequenceClassification(config)
+    shapes = {name.split(".")[-2]: tuple(p.shape) for name, p in model.named_parameters()
+              if name.startswith("model.layers.0.") and name.endswith("proj.weight")}  # fmt: skip
+    assert shapes == {name: (out, inp) for name, out, inp in bench.LLAMA7B_LAYER}
+    assert config.num_hidden_layers == 2 and bench.MODEL_SHAPES["llama2-7b-2layers"] == (4, 512)
+    with pytest.raises(ValueError, match="unknown benchmark architecture 'llama3'"):
+        bench.architecture_config("llama3")
+
+
+def test_bf16_runs_every_step_under_bfloat16_autocast(tmp_path, capsys, monkeypatch):
+    """--bf16: each method's forward runs inside bfloat16 autocast (as goat train --bf16) while its
+    trainable weights stay float32; the table and the JSON say so."""
+    seen = []  # (method, autocast on, its dtype, dtypes of the trainable weights) per forward
+    build = bench._Runner.__init__
+
+    def recording_init(runner, method, model, *args, **kwargs):
+        build(runner, method, model, *args, **kwargs)
+        forward = runner.forward
+
+        def recording_forward(**inputs):
+            trainable = {p.dtype for p in runner.params}
+            seen.append((method, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), trainable))
+            return forward(**inputs)
+
+        runner.forward = recording_forward
+
+    monkeypatch.setattr(bench._Runner, "__init__", recording_init)
+    out = tmp_path / "figures.json"
+    argv = ["--smoke", "--models", "tiny-llama", "--methods", "lora", "goat", "--bf16", "--json", str(out)]
+    assert bench.run_bench(parse(argv)) == 0
+    assert {method for method, *_ in seen} == {"lora", "goat"}
+    assert all(on and dtype == torch.bfloat16 and trainable == {torch.float32} for _, on, dtype, trainable in seen)
+    assert "bfloat16 autocast" in capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert figures["meta"]["bf16_autocast"] is True and figures["models"]["tiny-llama"]["bf16_autocast"] is True
+    assert figures["models"]["tiny-llama"]["ratios"]["step"] > 0

@@ -88,7 +88,9 @@ ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on r
 QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
 MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
     "minilm": (32, 64), "smollm2": (8, 128), "minilm-arch": (32, 64), "smollm2-arch": (8, 128),
+    "llama2-7b-2layers": (4, 512),  # issue 13's GPU stack: LLaMA-2-7B's shapes, 2 decoder layers
 }
+ARCHITECTURES = ("minilm-arch", "smollm2-arch", "llama2-7b-2layers")  # random weights, built from a config
 TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is public-layer time / GOAT time
     "step": ("<=", 1.10),
     "memory": ("<=", 1.10),
@@ -122,8 +124,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["minilm", "smollm2"],
         help="models to benchmark: minilm (batch 32x64), smollm2 (batch 8x128), minilm-arch / smollm2-arch (their "
-        "architectures with random weights, no model package needed), or a local path / hub name (batch 8x128 "
-        "unless --batch-size/--seq-len); default: minilm smollm2",
+        "architectures with random weights, no model package needed), llama2-7b-2layers (LLaMA-2-7B's shapes, 2 "
+        "decoder layers, random weights, batch 4x512), or a local path / hub name (batch 8x128 unless "
+        "--batch-size/--seq-len); default: minilm smollm2",
     )
     parser.add_argument("--steps", type=int, default=10, help="measured repetitions per method (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up repetitions, not measured (default 2)")
@@ -170,6 +173,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default="inductor",
         choices=("inductor", "aot_eager", "eager"),
         help="torch.compile backend for --compile (default inductor; eager and aot_eager only check that it runs)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast around every step and eval (as goat train --bf16: weights, adapters and optimizer "
+        "state stay float32)",
     )
     parser.add_argument("--no-eval", action="store_true", help="skip the eval-throughput measurement")
     parser.add_argument(
@@ -281,6 +290,7 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict:
         "smoke": bool(args.smoke),
         "git_commit": _git_commit(),
         "compile_backend": args.compile_backend if getattr(args, "compile", False) else None,
+        "bf16_autocast": bool(getattr(args, "bf16", False)),
     }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
@@ -310,28 +320,45 @@ def _tiny_model(name: str, seed: int) -> nn.Module:
     return LlamaForSequenceClassification(config)
 
 
-def _architecture_model(name: str, seed: int) -> nn.Module:
-    """MiniLM's or SmolLM2-135M's exact architecture with random weights: the same step cost
-    without the weights, for machines where the model packages are not installed (a GPU box)."""
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+def architecture_config(name: str):
+    """The transformers config of a random-weight benchmark model (ARCHITECTURES): MiniLM's or
+    SmolLM2-135M's exact architecture (the same step cost without the weights, for machines where the
+    model packages are not installed, such as a GPU box), or LLaMA-2-7B's shapes with 2 decoder layers."""
+    from transformers import BertConfig, LlamaConfig
 
-    torch.manual_seed(seed)
     if name == "minilm-arch":  # all-MiniLM-L6-v2
-        return BertForSequenceClassification(BertConfig(
+        return BertConfig(
             vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
             max_position_embeddings=512, num_labels=2,
-        ))
-    return LlamaForSequenceClassification(LlamaConfig(  # SmolLM2-135M
-        vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_theta=100000.0, num_labels=2, pad_token_id=2,
-    ))
+        )
+    if name == "smollm2-arch":  # SmolLM2-135M
+        return LlamaConfig(
+            vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+            intermediate_size=1536, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            rope_theta=100000.0, num_labels=2, pad_token_id=2,
+        )
+    if name == "llama2-7b-2layers":  # meta-llama/Llama-2-7b-hf's layer shapes, 2 of its 32 layers
+        return LlamaConfig(
+            vocab_size=32000, hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32,
+            intermediate_size=11008, max_position_embeddings=4096, rms_norm_eps=1e-5, num_labels=2, pad_token_id=0,
+        )
+    raise ValueError(f"unknown benchmark architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def _architecture_model(name: str, seed: int) -> nn.Module:
+    """A sequence classifier with the architecture `name` and random weights."""
+    from transformers import BertForSequenceClassification, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = architecture_config(name)
+    model_class = BertForSequenceClassification if config.model_type == "bert" else LlamaForSequenceClassification
+    return model_class(config)
 
 
 def _load_model(name: str, seed: int) -> nn.Module:
     if name.startswith("tiny-"):
         return _tiny_model(name, seed)
-    if name in ("minilm-arch", "smollm2-arch"):
+    if name in ARCHITECTURES:
         return _architecture_model(name, seed)
     from . import hf
 
@@ -468,8 +495,10 @@ def _public_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _Runner:
     """One method's model, optimizer and step / eval closures on a fixed batch."""
 
-    def __init__(self, method: str, model: nn.Module, batch: dict, device: torch.device, backend: str = "inductor"):
+    def __init__(self, method: str, model: nn.Module, batch: dict, device: torch.device, backend: str = "inductor",
+                 bf16: bool = False):  # fmt: skip
         self.method, self.model, self.batch, self.device = method, model.to(device), batch, device
+        self.autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.aux_coef = model.goat_config.aux_loss_coef if hasattr(model, "goat_layers") else 0.0
@@ -480,16 +509,16 @@ class _Runner:
     def train_step(self) -> None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward(**self.batch)
-        loss = out.loss
-        if self.aux_coef:
-            loss = loss + self.aux_coef * self.model.aux_loss()  # GOAT's balance loss, as training adds it
+        with self.autocast():
+            loss = self.forward(**self.batch).loss
+            if self.aux_coef:
+                loss = loss + self.aux_coef * self.model.aux_loss()  # GOAT's balance loss, as training adds it
         loss.backward()
         self.optimizer.step()
 
     def eval_step(self) -> None:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             inputs = {k: v for k, v in self.batch.items() if k != "labels"}
             self.forward(**inputs)
 
@@ -583,7 +612,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         model = build_method(method, base, args)
         setup_s[method] = time.perf_counter() - start
         trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        runners[method] = _Runner(method, model, batch, device, getattr(args, "compile_backend", "inductor"))
+        runners[method] = _Runner(method, model, batch, device, getattr(args, "compile_backend", "inductor"),
+                                  bf16=getattr(args, "bf16", False))
     del base
 
     step_times = {m: [] for m in runners}
@@ -630,6 +660,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "methods": methods,
         "ratios": _ratios(step_times, eval_times, memory, getattr(args, "quantize", None)),
         "quantize": getattr(args, "quantize", None),
+        "bf16_autocast": bool(getattr(args, "bf16", False)),
     }
 
 
@@ -687,8 +718,8 @@ def format_model_table(name: str, figures: dict) -> str:
     lora = methods.get("lora")
     lines = [
         f"model {name}{f' on a {quantize} base (lora = QLoRA)' if quantize else ''}: "
-        f"batch {figures['batch_size']} x {figures['seq_len']} tokens; "
-        f"step = forward + backward + AdamW; median (p25-p75) of {next(iter(methods.values()))['step_s']['n']} "
+        f"batch {figures['batch_size']} x {figures['seq_len']} tokens"
+        f"{', bfloat16 autocast' if figures.get('bf16_autocast') else ''}; step = forward + backward + AdamW; median (p25-p75) of {next(iter(methods.values()))['step_s']['n']} "
         f"interleaved repetitions",
         f"{'method':<12} {'trainable':>10} {'step ms':>22} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} "
         f"{'eval tok/s':>11} {'x LoRA':>7}",
