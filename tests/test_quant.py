@@ -160,6 +160,32 @@ def test_quantize_refuses_layers_bitsandbytes_cannot_hold():
         get_goat_model(model, GoatConfig(r=4, num_experts=2, quantize="nf4"))
 
 
+@needs_bnb
+@pytest.mark.parametrize("route", ["goat quantizes nf4", "loaded nf4+dq"])
+def test_evaluation_between_training_steps_keeps_the_float_path(llama_dir, route):
+    """Training evaluates every epoch. On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's
+    weight in place at the first no-grad eval forward and computes in bfloat16 from then on, after which
+    a training step fails inside bitsandbytes. GOAT keeps bitsandbytes' common path on its 4-bit bases
+    (quant.keep_reference_cpu_path): eval without gradients gives the training-mode logits (dropout 0)
+    and training goes on. (On CPUs without AVX512-BF16 bitsandbytes takes that path anyway.)"""
+    if route == "loaded nf4+dq":
+        model = get_goat_model(load_quantized(llama_dir, "nf4+dq"), GoatConfig(**CONFIG))
+    else:
+        model = get_goat_model(load_full(llama_dir), GoatConfig(quantize="nf4", **CONFIG))
+    layers = [layer.base_layer for layer in model.goat_layers()]
+    assert layers and all(getattr(layer, "support_avx512bf16_for_cpu", False) is False for layer in layers)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):  # a step, an evaluation without gradients, a step
+        model.train()
+        model(ids(), labels=ids()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        training_logits = model(ids()).logits.detach()
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids()).logits, training_logits, atol=1e-5, rtol=1e-5)
+
+
 # ---- a base that arrives quantized: W_res x at run time --------------------------------------------
 @needs_bnb
 @pytest.mark.parametrize("name", list(LOADED))

@@ -378,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    # bitsandbytes (imported by peft) warns at import, on CPUs with AVX512-BF16, that an optional kernel
+    # package is missing; the reference path it falls back to is the one GOAT uses (quant.keep_reference_cpu_path)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import transformers
 

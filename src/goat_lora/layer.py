@@ -263,6 +263,7 @@ class GoatLayer(nn.Module):
                 raise ValueError(f"quantize={quantize.kind!r} needs a full-precision base; this one is already "
                                  f"bitsandbytes {quant.layer_quantization(base_layer)}")  # fmt: skip
             self.original_fingerprint = weight_fingerprint(base_weight_2d(base_layer))
+            quant.keep_reference_cpu_path(base_layer)
         elif quantize is not None:  # QPiSSA's order: Q(W0 - W_res), quantized once from float32
             if type(base_layer) is not nn.Linear:
                 raise ValueError(f"quantize={quantize.kind!r}: bitsandbytes quantizes nn.Linear layers; this layer "

@@ -151,6 +151,16 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 
 # ---- building a quantized layer ----------------------------------------------------------------------
+def keep_reference_cpu_path(module: nn.Module) -> None:
+    """Make a bitsandbytes Linear4bit compute as it does on every machine: dequantize, then matmul in its
+    compute dtype. On CPUs with AVX512-BF16, bitsandbytes 0.50 instead repacks the weight in place at the
+    first forward in eval mode without gradients and computes in bfloat16 from then on: evaluation then
+    differs from training by bfloat16 rounding, and the next training step fails inside bitsandbytes
+    (an in-place operation on a view of a leaf). Training evaluates every epoch, so keep the common path."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+
+
 def quantize_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, compute_dtype: torch.dtype
 ) -> nn.Module:
@@ -172,6 +182,7 @@ def quantize_linear(
         param = bnb.nn.Params4bit(weight.detach().contiguous(), requires_grad=False, blocksize=spec.blocksize,
                                   module=layer, **options)  # fmt: skip
         layer.weight = param._quantize(device)
+        keep_reference_cpu_path(layer)
     else:
         raise ValueError(f"quantize={spec.kind!r} is not allowed; choose one of {', '.join(QUANTIZE_KINDS)}")
     if bias is not None:
