@@ -166,14 +166,19 @@ def test_evaluation_between_training_steps_keeps_the_float_path(llama_dir, route
     """Training evaluates every epoch. On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's
     weight in place at the first no-grad eval forward and computes in bfloat16 from then on, after which
     a training step fails inside bitsandbytes. GOAT keeps bitsandbytes' common path on its 4-bit bases
-    (quant.keep_reference_cpu_path): eval without gradients gives the training-mode logits (dropout 0)
-    and training goes on. (On CPUs without AVX512-BF16 bitsandbytes takes that path anyway.)"""
+    (quant.keep_reference_cpu_path), unpacking a loaded base evaluated before: eval without gradients
+    gives the training-mode logits (dropout 0) and training goes on. (On CPUs without AVX512-BF16
+    bitsandbytes takes that path anyway.)"""
     if route == "loaded nf4+dq":
-        model = get_goat_model(load_quantized(llama_dir, "nf4+dq"), GoatConfig(**CONFIG))
+        quantized = load_quantized(llama_dir, "nf4+dq")
+        with torch.no_grad():  # evaluated before it is adapted: repacked there, unpacked by GOAT
+            quantized(ids())
+        model = get_goat_model(quantized, GoatConfig(**CONFIG))
     else:
         model = get_goat_model(load_full(llama_dir), GoatConfig(quantize="nf4", **CONFIG))
     layers = [layer.base_layer for layer in model.goat_layers()]
     assert layers and all(getattr(layer, "support_avx512bf16_for_cpu", False) is False for layer in layers)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(2):  # a step, an evaluation without gradients, a step
         model.train()

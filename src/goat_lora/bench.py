@@ -719,8 +719,8 @@ def format_model_table(name: str, figures: dict) -> str:
     lines = [
         f"model {name}{f' on a {quantize} base (lora = QLoRA)' if quantize else ''}: "
         f"batch {figures['batch_size']} x {figures['seq_len']} tokens"
-        f"{', bfloat16 autocast' if figures.get('bf16_autocast') else ''}; step = forward + backward + AdamW; median (p25-p75) of {next(iter(methods.values()))['step_s']['n']} "
-        f"interleaved repetitions",
+        f"{', bfloat16 autocast' if figures.get('bf16_autocast') else ''}; step = forward + backward + AdamW; "
+        f"median (p25-p75) of {next(iter(methods.values()))['step_s']['n']} interleaved repetitions",
         f"{'method':<12} {'trainable':>10} {'step ms':>22} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} "
         f"{'eval tok/s':>11} {'x LoRA':>7}",
     ]

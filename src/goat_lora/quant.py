@@ -159,6 +159,11 @@ def keep_reference_cpu_path(module: nn.Module) -> None:
     (an in-place operation on a view of a leaf). Training evaluates every epoch, so keep the common path."""
     if hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):  # evaluated before GOAT adapted it
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def quantize_linear(
