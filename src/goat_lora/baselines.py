@@ -41,7 +41,7 @@ METHODS = GOAT_METHODS + ("hydralora",) + PEFT_METHODS + ("full", "head")
 # larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
 DEFAULT_LR = {
     "goat": 3e-4, "goat_mini": 3e-4, "goat_s": 3e-4, "molora": 1e-3, "hydralora": 1e-3,
-    "lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "pissa": 5e-4, "milora": 1e-3, "full": 5e-5, "head": 3e-3,
+    "lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "pissa": 5e-4, "milora": 1e-3, "full": 5e-5, "head": 3e-2,
 }  # fmt: skip
 
 # What a GOAT-family method changes in GoatConfig when the flag is not given (--init, --scaling).
@@ -66,7 +66,7 @@ DEFAULT_LR_GRID = {
     "pissa": (3e-4, 1e-3),
     "milora": (1e-3, 3e-3),
     "full": (1e-4, 3e-4),
-    "head": (3e-3, 1e-2),
+    "head": (3e-2, 1e-1),  # a linear head on frozen features: at 3e-3 / 1e-2 it kept the majority class
 }
 
 
