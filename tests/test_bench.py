@@ -228,7 +228,6 @@ def test_compile_times_compiled_goat_against_compiled_lora_and_both_eager(tmp_pa
     assert {"compiled_step", "compiled_memory", "compile_speedup", "step"} <= set(model["ratios"])
 
 
-
 def test_llama2_7b_stack_has_llama2_7b_layer_shapes():
     """Issue 13's GPU stack: LLaMA-2-7B's matrices (those --init times too), 2 decoder layers, batch 4 x 512.
     Built on the meta device: the shapes without allocating its 0.6 G parameters here."""
