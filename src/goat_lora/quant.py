@@ -139,13 +139,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     bnb = bitsandbytes()
     weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
-        state = weight.quant_state
-        data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes repacks for its AVX512-BF16 CPU kernel
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-            data, state = _convert_weight_packed_for_cpu_inverse(data, state)
-        return bnb.functional.dequantize_4bit(data, state).float()
+        return bnb.functional.dequantize_4bit(*_common_layout(weight)).float()
     scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB  # moved at the first forward
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.data.device)).float()
 
@@ -160,10 +154,17 @@ def keep_reference_cpu_path(module: nn.Module) -> None:
     if hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
         weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):  # evaluated before GOAT adapted it
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+        weight.data, weight.quant_state = _common_layout(weight)  # undone if evaluated before GOAT adapted it
 
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+def _common_layout(weight: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """(codes, quant_state) of a 4-bit weight in bitsandbytes' common layout, undoing the repacking its
+    AVX512-BF16 CPU kernel does at an eval forward (keep_reference_cpu_path); unchanged otherwise."""
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return weight.data, weight.quant_state
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    return _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def quantize_linear(
