@@ -129,3 +129,21 @@ def test_study_table_has_methods_as_rows_and_an_average_column():
     )["head"]
     lines = report.study_table({"a": only_a, "b": one(0.6, 0.9, "pearson")}).splitlines()
     assert lines[4] == "| head | 0.5500 ± 0.0000 | — | 0.5500 (1 of 2 tasks) |"
+
+
+def test_best_epoch_table_counts_runs_chosen_runs_and_methods_best_before_their_last_epoch():
+    def run(method, lr, seed, validation, epoch):
+        return {"method": method, "lr": lr, "seed": seed, "validation": validation, "test": 0.6, "selected_epoch": epoch}
+
+    runs = [run("goat", 1e-3, 0, 0.7, 2.0), run("goat", 3e-3, 0, 0.8, 4.0),  # seed 0 chooses 3e-3: epoch 4 (last)
+            run("goat", 1e-3, 1, 0.9, 3.0), run("goat", 3e-3, 1, 0.8, 4.0),  # seed 1 chooses 1e-3: epoch 3
+            run("goat", 1e-3, 2, 0.9, 1.0), run("goat", 3e-3, 2, 0.5, 4.0),  # seed 2 chooses 1e-3: epoch 1
+            run("lora", 1e-3, 0, 0.9, 4.0), run("lora", 1e-3, 1, 0.9, 4.0), run("lora", 1e-3, 2, 0.9, 2.0)]  # fmt: skip
+    new = {"settings": {"metric": "accuracy", "epochs": 4.0}, "runs": runs, "methods": report.summarize(runs)}
+    old = {"settings": {"metric": "accuracy", "given": {"epochs": 8.0}}, "runs": runs, "methods": report.summarize(runs)}
+    unknown = {"settings": {"metric": "accuracy", "given": {}}, "runs": runs, "methods": report.summarize(runs)}
+    lines = report.best_epoch_table({"a": new, "b": old, "c": unknown}).splitlines()
+    # 9 runs, 4 before epoch 4; chosen: goat 4, 3, 1 (2 early), lora 4, 4, 2 (1 early); only goat mostly early
+    assert lines[2] == "| a | 4 | 4 of 9 | 3 of 6 | 1 of 2 |"
+    assert lines[3] == "| b | 8 | 9 of 9 | 6 of 6 | 2 of 2 |"  # older report: the epochs given on its command line
+    assert lines[4] == "| c | ? | - | - | - |"

@@ -277,3 +277,4 @@ def test_compare_with_an_equal_parameter_budget_and_a_goat_variant(tmp_path, tin
     sizes = {json.loads(p.read_text())["sizes"]["test"] for p in (out / "runs").glob("*seed1/metrics.json")}
     assert len(sizes) == 1
     assert "vs_reference" in rows["lora"] and rows["lora"]["vs_reference"]["reference"] == "goat"
+    assert report["settings"]["epochs"] == 1.0  # what best_epoch_table counts against

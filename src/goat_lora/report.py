@@ -349,8 +349,38 @@ def study_table(reports: dict[str, dict], methods: list[str] | None = None) -> s
     return "\n".join(lines)
 
 
+def _epochs_trained(settings: dict) -> float | None:
+    """How many epochs each run of a comparison trained: recorded since the study's second round
+    (`epochs`); older reports hold it only where it was given on the command line."""
+    return settings.get("epochs", (settings.get("given") or {}).get("epochs"))
+
+
+def best_epoch_table(reports: dict[str, dict]) -> str:
+    """Per task, how often the best validation epoch came before the last: over every run, over the
+    run each seed chose, and per method (a method counts when most of its chosen runs did). Selecting
+    the best epoch only means something when training has flattened out, so a budget where most
+    runs peak at their last epoch is too short."""
+    lines = ["| task | epochs | runs best before their last epoch | chosen runs (one per method and seed) | "
+             "methods whose chosen runs mostly were |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, rep in reports.items():
+        epochs = _epochs_trained(rep["settings"])
+        if epochs is None:
+            lines.append(f"| {name} | ? | - | - | - |")
+            continue
+        runs = [r for r in rep["runs"] if r.get("selected_epoch") is not None]
+        early = sum(r["selected_epoch"] < epochs for r in runs)
+        chosen = {label: [p for p in row["per_seed"] if p.get("epoch") is not None] for label, row in rep["methods"].items()}
+        chosen_early = {label: sum(p["epoch"] < epochs for p in seeds) for label, seeds in chosen.items()}
+        n_chosen = sum(len(seeds) for seeds in chosen.values())
+        mostly = sum(2 * chosen_early[label] > len(seeds) for label, seeds in chosen.items())
+        lines.append(f"| {name} | {epochs:g} | {early} of {len(runs)} | {sum(chosen_early.values())} of {n_chosen} | "
+                     f"{mostly} of {len(chosen)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m goat_lora.report study NAME=REPORT.json ...`: print the study table."""
+    """`python -m goat_lora.report study NAME=REPORT.json ...`: print the study table and where each
+    task's runs had their best epoch."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -362,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, path = item.partition("=")
         reports[name] = _read_json(path)
     print(study_table(reports))
+    print()
+    print(best_epoch_table(reports))
     return 0
 
 

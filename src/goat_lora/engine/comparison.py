@@ -173,7 +173,7 @@ def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list
                     # a partial report after every run: a long comparison can be read while it runs
                     write_json(os.path.join(staging, "results.partial.json"), {"runs": results})
         report_settings = {**(settings or {}), "task": task.name, "data": first.data, "model": first.model,
-                           "metric": first.metric, "budget": budget,
+                           "metric": first.metric, "budget": budget, "epochs": first.epochs,
                            "select": first.select, "baseline_name": task.baseline_name,
                            "lower_is_better": first.metric in task.lower_is_better,
                            "reference": "goat" if "goat" in grids else entries[0].label, "ranks": ranks}  # fmt: skip
