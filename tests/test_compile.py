@@ -173,6 +173,40 @@ def test_compiled_layer_drops_the_experts_inputs_with_probability_p():
     assert torch.equal(grad[0] == 0, grad[1] == 0)  # one mask per input element, shared by the experts
 
 
+def _saved_input_sized(step, x) -> tuple[int, int]:
+    """What autograd saves for backward in one call of step(x), among tensors of x's size: the number
+    of distinct float tensors (storages) and of bool ones."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = step(x)
+    loss.backward()
+    storages = {(t.untyped_storage().data_ptr(), t.dtype) for t in saved if t.numel() == x.numel()}
+    return sum(dtype.is_floating_point for _, dtype in storages), sum(dtype == torch.bool for _, dtype in storages)
+
+
+def test_compiled_layer_saves_no_float_copy_of_the_dropped_input():
+    """Under torch.compile a GOAT layer with dropout keeps what it keeps eagerly: its input (the router
+    needs it) and the 1-byte mask, not a float copy of x * keep. Backend aot_eager_decomp_partition:
+    the min-cut partitioner inductor uses, run by eager kernels. With a backward that multiplied by the
+    mask, CSE merged it into the forward's product and each layer saved one more float tensor."""
+    torch.manual_seed(0)
+    width = 48
+    base = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+    model = get_goat_model(base, GoatConfig(r=8, num_experts=4, top_k=2, dropout=0.1, target_modules=["0", "2"]))
+    model.train()
+
+    def step(x):
+        return model(x).sum() + model.aux_loss()
+
+    x = torch.randn(256, width)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager_decomp_partition")
+    compiled(x).backward()  # compiles
+    eager_floats, eager_masks = _saved_input_sized(step, x)
+    compiled_floats, compiled_masks = _saved_input_sized(compiled, x)
+    assert (eager_floats, eager_masks) == (3, 2)  # x, the GELU's input, its output (layer 2's x); two masks
+    assert compiled_floats == eager_floats and compiled_masks == eager_masks
+
+
 def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path):  # noqa: F811
     """`goat train --compile` gives the eager run's per-step losses, balance losses and expert balance.
     Backend eager (dynamo's graph run by eager kernels): the Trainer's path to the compiled model is
