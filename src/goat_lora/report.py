@@ -350,8 +350,8 @@ def study_table(reports: dict[str, dict], methods: list[str] | None = None) -> s
 
 
 def _epochs_trained(settings: dict) -> float | None:
-    """How many epochs each run of a comparison trained: recorded since the study's second round
-    (`epochs`); older reports hold it only where it was given on the command line."""
+    """How many epochs each run of a comparison trained: `goat compare` records it (`epochs`) since
+    2026-12-02; older reports hold it only where it was given on the command line."""
     return settings.get("epochs", (settings.get("given") or {}).get("epochs"))
 
 
