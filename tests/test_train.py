@@ -278,3 +278,25 @@ def test_compare_with_an_equal_parameter_budget_and_a_goat_variant(tmp_path, tin
     assert len(sizes) == 1
     assert "vs_reference" in rows["lora"] and rows["lora"]["vs_reference"]["reference"] == "goat"
     assert report["settings"]["epochs"] == 1.0  # what best_epoch_table counts against
+
+
+def test_console_shows_a_progress_bar_and_one_line_per_evaluation(tmp_path, tiny_bert_dir, capsys):
+    """What `goat train` prints while training: a tqdm bar whose postfix holds the last logged loss,
+    learning rate, balance loss and expert balance, and one line per evaluation, not the Trainer's
+    printed dictionaries; the logged values still reach metrics.json."""
+    train_path = tmp_path / "train.csv"
+    _pairs(40, 0).to_csv(train_path, index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--model", tiny_bert_dir, "--data", str(train_path), "--text-column", "sentence1",
+            "--experts", "4", "--rank", "4", "--output", str(out), "--save-steps", "0", "--report-to", "none",
+            *TINY, "--epochs", "2"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    bar = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("training")]
+    assert bar and all(f"{key}=" in bar[-1] for key in ("loss", "lr", "aux", "balance")), bar[-1:]
+    evaluations = [line for line in printed.splitlines() if " validation accuracy " in line]
+    assert [line.split(":")[0] for line in evaluations] == ["epoch 1", "epoch 2"]
+    assert "{'loss'" not in printed and "'eval_loss'" not in printed  # the Trainer's dictionaries
+    logged = json.loads((out / "metrics.json").read_text())["train_loss"]
+    assert logged and all({"loss", "aux_loss", "expert_balance", "learning_rate"} <= set(row) for row in logged)
