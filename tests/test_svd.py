@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -269,3 +270,112 @@ def test_lapack_runs_with_torchs_thread_count(monkeypatch):
     monkeypatch.setattr(threadpoolctl, "threadpool_limits", Recording)
     singular_components(realistic_weight(40, 30, seed=0), torch.arange(3), "gram")
     assert seen == [(torch.get_num_threads(), "blas")]
+
+
+# ---- the CPU route for large h: band reduction, band eigenvalues, shifted inverse iteration -------
+
+
+def _two_stage_everywhere(monkeypatch, band: int = 8):
+    """The two-stage route at test sizes, with a narrow band (many panels) and small Gram blocks
+    (panels that straddle block boundaries); the one-stage route may not stand in for it."""
+    monkeypatch.setattr(svd, "TWO_STAGE_MIN_SIZE", 1)
+    monkeypatch.setattr(svd, "BAND", band)
+    monkeypatch.setattr(svd, "GRAM_BLOCK", 24)
+
+    def no_fallback(*args):
+        raise AssertionError("the two-stage route fell back to sytrd")
+
+    monkeypatch.setattr(svd, "_lapack_window_eigenvectors", no_fallback)
+
+
+def test_band_reduction_is_an_orthogonal_similarity(monkeypatch):
+    """Stage 1 on its own: B = Q1^T G Q1 is banded, Q1 orthogonal, and B's band is what it stores."""
+    monkeypatch.setattr(svd, "GRAM_BLOCK", 16)
+    X = torch.randn(120, 70, dtype=torch.float64)
+    G = X.T @ X
+    lower = svd.gram_block_triangle(X, wide=False, upper=False)
+    reflectors = svd.band_reduce_(lower, 8)
+    Q1 = svd.apply_band_reflectors(reflectors, torch.eye(70, dtype=torch.float64))
+    torch.testing.assert_close(Q1.T @ Q1, torch.eye(70, dtype=torch.float64))
+    B = Q1.T @ G @ Q1
+    outside = torch.ones(70, 70, dtype=torch.bool).tril(-9) | torch.ones(70, 70, dtype=torch.bool).triu(9)
+    assert float(B[outside].abs().max()) < 1e-10 * float(G.abs().max())
+    band = svd.lower_band_storage(lower, 8)
+    for d in range(9):
+        torch.testing.assert_close(torch.from_numpy(band[d, : 70 - d]), torch.diagonal(B, -d))
+    torch.testing.assert_close(torch.from_numpy(svd.band_times(band, np.eye(70))), B)
+
+
+@pytest.mark.parametrize("shape", [(160, 120), (120, 200), (150, 150)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("init", ["goat", "goat_mini", "minor"])
+def test_two_stage_route_matches_exact_svd_on_a_realistic_spectrum(shape, init, monkeypatch):
+    _two_stage_everywhere(monkeypatch)
+    m, n = shape
+    W = realistic_weight(m, n, seed=m + 2 * n)
+    E, d = 8, 2
+    idx = F.expert_component_indices(init, min(m, n), E, d).reshape(-1)
+    U, S, V = singular_components(W, idx, "gram")
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-6)
+    for j in range(E):
+        cols = slice(j * d, (j + 1) * d)
+        assert max_angle_deg(U[:, cols], U64[:, cols]) < 0.02
+        assert max_angle_deg(V[:, cols], V64[:, cols]) < 0.02
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_two_stage_route_on_closely_spaced_singular_values(d, monkeypatch):
+    """A random (uniform) matrix: relative gaps of about 1e-3, the case where the block's unsettled
+    edge produces Ritz pairs inside the window (the run must still be found at its place)."""
+    _two_stage_everywhere(monkeypatch, band=16)
+    g = torch.Generator().manual_seed(3)
+    W = (torch.rand(700, 400, generator=g) * 2 - 1) / 20
+    idx = F.expert_component_indices("goat", 400, 8, d).reshape(-1)
+    U, S, V = singular_components(W, idx, "gram")
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-7)
+    for j in range(8):
+        cols = slice(j * d, (j + 1) * d)
+        assert max_angle_deg(V[:, cols], V64[:, cols]) < 0.05
+    piece = ((U * S) @ V.T).double()
+    torch.testing.assert_close(piece, (U64 * S64) @ V64.T, rtol=0, atol=1e-5 * float(S64[0]))
+
+
+def test_two_stage_route_keeps_float64_weights_float64(monkeypatch):
+    _two_stage_everywhere(monkeypatch)
+    W = realistic_weight(90, 70, seed=2, dtype=torch.float64)
+    idx = F.expert_component_indices("goat", 70, 4, 2).reshape(-1)
+    U, S, V = singular_components(W, idx, "gram")
+    assert U.dtype == S.dtype == V.dtype == torch.float64
+    U64, S64, V64 = components64(W, idx)
+    torch.testing.assert_close(S, S64, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close((U * S) @ V.T, (U64 * S64) @ V64.T, rtol=0, atol=1e-9)
+
+
+def test_a_run_that_does_not_settle_falls_back_to_the_one_stage_route(monkeypatch):
+    W = realistic_weight(96, 64, seed=5)
+    idx = F.expert_component_indices("goat", 64, 4, 2).reshape(-1)
+    one_stage = svd.gram_singular_components([W], idx[None], two_stage=False)[0]
+    monkeypatch.setattr(svd, "RUN_TOLERANCE", 0.0)  # no residual is ever small enough
+    monkeypatch.setattr(svd, "SHIFT_MAX_ITERATIONS", 5)
+    calls = []
+    original = svd._lapack_window_eigenvectors
+    monkeypatch.setattr(svd, "_lapack_window_eigenvectors", lambda *args: calls.append(1) or original(*args))
+    assert svd._band_window_eigenvectors(W, False, svd._windows(idx.tolist(), svd.RITZ_MARGIN, 64)) is None
+    fallen_back = svd.gram_singular_components([W], idx[None], two_stage=True)[0]
+    assert calls == [1]
+    for x, y in zip(fallen_back, one_stage):
+        torch.testing.assert_close(x, y)
+
+
+def test_the_two_stage_route_is_taken_from_its_size_up(monkeypatch):
+    taken = []
+    original = svd._band_window_eigenvectors
+    monkeypatch.setattr(svd, "_band_window_eigenvectors", lambda *args: taken.append(1) or original(*args))
+    W = realistic_weight(80, 60, seed=1)
+    idx = F.expert_component_indices("goat", 60, 4, 1).reshape(-1)
+    singular_components(W, idx, "gram")
+    assert taken == []  # 60 < TWO_STAGE_MIN_SIZE
+    monkeypatch.setattr(svd, "TWO_STAGE_MIN_SIZE", 60)
+    singular_components(W, idx, "gram")
+    assert taken == [1]

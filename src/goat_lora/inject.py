@@ -106,7 +106,7 @@ def _plan_factors(name: str, module: nn.Module, config: GoatConfig, generator: t
     if config.init == InitMode.ZERO.value:
         return F.zero_expert_factors(out_features, in_features, config.r, num_experts, scale, generator)
     weight = base_weight_2d(module).detach()
-    if not torch.isfinite(weight).all():
+    if not torch.isfinite(torch.linalg.vector_norm(weight, float("inf"))):  # max |w| is NaN or inf if any entry is
         raise ValueError(f"layer {name!r} has NaN or inf in its weight; GOAT cannot initialise from it")
     try:
         indices = F.expert_component_indices(

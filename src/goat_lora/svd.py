@@ -7,9 +7,11 @@ faster route through the smaller Gram matrix:
            This is what the public GOAT code does.
     gram   h = min(m, n);  the h x h Gram matrix  G = W^T W (m >= n)  or  W W^T (m < n)  is
            symmetric with eigenvalues S^2 and eigenvectors V (resp. U). Only the eigenvectors in a
-           window around each wanted run are computed (on the CPU through LAPACK: tridiagonal
-           reduction, bisection and inverse iteration for the chosen eigenvalues; on a GPU one
-           batched eigh), then a Rayleigh-Ritz step on W itself gives the singular triplets.
+           window around each wanted run are computed (on the CPU for large h: reduction to a band
+           matrix, its eigenvalues, and block inverse iteration at each run; for smaller h through
+           LAPACK: tridiagonal reduction, bisection and inverse iteration for the chosen
+           eigenvalues; on a GPU one batched eigh), then a Rayleigh-Ritz step on W itself gives
+           the singular triplets.
            Float32 for float32 / bf16 / fp16 weights (float64 for float64 weights).
     auto   "exact" for layers of at most AUTO_EXACT_MAX_ELEMENTS elements, "gram" above.
 
@@ -46,6 +48,18 @@ RITZ_MARGIN = 16
 MAX_GRAM_BATCH_ELEMENTS = 8 * 4096 * 4096
 # Column block of the half Gram product (blocks on one side of the diagonal only).
 GRAM_BLOCK = 512
+# The two-stage CPU route (_band_window_eigenvectors) from this h = min(m, n) up. Below it sytrd's
+# matrix-vector half runs from cache and the one-stage route is faster (h = 2048: about 0.9 s
+# against 2 s on 2 cores; at h = 4096 the two-stage route is faster, docs/benchmarks.md).
+TWO_STAGE_MIN_SIZE = 3072
+# Its band width: wide enough for fast matrix-matrix products in stage 1, narrow enough for stage 2.
+BAND = 48
+# Its block iteration: steps before the first convergence test, steps at most, and the wanted run's
+# largest residual, in units of the weight's precision (eps of float32, or float64) times the run's
+# gap to its neighbouring eigenvalues: the eigenvectors' angle error is about residual / gap.
+SHIFT_ITERATIONS = 4
+SHIFT_MAX_ITERATIONS = 16
+RUN_TOLERANCE = 8.0
 
 
 def resolve_method(method: str, weight: torch.Tensor) -> str:
@@ -111,7 +125,7 @@ def _exact(weight: torch.Tensor, indices: torch.Tensor):
 
 
 def gram_singular_components(
-    weights: list[torch.Tensor], indices: torch.Tensor, margin: int | None = None
+    weights: list[torch.Tensor], indices: torch.Tensor, margin: int | None = None, two_stage: bool | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     r"""The Gram route for equal-shape weights (m, n); `indices` (N, K) into the descending spectrum.
 
@@ -119,6 +133,9 @@ def gram_singular_components(
     2. Eigenvectors of G only in spectral windows: for each run of wanted indices [a, b) the window
        [a - margin, b + margin). On the CPU LAPACK computes just those (_lapack_window_eigenvectors);
        on a GPU (or without SciPy) one batched eigh computes all of them and the windows are sliced.
+       On the CPU from h = TWO_STAGE_MIN_SIZE (or as `two_stage` says) through a band matrix
+       (_band_window_eigenvectors), below it through LAPACK's tridiagonal reduction
+       (_lapack_window_eigenvectors); each falls back to the next if it fails.
     3. Rayleigh-Ritz in each window: float32 eigenvectors of G are mixed mostly with their spectral
        neighbours (error ~ eps sigma_max^2 / (sigma_i^2 - sigma_k^2)), so orthonormalise the window
        (Q) and take the SVD of the thin W Q (m x w): its singular triplets, rotated back by Q, are
@@ -131,9 +148,14 @@ def gram_singular_components(
     dtype = _work_dtype(weights[0])
     work = [w.detach().to(device=device, dtype=dtype) for w in weights]
     windows = [_windows(idx.tolist(), margin, h) for idx in indices]
-    bases: list[list[torch.Tensor] | None] = [None] * len(work)
+    # per matrix, per window: (eigenvectors of G around the run (h, w), how many of them lie above it)
+    bases: list[list[tuple[torch.Tensor, int]] | None] = [None] * len(work)
     if device.type == "cpu" and lapack_available():
-        bases = [_lapack_window_eigenvectors(w, wide, win) for w, win in zip(work, windows)]
+        for i, (w, win) in enumerate(zip(work, windows)):
+            if (h >= TWO_STAGE_MIN_SIZE) if two_stage is None else two_stage:
+                bases[i] = _band_window_eigenvectors(w, wide, win)
+            if bases[i] is None:  # small h, or the inverse iteration did not settle a run
+                bases[i] = _lapack_window_eigenvectors(w, wide, win)
     missing = [i for i, b in enumerate(bases) if b is None]  # GPU, no SciPy, or LAPACK gave up on one
     if missing:
         grams = torch.stack([work[i] @ work[i].T if wide else work[i].T @ work[i] for i in missing])  # (N', h, h)
@@ -144,7 +166,7 @@ def gram_singular_components(
         del grams
         for i, vectors in zip(missing, eigvecs):
             descending = vectors.flip(-1)
-            bases[i] = [descending[:, lo:hi] for _, _, lo, hi in windows[i]]
+            bases[i] = [(descending[:, lo:hi], a - lo) for a, _, lo, hi in windows[i]]
     out = []
     for i, w in enumerate(work):
         U, S, V = _windowed_ritz(w, windows[i], bases[i], wide)
@@ -181,22 +203,31 @@ def lapack_available() -> bool:
     return True
 
 
-def gram_lower_column_major(W: torch.Tensor, wide: bool) -> np.ndarray:
-    """The lower triangle of W's smaller Gram matrix in a column-major array, which is all that
-    LAPACK's sytrd(lower) reads. Only blocks on and above the diagonal of the row-major buffer (on
-    and below it in column-major order) are multiplied: about half the flops of W^T W."""
+def gram_block_triangle(W: torch.Tensor, wide: bool, upper: bool) -> torch.Tensor:
+    """W's smaller Gram matrix G (h x h), only its blocks on and above (`upper`) or on and below the
+    diagonal (GRAM_BLOCK aligned; diagonal blocks whole, the rest zero): about half the flops of
+    W^T W, and all that the reductions below read."""
     X = W.T if wide else W  # (long side, h); G = X^T X
     h = X.shape[1]
-    upper = torch.zeros(h, h, dtype=X.dtype)  # row-major upper triangle == column-major lower triangle
+    gram = torch.zeros(h, h, dtype=X.dtype)
     for start in range(0, h, GRAM_BLOCK):
         stop = min(h, start + GRAM_BLOCK)
-        upper[start:stop, start:] = X[:, start:stop].T @ X[:, start:]
-    return upper.numpy().T  # the same memory, read column-major
+        if upper:
+            gram[start:stop, start:] = X[:, start:stop].T @ X[:, start:]
+        else:
+            gram[start:, start:stop] = X[:, start:].T @ X[:, start:stop]
+    return gram
+
+
+def gram_lower_column_major(W: torch.Tensor, wide: bool) -> np.ndarray:
+    """G's lower triangle in a column-major array, what LAPACK's sytrd(lower) reads: the row-major
+    upper block triangle read column-major (the same memory)."""
+    return gram_block_triangle(W, wide, upper=True).numpy().T
 
 
 def _lapack_window_eigenvectors(
     W: torch.Tensor, wide: bool, windows: list[tuple[int, int, int, int]]
-) -> list[torch.Tensor] | None:
+) -> list[tuple[torch.Tensor, int]] | None:
     r"""Eigenvectors of G spanning each window [lo, hi) of the descending spectrum, without the others.
 
     A dense eigh spends most of its time on all h eigenvectors; here only the few wanted are formed:
@@ -205,8 +236,9 @@ def _lapack_window_eigenvectors(
       stein   their eigenvectors z of T by inverse iteration
       ormqr   x = Q z: reflector i acts on rows i+1.. and is stored below the subdiagonal, which is
               the QR (geqrf) layout of the trailing (h-1) x (h-1) block, so torch.ormqr applies it.
-    LAPACK runs with torch's thread count. Returns None if LAPACK reports a failure (the caller
-    then uses the dense eigh).
+    Returns (the window's eigenvectors, a - lo: how many lie above the run) per window. LAPACK runs
+    with torch's thread count. Returns None if LAPACK reports a failure (the caller then uses the
+    dense eigh).
     """
     from scipy.linalg import lapack
     from threadpoolctl import threadpool_limits
@@ -234,28 +266,249 @@ def _lapack_window_eigenvectors(
     Z = torch.from_numpy(np.concatenate(tridiagonal_vectors, axis=1))  # (h, total window width)
     Householder = torch.from_numpy(reflectors)
     Z[1:] = torch.ormqr(Householder[1:, :-1], torch.from_numpy(tau), Z[1:])  # x = Q z (row 0 is untouched)
-    return list(Z.split([hi - lo for _, _, lo, hi in windows], dim=1))
+    bases = Z.split([hi - lo for _, _, lo, hi in windows], dim=1)
+    return [(basis, a - lo) for basis, (a, _, lo, _) in zip(bases, windows)]
+
+
+# ---- selected eigenvectors through a two-stage reduction (CPU, large h) ----------------------------
+#
+# sytrd spends half its flops in matrix-vector products (ssymv), bound by memory bandwidth: on a
+# 4096 x 4096 Gram matrix it is most of the route (docs/benchmarks.md). Two stages avoid that:
+#   stage 1  G = Q1 B Q1^T with B banded (bandwidth BAND): blocked Householder, all matrix-matrix
+#            products on torch's BLAS (like LAPACK's sytrd_2stage, which neither SciPy nor torch exposes)
+#   stage 2  all eigenvalues of B (LAPACK sbevd, float64: O(h^2 BAND), no eigenvectors)
+#   vectors  per window, block inverse iteration with B - sigma I (banded LU, float64), sigma at the
+#            wanted run, then Rayleigh-Ritz with B; x = Q1 y brings them back to G's coordinates.
+
+
+def band_reduce_(lower: torch.Tensor, bandwidth: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    r"""Stage 1, in place: G = Q1 B Q1^T, B banded with `bandwidth` sub-diagonals.
+
+    `lower` holds G in its lower block triangle (GRAM_BLOCK aligned, diagonal blocks whole; the rest is
+    never read); afterwards B's lower band is in its band (below it: zeros). For each panel of b
+    columns starting at j, with trailing block C = G[s:, s:], s = j + b:
+        QR of the panel below the band:   G[s:, j:s] = H R,  H = I - V T V^T  (compact WY)
+        two-sided update:                 C <- H^T C H = C - V Z^T - Z V^T,
+                                          Y = C V T,  Z = Y - 1/2 V (T^T V^T Y)
+    C is symmetric and only its lower block triangle is kept, so Y = C V reads each block once for
+    both triangles and the rank-2b update touches the lower blocks only (4 n^2 b flops, not 6 n^2 b).
+    Returns the reflectors (s, V, T) with H acting on rows s: of G; Q1 = H_1 H_2 ... in that order.
+    """
+    h = lower.shape[0]
+    reflectors = []
+    for j in range(0, h - bandwidth - 1, bandwidth):
+        s = j + bandwidth
+        panel = lower[s:, j:s]
+        qr, tau = torch.geqrf(panel)
+        k = tau.shape[0]
+        V = torch.tril(qr[:, :k], -1)
+        V.diagonal().fill_(1.0)
+        # larft: T^{-1} = diag(1 / tau) + strictly_upper(V^T V)
+        T_inverse = torch.triu(V.T @ V, 1) + torch.diag(1.0 / tau)
+        T = torch.linalg.solve_triangular(T_inverse, torch.eye(k, dtype=lower.dtype), upper=True)
+        panel.zero_()
+        panel[:k] = torch.triu(qr[:k])
+        reflectors.append((s, V, T))
+        bounds = [s, *range((s // GRAM_BLOCK + 1) * GRAM_BLOCK, h, GRAM_BLOCK), h]
+        Y = torch.zeros(h - s, k, dtype=lower.dtype)
+        for c0, c1 in zip(bounds[:-1], bounds[1:]):  # Y = C V from the lower block triangle of C
+            Y[c0 - s :].addmm_(lower[c0:, c0:c1], V[c0 - s : c1 - s])
+            if c1 < h:
+                Y[c0 - s : c1 - s].addmm_(lower[c1:, c0:c1].T, V[c1 - s :])
+        Y = Y @ T
+        Z = Y - 0.5 * V @ (T.T @ (V.T @ Y))
+        left, right = torch.cat([V, Z], 1), torch.cat([Z, V], 1)
+        for c0, c1 in zip(bounds[:-1], bounds[1:]):  # C -= V Z^T + Z V^T, lower blocks only
+            lower[c0:, c0:c1].addmm_(left[c0 - s :], right[c0 - s : c1 - s].T, alpha=-1.0)
+    return reflectors
+
+
+def apply_band_reflectors(reflectors: list[tuple[int, torch.Tensor, torch.Tensor]], Y: torch.Tensor) -> torch.Tensor:
+    """x = Q1 y for each column of Y (h, w): the stage-1 reflectors applied last to first."""
+    X = Y.clone()
+    for s, V, T in reversed(reflectors):
+        X[s:].addmm_(V, T @ (V.T @ X[s:]), alpha=-1.0)
+    return X
+
+
+def lower_band_storage(lower: torch.Tensor, bandwidth: int) -> np.ndarray:
+    """LAPACK's lower band storage of the banded matrix in `lower` (float64): row d = sub-diagonal d."""
+    h = lower.shape[0]
+    band = np.zeros((bandwidth + 1, h))
+    for d in range(bandwidth + 1):
+        band[d, : h - d] = torch.diagonal(lower, -d).double().numpy()
+    return band
+
+
+def band_times(band: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """B Y for the symmetric banded B in lower band storage."""
+    h = band.shape[1]
+    out = band[0, :, None] * Y
+    for d in range(1, band.shape[0]):
+        out[d:] += band[d, : h - d, None] * Y[: h - d]
+        out[: h - d] += band[d, : h - d, None] * Y[d:]
+    return out
+
+
+def _shifted_band_lu(band: np.ndarray, shift: float):
+    """LU (LAPACK gbtrf, partial pivoting) of B - shift I, B symmetric banded in lower band storage."""
+    from scipy.linalg import lapack
+
+    b, h = band.shape[0] - 1, band.shape[1]
+    general = np.zeros((3 * b + 1, h), order="F")  # gbtrf layout: A[i, j] at row 2b + i - j
+    for d in range(b + 1):
+        general[2 * b + d, : h - d] = band[d, : h - d]
+        if d:
+            general[2 * b - d, d:] = band[d, : h - d]
+    general[2 * b] -= shift
+    lu, pivots, info = lapack.dgbtrf(general, b, b, overwrite_ab=1)
+    return lu, pivots, info
+
+
+def _shift_beside(descending: np.ndarray, index: int) -> float:
+    """A shift for eigenvalue `index`: a quarter of the gap below it (above it for the last one). On
+    the eigenvalue itself, inverse iteration would blow that one direction up by 1 / rounding and
+    drown the rest of the block in it; a quarter gap off, it still grows fastest."""
+    if index + 1 < len(descending):
+        return descending[index] - 0.25 * (descending[index] - descending[index + 1])
+    if index > 0:
+        return descending[index] + 0.25 * (descending[index - 1] - descending[index])
+    return descending[index]
+
+
+def _run_filter(band: np.ndarray, descending: np.ndarray, a: int, b: int, lo: int, hi: int):
+    r"""The faster of two iterations that make the run [a, b) dominate a block spanning window [lo, hi):
+    `step(k, Y)` applies step k (1, 2, ...) to Y, or None if the band solver fails.
+
+      inverse   Y <- (B - s_i I)^{-1} Y with s_i beside run eigenvalue i, i = a .. b-1 in turn: over
+                one cycle a run eigenvalue l grows against an outside one o by prod_i |o - s_i| / |l - s_i|
+      power     (windows at the top only) Y <- (B - c I) Y, c the centre of the eigenvalues below the
+                window: l grows against o by |l - c| / |o - c| per step; better where the run's
+                eigenvalues stand far apart, as at the top of a decaying spectrum
+    Both rates are known from the eigenvalues, worst case over the run and the nearest outside
+    eigenvalues (each side), so the choice is made before iterating.
+    """
+    from scipy.linalg import lapack
+
+    h = len(descending)
+    run = descending[a:b]
+    outside = np.array([descending[i] for i in (lo - 1, hi) if 0 <= i < h])
+    if outside.size == 0:  # the window is the whole spectrum: any basis of it will do
+        return lambda step, Y: Y
+    shifts = np.array([_shift_beside(descending, i) for i in range(a, b)])
+    growth = lambda values: np.prod(1.0 / np.abs(values[:, None] - shifts[None, :]), axis=1)  # noqa: E731
+    inverse_rate = (growth(outside).max() / growth(run).min()) ** (1.0 / len(shifts))
+    power_rate = np.inf
+    if lo == 0:
+        centre = 0.5 * (descending[hi] + descending[h - 1])
+        power_rate = 0.5 * (descending[hi] - descending[h - 1]) / np.abs(run - centre).min()
+    if power_rate < inverse_rate:
+        return lambda step, Y: band_times(band, Y) - centre * Y
+    bandwidth = band.shape[0] - 1
+    factors = []
+    for shift in shifts:
+        lu, pivots, info = _shifted_band_lu(band, shift)
+        if info != 0:  # an exactly singular U
+            return None
+        factors.append((lu, pivots))
+
+    def inverse_step(step: int, Y: np.ndarray) -> np.ndarray | None:
+        lu, pivots = factors[(step - 1) % len(factors)]
+        solution, info = lapack.dgbtrs(lu, bandwidth, bandwidth, Y, pivots)
+        return solution if info == 0 else None
+
+    return inverse_step
+
+
+def _band_window_eigenvectors(
+    W: torch.Tensor, wide: bool, windows: list[tuple[int, int, int, int]]
+) -> list[tuple[torch.Tensor, int]] | None:
+    r"""For each window: eigenvectors of G around its run [a, b) and how many of them lie above it.
+
+    Block iteration, the block as wide as the window, with the faster of shifted inverse iteration and
+    (at the top) shifted power iteration (_run_filter). The run converges fast; the eigenvalues at the
+    block's edge barely converge, and Rayleigh-Ritz can mix an edge vector
+    above the run with one below into a Ritz pair whose value lies anywhere, the run included. Such a
+    pair has a large residual ||B y - theta y||. So the run's pairs must have theta between the
+    midpoints to its neighbouring eigenvalues and a residual below RUN_TOLERANCE eps times its gap;
+    other pairs are kept only if their residual is below half their distance from the run, and the
+    kept ones above the run place it for the Ritz step on W. A run that does not settle within
+    SHIFT_MAX_ITERATIONS gives None (the caller takes the one-stage route). Runs with torch's threads.
+    """
+    from scipy.linalg import eig_banded, lapack
+    from threadpoolctl import threadpool_limits
+
+    h = W.shape[0] if wide else W.shape[1]
+    bandwidth = min(BAND, h - 1)
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        lower = gram_block_triangle(W, wide, upper=False)
+        reflectors = band_reduce_(lower, bandwidth)
+        band = lower_band_storage(lower, bandwidth)
+        del lower
+        descending = eig_banded(band, lower=True, eigvals_only=True)[::-1]
+        generator = np.random.default_rng(0)
+        precision = torch.finfo(W.dtype).eps
+        noise = 1e-13 * abs(descending[0])  # float64 work on B: residuals reach ~1e-15 ||B||
+        kept_vectors, above_counts = [], []
+        for a, b, lo, hi in windows:
+            step_once = _run_filter(band, descending, a, b, lo, hi)
+            if step_once is None:
+                return None
+            Y = generator.standard_normal((h, hi - lo))  # the window's width
+            # the run [a, b) is settled when its Ritz pairs are there and converged (angle ~ residual / gap)
+            top = np.inf if a == 0 else 0.5 * (descending[a - 1] + descending[a])
+            bottom = -np.inf if b == h else 0.5 * (descending[b - 1] + descending[b])
+            gaps = [descending[a - 1] - descending[a]] if a > 0 else []
+            gaps += [descending[b - 1] - descending[b]] if b < h else []
+            run_tolerance = max(RUN_TOLERANCE * precision * min(gaps, default=abs(descending[0])), noise)
+            for step in range(1, SHIFT_MAX_ITERATIONS + 1):
+                Y = step_once(step, Y)
+                if Y is None:
+                    return None
+                Y = np.linalg.qr(Y)[0]
+                if step < SHIFT_ITERATIONS:
+                    continue
+                BY = band_times(band, Y)
+                theta, Z = np.linalg.eigh(Y.T @ BY)
+                ritz = Y @ Z
+                residuals = np.linalg.norm(BY @ Z - ritz * theta, axis=0)
+                run = (theta < top) & (theta >= bottom) & (residuals <= run_tolerance)
+                if int(run.sum()) == b - a:
+                    break
+            else:
+                return None
+            # Other pairs count only when clearly on one side of the run: an edge vector mixed from
+            # both sides can have its Ritz value anywhere, but then its residual is large.
+            distance = np.maximum(theta - descending[a], descending[b - 1] - theta)
+            keep = run | (residuals < 0.5 * distance)
+            kept_vectors.append(ritz[:, keep])
+            above_counts.append(int((keep & ~run & (theta > descending[a])).sum()))
+    widths = [vectors.shape[1] for vectors in kept_vectors]
+    stacked = torch.from_numpy(np.concatenate(kept_vectors, axis=1)).to(W.dtype)
+    bases = apply_band_reflectors(reflectors, stacked).split(widths, dim=1)
+    return list(zip(bases, above_counts))
 
 
 # ---- Rayleigh-Ritz --------------------------------------------------------------------------------
 
 
 def _windowed_ritz(
-    W: torch.Tensor, windows: list[tuple[int, int, int, int]], bases: list[torch.Tensor], wide: bool
+    W: torch.Tensor, windows: list[tuple[int, int, int, int]], bases: list[tuple[torch.Tensor, int]], wide: bool
 ):
     """U (m, K), S (K,), V (n, K) for the wanted descending indices, from each window's eigenvectors
-    (h, hi - lo) of W's smaller Gram matrix, refined by Rayleigh-Ritz in the window."""
+    (h, w) of W's smaller Gram matrix, refined by Rayleigh-Ritz in the window. The run [a, b) is
+    taken at its place among the window's Ritz values: after the `above` ones that lie above it."""
     out_dtype = W.dtype
     # One matmul for all windows: W Q (tall) or W^T Q (wide), Q orthonormalised in float64.
-    orthonormal = [torch.linalg.qr(Q.double())[0] for Q in bases]
+    orthonormal = [torch.linalg.qr(Q.double())[0] for Q, _ in bases]
     stacked = torch.cat(orthonormal, dim=1).to(out_dtype)  # (h, sum w)
     projected = (W.T @ stacked if wide else W @ stacked).double()  # (n or m, sum w)
     Us, Ss, Vs, start = [], [], [], 0
-    for (a, b, lo, _), Q in zip(windows, orthonormal):
+    for (a, b, _, _), Q, (_, above) in zip(windows, orthonormal, bases):
         width = Q.shape[1]
         small_U, small_S, small_Vh = torch.linalg.svd(projected[:, start : start + width], full_matrices=False)
         start += width
-        keep = slice(a - lo, b - lo)
+        keep = slice(above, above + b - a)
         long_side, short_side = small_U[:, keep], Q @ small_Vh[keep].T  # long: W's other side
         Ss.append(small_S[keep])
         if wide:  # Q spans left singular vectors (m side); W^T Q = V diag(S) (Q^T U)^T
