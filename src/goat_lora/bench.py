@@ -804,13 +804,15 @@ def format_init_table(figures: dict) -> str:
     lines.append(f"largest matrix alone ({m['name']} {m['shape']}): exact {m['exact_s']['median']:.2f} s, this project "
                  f"{m['fast_s']['median']:.2f} s, speed-up {m['speedup']:.2f}x (target >= {INIT_TARGET:.1f}x)  {verdict}")  # fmt: skip
     if "floor_s" in m:
-        seconds = {key: m[f"{key}_s"]["median"] for key in ("gram_product", "band_reduction", "band_eigenvalues", "sytrd")}
+        steps = ("gram_product", "band_reduction", "band_eigenvalues", "sytrd")
+        seconds = {step: m[f"{step}_s"]["median"] for step in steps}
         lines.append(f"  floor of the Gram route: Gram product {seconds['gram_product']:.2f} s + band reduction "
                      f"{seconds['band_reduction']:.2f} s + band eigenvalues {seconds['band_eigenvalues']:.2f} s = "
                      f"{m['floor_s']:.2f} s, {m['floor_share']:.0%} of the route; exact / floor = "
                      f"{m['floor_speedup']:.2f}x")  # fmt: skip
         lines.append(f"  one-stage route (LAPACK sytrd {seconds['sytrd']:.2f} s; the route below h = "
-                     f"{TWO_STAGE_MIN_SIZE}): {m['one_stage_s']['median']:.2f} s, speed-up {m['one_stage_speedup']:.2f}x")  # fmt: skip
+                     f"{TWO_STAGE_MIN_SIZE}): {m['one_stage_s']['median']:.2f} s, "
+                     f"speed-up {m['one_stage_speedup']:.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -277,8 +277,9 @@ def _lapack_window_eigenvectors(
 #   stage 1  G = Q1 B Q1^T with B banded (bandwidth BAND): blocked Householder, all matrix-matrix
 #            products on torch's BLAS (like LAPACK's sytrd_2stage, which neither SciPy nor torch exposes)
 #   stage 2  all eigenvalues of B (LAPACK sbevd, float64: O(h^2 BAND), no eigenvectors)
-#   vectors  per window, block inverse iteration with B - sigma I (banded LU, float64), sigma at the
-#            wanted run, then Rayleigh-Ritz with B; x = Q1 y brings them back to G's coordinates.
+#   vectors  per window, a block iterated until the wanted run has converged (shifted inverse or
+#            power iteration, float64, _run_filter), Rayleigh-Ritz with B, and x = Q1 y brings the
+#            vectors back to G's coordinates.
 
 
 def band_reduce_(lower: torch.Tensor, bandwidth: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -427,15 +428,16 @@ def _band_window_eigenvectors(
 
     Block iteration, the block as wide as the window, with the faster of shifted inverse iteration and
     (at the top) shifted power iteration (_run_filter). The run converges fast; the eigenvalues at the
-    block's edge barely converge, and Rayleigh-Ritz can mix an edge vector
-    above the run with one below into a Ritz pair whose value lies anywhere, the run included. Such a
-    pair has a large residual ||B y - theta y||. So the run's pairs must have theta between the
-    midpoints to its neighbouring eigenvalues and a residual below RUN_TOLERANCE eps times its gap;
-    other pairs are kept only if their residual is below half their distance from the run, and the
-    kept ones above the run place it for the Ritz step on W. A run that does not settle within
-    SHIFT_MAX_ITERATIONS gives None (the caller takes the one-stage route). Runs with torch's threads.
+    block's edge barely converge, and Rayleigh-Ritz can mix an edge vector above the run with one
+    below into a Ritz pair whose value lies anywhere, the run included. Such a pair has a large
+    residual ||B y - theta y||. So the run's pairs must have theta between the midpoints to its
+    neighbouring eigenvalues and a residual below RUN_TOLERANCE eps times its gap; other pairs are
+    kept only if their residual is below half their distance from the run, and the kept ones above
+    the run place it for the Ritz step on W. A run that does not settle within SHIFT_MAX_ITERATIONS
+    (also when an eigenvalue repeats exactly across the run's boundary) gives None: the caller then
+    takes the one-stage route. Runs with torch's threads.
     """
-    from scipy.linalg import eig_banded, lapack
+    from scipy.linalg import eig_banded
     from threadpoolctl import threadpool_limits
 
     h = W.shape[0] if wide else W.shape[1]
