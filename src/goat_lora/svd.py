@@ -8,7 +8,7 @@ faster route through the smaller Gram matrix:
     gram   h = min(m, n);  the h x h Gram matrix  G = W^T W (m >= n)  or  W W^T (m < n)  is
            symmetric with eigenvalues S^2 and eigenvectors V (resp. U). Only the eigenvectors in a
            window around each wanted run are computed (on the CPU for large h: reduction to a band
-           matrix, its eigenvalues, and block inverse iteration at each run; for smaller h through
+           matrix, its eigenvalues, and a block iteration at each run; for smaller h through
            LAPACK: tridiagonal reduction, bisection and inverse iteration for the chosen
            eigenvalues; on a GPU one batched eigh), then a Rayleigh-Ritz step on W itself gives
            the singular triplets.
@@ -131,11 +131,11 @@ def gram_singular_components(
 
     1. n <= m: G = W^T W = V diag(S^2) V^T (n x n, symmetric); m < n: G = W W^T = U diag(S^2) U^T.
     2. Eigenvectors of G only in spectral windows: for each run of wanted indices [a, b) the window
-       [a - margin, b + margin). On the CPU LAPACK computes just those (_lapack_window_eigenvectors);
-       on a GPU (or without SciPy) one batched eigh computes all of them and the windows are sliced.
-       On the CPU from h = TWO_STAGE_MIN_SIZE (or as `two_stage` says) through a band matrix
-       (_band_window_eigenvectors), below it through LAPACK's tridiagonal reduction
-       (_lapack_window_eigenvectors); each falls back to the next if it fails.
+       [a - margin, b + margin). On the CPU just those are computed: from h = TWO_STAGE_MIN_SIZE
+       through a band matrix (_band_window_eigenvectors; `two_stage` True / False overrides the
+       size rule), below it through LAPACK's tridiagonal reduction (_lapack_window_eigenvectors),
+       each falling back to the next if it fails; on a GPU (or without SciPy) one batched eigh
+       computes all of them and the windows are sliced.
     3. Rayleigh-Ritz in each window: float32 eigenvectors of G are mixed mostly with their spectral
        neighbours (error ~ eps sigma_max^2 / (sigma_i^2 - sigma_k^2)), so orthonormalise the window
        (Q) and take the SVD of the thin W Q (m x w): its singular triplets, rotated back by Q, are
