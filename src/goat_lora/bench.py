@@ -917,8 +917,7 @@ def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace,
             from scipy.linalg import lapack
             from threadpoolctl import threadpool_limits
 
-            one_stage = lambda: gram_singular_components([weight.float()], indices[None], two_stage=False)  # noqa: E731
-            times["one_stage"].append(_timed(one_stage, device))
+            _timed_call(times["one_stage"], gram_singular_components, [weight.float()], indices[None], two_stage=False)
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
                 lower = _timed_call(times["gram_product"], gram_block_triangle, weight.float(), wide, upper=False)
                 _timed_call(times["band_reduction"], band_reduce_, lower, bandwidth)

@@ -397,7 +397,10 @@ def _run_filter(band: np.ndarray, descending: np.ndarray, a: int, b: int, lo: in
     if outside.size == 0:  # the window is the whole spectrum: any basis of it will do
         return lambda step, Y: Y
     shifts = np.array([_shift_beside(descending, i) for i in range(a, b)])
-    growth = lambda values: np.prod(1.0 / np.abs(values[:, None] - shifts[None, :]), axis=1)  # noqa: E731
+
+    def growth(values: np.ndarray) -> np.ndarray:  # over one cycle of inverse steps
+        return np.prod(1.0 / np.abs(values[:, None] - shifts[None, :]), axis=1)
+
     inverse_rate = (growth(outside).max() / growth(run).min()) ** (1.0 / len(shifts))
     power_rate = np.inf
     if lo == 0:
