@@ -275,7 +275,7 @@ def test_lapack_runs_with_torchs_thread_count(monkeypatch):
     assert seen == [(torch.get_num_threads(), "blas")]
 
 
-# ---- the CPU route for large h: band reduction, band eigenvalues, shifted inverse iteration -------
+# ---- the CPU route for large h: band reduction, band eigenvalues, block iteration at each run ------
 
 
 def _two_stage_everywhere(monkeypatch, band: int = 8):

@@ -900,11 +900,11 @@ def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace,
     from scipy.linalg import eig_banded
 
     from .functional import expert_component_indices
-    from .svd import (BAND, band_reduce_, gram_block_triangle, gram_lower_column_major, gram_singular_components,
+    from .svd import (band_reduce_, band_width, gram_block_triangle, gram_lower_column_major, gram_singular_components,
                       lapack_available, lower_band_storage, singular_components)  # fmt: skip
 
     rows, cols = weight.shape
-    wide, bandwidth = rows < cols, min(BAND, min(rows, cols) - 1)
+    wide, bandwidth = rows < cols, band_width(min(rows, cols))
     indices = expert_component_indices("goat", min(rows, cols), args.experts, args.rank // args.experts).reshape(-1)
     steps = ("gram_product", "band_reduction", "band_eigenvalues", "one_stage", "sytrd")
     times: dict[str, list[float]] = {"exact": [], method: [], **{step: [] for step in steps}}

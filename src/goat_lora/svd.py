@@ -282,6 +282,11 @@ def _lapack_window_eigenvectors(
 #            vectors back to G's coordinates.
 
 
+def band_width(h: int) -> int:
+    """The band route's bandwidth for an h x h Gram matrix: BAND, or h - 1 for a smaller one."""
+    return min(BAND, h - 1)
+
+
 def band_reduce_(lower: torch.Tensor, bandwidth: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     r"""Stage 1, in place: G = Q1 B Q1^T, B banded with `bandwidth` sub-diagonals.
 
@@ -444,7 +449,7 @@ def _band_window_eigenvectors(
     from threadpoolctl import threadpool_limits
 
     h = W.shape[0] if wide else W.shape[1]
-    bandwidth = min(BAND, h - 1)
+    bandwidth = band_width(h)
     with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
         lower = gram_block_triangle(W, wide, upper=False)
         reflectors = band_reduce_(lower, bandwidth)
