@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from goat_lora.engine.folders import write_json, write_jsonl
-    from goat_lora.engine.run import check_finite_weights, resolve_settings
+    from goat_lora.engine import resolve_settings
+    from goat_lora.engine.run import check_finite_weights
     from goat_lora.tasks.base import Evaluation
 
     start = time.time()

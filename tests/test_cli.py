@@ -28,7 +28,7 @@ BAD_INPUTS = {
     "single-class": (lambda t: ["--data", _csv(t, {"text": ["a", "b", "c"], "label": ["x", "x", "x"]})], "single class"),
     "unknown-method": (lambda t: ["--method", "gaot"], "unknown method 'gaot'"),
     "bad-model-path": (lambda t: ["--model", str(t / "no-model"), "--data", _csv(t, {"text": list("abcdef"), "label": [0, 1] * 3})],
-                       "could not be loaded"),  # fmt: skip
+                       "does not exist; --model takes a local folder"),  # fmt: skip
     "bad-rank": (lambda t: ["--rank", "6", "--experts", "4"], "divisible"),
 }
 

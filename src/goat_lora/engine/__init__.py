@@ -1,9 +1,21 @@
 """The training engine, generic over task families (goat_lora.tasks): the transformers Trainer with
-GOAT's balance loss, run folders, resume, evaluation of saved runs and comparisons."""
+GOAT's balance loss, run folders, resume, evaluation of saved runs and comparisons.
+
+Names are imported on first use: `engine.resolve` (settings, data, checks) loads no Trainer, peft or
+bitsandbytes, so the command line can refuse bad input before the heavy modules load."""
 
 from __future__ import annotations
 
-from .comparison import compare
-from .run import evaluate_run, load_run, read_config_file, resolve_settings, resume, summary_line, train
+import importlib
 
-__all__ = ["compare", "evaluate_run", "load_run", "read_config_file", "resolve_settings", "resume", "summary_line", "train"]
+_EXPORTS = {
+    "compare": "comparison", "evaluate_run": "run", "load_run": "run", "preflight": "resolve",
+    "read_config_file": "resolve", "resolve_settings": "resolve", "resume": "run", "summary_line": "run", "train": "run",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

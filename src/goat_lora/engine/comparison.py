@@ -26,58 +26,17 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 
 from ..baselines import DEFAULT_LR_GRID, GOAT_METHODS, check_method, check_quantize, count_parameters, prepare_model
-from ..settings import RunSettings, field_type, knob_fields
+from ..settings import RunSettings
 from .folders import check_output, publish, staging_folder, staging_path, write_json
-from .run import resolve_settings, train
+from .resolve import Entry, resolve_settings
+from .run import train
 
 COMPARE_PLAN = "compare_plan.json"
 BUDGETS = ("params", "rank")
 EXEMPT = ("full", "head")  # no rank to choose: marked in the report
 BUDGET_TOLERANCE = 0.10
-
-
-@dataclass
-class Entry:
-    """One compared row: a method, or GOAT with one knob changed (--vary)."""
-
-    label: str
-    method: str
-    overrides: dict = field(default_factory=dict)
-
-
-def plan_entries(methods: list[str], vary: str | None) -> list[Entry]:
-    """The methods, then one GOAT variant per value of `vary` ("FIELD=V1,V2,...")."""
-    entries = [Entry(check_method(m), m) for m in methods]
-    if vary:
-        name, values = parse_vary(vary)
-        entries += [Entry(f"goat[{name}={value}]", "goat", {name: value}) for value in values]
-    labels = [e.label for e in entries]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"--methods / --vary name a row twice: {labels}")
-    if not entries:
-        raise ValueError("nothing to compare: give --methods and/or --vary")
-    return entries
-
-
-def parse_vary(text: str) -> tuple[str, list]:
-    """"init=goat,principal" -> ("init", ["goat", "principal"]), each value read as the knob's type."""
-    name, _, values = text.partition("=")
-    name = name.strip().replace("-", "_")
-    fields = knob_fields()
-    if name not in fields or not values:
-        raise ValueError(f"--vary {text!r} must look like FIELD=V1,V2 with FIELD a setting (e.g. init, scaling, top_k, "
-                         "aux_loss_coef, routing)")  # fmt: skip
-    base, _ = field_type(fields[name])
-    parsed = []
-    for value in (v.strip() for v in values.split(",") if v.strip()):
-        try:
-            parsed.append({"true": True, "false": False}[value.lower()] if base is bool else base(value))
-        except (ValueError, KeyError):
-            raise ValueError(f"--vary {name}={value!r}: {name} takes {base.__name__} values") from None
-    return name, parsed
 
 
 # ---- equal budgets ------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ def default_output(method: str, root: str = "runs") -> str:
 
 
 def check_output(output: str, overwrite: bool) -> None:
+    """Refuse an --output that exists (unless overwriting) or that cannot be a folder: one under a file."""
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output {output!r} cannot be created: {parent!r} is a file, not a folder")
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not overwrite:
         raise ValueError(f"output {output!r} already exists; choose another --output or pass --overwrite")
 

@@ -1,6 +1,6 @@
 """One run, for any task family: settings -> data -> model -> Trainer -> test metrics -> run folder.
 
-    resolve_settings(settings)   fill the knobs left at None (task defaults, method presets), validate
+    (engine.resolve: resolve_settings, preflight: the settings and data, checked before any model loads)
     train(settings, output)      train, evaluate on test, write the run folder; return metrics.json's dict
     resume(run)                  continue a killed run from its newest complete checkpoint
     load_run(run_dir)            the trained model of a run folder, rebuilt on a fresh base
@@ -23,21 +23,13 @@ import time
 import torch
 
 from .. import __version__, scaleout
-from ..baselines import (
-    GOAT_METHODS,
-    check_method,
-    check_quantize,
-    count_parameters,
-    expert_load,
-    method_defaults,
-    prepare_model,
-    reset_expert_load,
-)
+from ..baselines import GOAT_METHODS, count_parameters, expert_load, prepare_model, reset_expert_load
 from ..config import atomic_write_bytes
 from ..report import method_label, router_statistics
 from ..settings import RunSettings
 from ..tasks import get_task
 from ..tasks.base import Evaluation, ModelParts, Task
+from ..tasks.tables import data_note
 from .folders import (
     building_run_folder,
     check_output,
@@ -49,6 +41,7 @@ from .folders import (
     write_jsonl,
 )
 from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
+from .resolve import resolve_settings
 from .trainer import (
     BestEpoch,
     ExpertLoadCallback,
@@ -60,35 +53,6 @@ from .trainer import (
 )
 
 CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE = "config.json", "metrics.json", "predictions.jsonl"
-
-
-# ---- settings -----------------------------------------------------------------------------------
-def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
-    """(settings with every None filled in, the task): the task's defaults, then the method's
-    (learning rate, GOAT init and scaling, LoRA alpha) and the task's first metric; then every
-    check, one line each."""
-    settings.validate()
-    task = get_task(settings.task)
-    check_method(settings.method)
-    values = settings.to_dict()
-    for key, value in [*task.defaults(settings).items(), *method_defaults(settings).items()]:
-        if values.get(key) is None:
-            values[key] = value
-    if values["metric"] is None:
-        values["metric"] = task.metrics[0]
-    elif values["metric"] not in task.metrics:
-        raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
-    resolved = RunSettings(**values).validate()
-    check_quantize(resolved.method, resolved.quantize)  # a method without a quantized route, or no bitsandbytes
-    if resolved.method in GOAT_METHODS:  # HydraLoRA's experts share one A of the full rank: any rank will do
-        if resolved.rank % resolved.experts:
-            raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
-        routed = resolved.experts - (resolved.routing == "shared")
-        if resolved.top_k > routed:
-            raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}"
-                             + (" - 1 with --routing shared (one expert is shared)" if routed < resolved.experts else ""))  # fmt: skip
-    scaleout.validate(resolved)
-    return resolved, task
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -242,7 +206,8 @@ def run_metrics(task, settings, data, trainer, callback, test: Evaluation, load,
         "constant_baseline": task.constant_baseline(data),  # the best constant prediction's test metrics
         f"validation_{settings.metric}": per_epoch[-1][f"validation_{settings.metric}"] if per_epoch else None,
         "per_epoch_eval": per_epoch,
-        "data_note": data.info.get("note"),
+        "data_note": data_note(data.info),  # the source's note and every dropped-rows record, in words
+        "dropped_rows": data.info.get("dropped_rows", []),  # [{"source", "rows", "why"}]: rows left out of the data
         **test.extra,
         "train_loss": train_loss,
         "trainable_params": trainable,
@@ -281,14 +246,6 @@ def resume(run: str, *, overwrite: bool = False, quiet: bool = False) -> dict:
     settings = RunSettings.from_dict(state["args"], f"--resume {run!r}: {state_path!r}")
     return train(settings, state["output"], overwrite=overwrite or bool(state.get("overwrite")), quiet=quiet,
                  resume_checkpoint=checkpoint)  # fmt: skip
-
-
-def read_config_file(path: str) -> RunSettings:
-    """Settings from `goat train --config FILE` (a run's config.json or a plain JSON object of settings)."""
-    saved = read_json(path, "config")
-    if isinstance(saved, dict) and isinstance(saved.get("args"), dict):
-        saved = saved["args"]
-    return RunSettings.from_dict(saved, f"config {path!r}")
 
 
 # ---- reloading and evaluating a run -------------------------------------------------------------

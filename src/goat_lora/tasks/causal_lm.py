@@ -18,7 +18,7 @@ import torch
 
 from .base import Evaluation, ModelParts, Split, TaskData
 from .decoders import DEFAULT_DECODER, decoder_targets, generate_greedy, load_decoder, refuse_head_only
-from .tables import read_table, require_columns, train_validation_test
+from .tables import note_dropped, read_table, require_columns, train_validation_test
 
 BUILTIN_INSTRUCTIONS = "instructions"
 
@@ -28,11 +28,11 @@ def instructions_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data_files", "tiny_instructions.jsonl")
 
 
-def read_texts(path: str, text_column: str, source: str) -> Split:
+def read_texts(path: str, text_column: str, source: str, info: dict | None = None) -> Split:
     """Texts of a table (inputs: {"text", "prompt"}; the prompt is the part before a `response`
-    field the text ends with, else None)."""
+    field the text ends with, else None). Empty texts are left out and recorded in `info`."""
     frame = read_table(path)
-    require_columns(frame, {"--text-column": text_column}, source)
+    require_columns(frame, {"--text-column": text_column}, source)  # refuses a missing column or no text at all
     responses = frame["response"].tolist() if "response" in frame.columns else [None] * len(frame)
     inputs = []
     for text, response in zip(frame[text_column].tolist(), responses):
@@ -42,6 +42,7 @@ def read_texts(path: str, text_column: str, source: str) -> Split:
         if isinstance(response, str) and response and text.endswith(response) and len(response) < len(text):
             prompt = text[: len(text) - len(response)]
         inputs.append({"text": text, "prompt": prompt})
+    note_dropped(info, source, len(frame) - len(inputs), f"empty text in {text_column!r}")
     return Split(inputs, [None] * len(inputs))
 
 
@@ -61,11 +62,11 @@ class CausalLM:
         return instructions_path() if data == BUILTIN_INSTRUCTIONS else data
 
     def load_data(self, settings) -> TaskData:
-        texts = read_texts(self._path(settings.data), settings.text_column, settings.data)
+        info = {"source": os.path.abspath(self._path(settings.data)), "text_column": settings.text_column}
+        texts = read_texts(self._path(settings.data), settings.text_column, settings.data, info)
         if len(texts) < 3:
             raise ValueError(f"data {settings.data!r} has {len(texts)} non-empty texts; need at least 3")
-        info = {"source": os.path.abspath(self._path(settings.data)), "text_column": settings.text_column}
-        test = read_texts(settings.test_data, settings.text_column, settings.test_data) if settings.test_data else None
+        test = read_texts(settings.test_data, settings.text_column, settings.test_data, info) if settings.test_data else None
         train, validation, test = train_validation_test(texts, test, settings, info)
         return TaskData(settings.data, {}, train, validation, test, info)
 

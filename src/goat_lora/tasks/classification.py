@@ -100,13 +100,13 @@ class Classification:
             train, test, names, info = BUILTINS[settings.data]()
         else:
             tables = load_tables(settings, settings.label_column)
-            inputs, raw = self._columns(tables.train, settings, settings.data)
+            inputs, raw = self._columns(tables.train, settings, settings.data, tables.info)
             check_class_values(raw, settings.label_column, settings.data)
             labels, names = label_ids(raw)
             train, test, info = Split(inputs, labels), None, tables.info
             if tables.test is not None:
                 source = settings.test_data or f"{settings.data}:test"
-                test_inputs, test_raw = self._columns(tables.test, settings, source)
+                test_inputs, test_raw = self._columns(tables.test, settings, source, tables.info)
                 test = Split(test_inputs, label_ids(test_raw, names)[0])
         check_two_classes(train, names, settings.data)
         whole = train
@@ -115,9 +115,10 @@ class Classification:
         return TaskData(settings.data, {"label_names": names}, train, validation, test, info)
 
     @staticmethod
-    def _columns(frame, settings, source: str) -> tuple[list, list]:
+    def _columns(frame, settings, source: str, info: dict | None = None) -> tuple[list, list]:
         kept = require_columns(frame, {"--text-column": settings.text_column, "--text-pair-column":
-                                       settings.text_pair_column, "--label-column": settings.label_column}, source)  # fmt: skip
+                                       settings.text_pair_column, "--label-column": settings.label_column}, source,
+                               info)  # fmt: skip
         texts = [str(t) for t in kept[settings.text_column]]
         if settings.text_pair_column is not None:
             texts = list(zip(texts, (str(t) for t in kept[settings.text_pair_column])))

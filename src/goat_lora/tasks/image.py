@@ -191,11 +191,11 @@ def read_image_folder(folder: str) -> tuple[list, list]:
     return inputs, raw
 
 
-def frame_images(frame, settings, source: str, base_dir: str | None) -> tuple[list, list]:
+def frame_images(frame, settings, source: str, base_dir: str | None, info: dict | None = None) -> tuple[list, list]:
     """(image sources, raw labels) of a table or a hub split. A path is relative to `base_dir` (the
     table's folder); a datasets Image value ({"bytes", "path"}) becomes its bytes (or its path)."""
     kept = require_columns(frame, {"--image-column": settings.image_column, "--label-column": settings.label_column},
-                           source)  # fmt: skip
+                           source, info)  # fmt: skip
     inputs = []
     for row, value in zip(kept.index, kept[settings.image_column]):
         if isinstance(value, dict) and value.get("bytes") is not None:
@@ -217,8 +217,9 @@ def read_labelled_images(source: str, settings) -> tuple[list, list, dict]:
     if os.path.isdir(source):
         return (*read_image_folder(source), info)
     base_dir = os.path.dirname(os.path.abspath(source))
-    inputs, raw = frame_images(read_table(source), settings, source, base_dir)
-    return inputs, raw, {**info, "image_column": settings.image_column, "label_column": settings.label_column}
+    info.update(image_column=settings.image_column, label_column=settings.label_column)
+    inputs, raw = frame_images(read_table(source), settings, source, base_dir, info)
+    return inputs, raw, info
 
 
 def class_ids(raw: list, label_names: list[str], source: str) -> list[int]:
@@ -322,8 +323,8 @@ class ImageClassification:
             inputs, raw, info = read_labelled_images(source, settings)
         else:
             tables = load_hub(settings, settings.label_column)
-            inputs, raw = frame_images(tables.train, settings, f"{source}:{settings.train_split}", None)
             info = {**tables.info, "image_column": settings.image_column, "label_column": settings.label_column}
+            inputs, raw = frame_images(tables.train, settings, f"{source}:{settings.train_split}", None, info)
             if tables.test is not None:
                 hub_test = (f"{source}:{info['test_split']}", tables.test)
         labels, names = label_ids(raw)
@@ -334,8 +335,9 @@ class ImageClassification:
             test_inputs, test_raw, test_info = read_labelled_images(settings.test_data, settings)
             test = Split(test_inputs, class_ids(test_raw, names, settings.test_data))
             info["test_source"] = test_info["source"]
+            info.setdefault("dropped_rows", []).extend(test_info.get("dropped_rows", []))
         elif hub_test is not None:
-            test_inputs, test_raw = frame_images(hub_test[1], settings, hub_test[0], None)
+            test_inputs, test_raw = frame_images(hub_test[1], settings, hub_test[0], None, info)
             test = Split(test_inputs, class_ids(test_raw, names, hub_test[0]))
         return Split(inputs, labels), test, names, info
 

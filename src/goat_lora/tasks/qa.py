@@ -43,7 +43,7 @@ from . import quiz
 from .base import Evaluation, ModelParts, Split, TaskData
 from .causal_lm import pad_for_causal_lm, token_loss
 from .decoders import DEFAULT_DECODER, decoder_targets, generate_greedy, load_decoder, refuse_head_only
-from .tables import load_tables, read_table, require_columns, subsample, train_validation_test
+from .tables import load_tables, note_dropped, read_table, require_columns, subsample, train_validation_test
 
 # ---- prompts ------------------------------------------------------------------------------------
 TEMPLATES = {
@@ -185,11 +185,12 @@ def builtin(name: str) -> tuple[Split, Split, dict]:
     return whole.subset(train), whole.subset(test), info
 
 
-def read_pairs(frame, settings, source: str) -> Split:
-    """A table -> Split of {"prompt", "target"} inputs and [gold answer] labels; blank rows are skipped."""
+def read_pairs(frame, settings, source: str, info: dict | None = None) -> Split:
+    """A table -> Split of {"prompt", "target"} inputs and [gold answer] labels; empty and blank rows
+    are left out and recorded in `info` (tables.note_dropped)."""
     columns = {"--text-column": settings.text_column, "--label-column": settings.label_column,
                "--target-column": settings.target_column}  # fmt: skip
-    kept = require_columns(frame, columns, source)
+    kept = require_columns(frame, columns, source, info)
     target_column = settings.target_column or settings.label_column
     inputs, labels = [], []
     for prompt, label, target in zip(kept[settings.text_column], kept[settings.label_column], kept[target_column]):
@@ -197,6 +198,7 @@ def read_pairs(frame, settings, source: str) -> Split:
         if prompt.strip() and label.strip() and target.strip():
             inputs.append({"prompt": prompt, "target": target})
             labels.append([label])
+    note_dropped(info, source, len(kept) - len(inputs), "a prompt, answer or target of only spaces")
     return Split(inputs, labels)
 
 
@@ -241,9 +243,9 @@ class QA:
             train, test, info = builtin(settings.data)
         else:
             tables = load_tables(settings, settings.label_column)
-            train, test, info = read_pairs(tables.train, settings, settings.data), None, tables.info
+            train, test, info = read_pairs(tables.train, settings, settings.data, tables.info), None, tables.info
             if tables.test is not None:
-                test = read_pairs(tables.test, settings, settings.test_data or f"{settings.data}:test")
+                test = read_pairs(tables.test, settings, settings.test_data or f"{settings.data}:test", info)
         check_gold(train, settings.answer_type, settings.data)
         if test is not None:
             check_gold(test, settings.answer_type, settings.test_data or settings.data)

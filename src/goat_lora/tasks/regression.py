@@ -53,9 +53,9 @@ class Regression:
             train, test, info = BUILTINS[settings.data]()
         else:
             tables = load_tables(settings, settings.label_column)
-            train, test, info = self._split(tables.train, settings, settings.data), None, tables.info
+            train, test, info = self._split(tables.train, settings, settings.data, tables.info), None, tables.info
             if tables.test is not None:
-                test = self._split(tables.test, settings, settings.test_data or f"{settings.data}:test")
+                test = self._split(tables.test, settings, settings.test_data or f"{settings.data}:test", info)
         train, validation, test = train_validation_test(train, test, settings, info)
         mean = sum(train.labels) / len(train)
         spread = math.sqrt(sum((y - mean) ** 2 for y in train.labels) / len(train))
@@ -65,9 +65,10 @@ class Regression:
         return TaskData(settings.data, {"label_mean": mean, "label_std": spread}, train, validation, test, info)
 
     @staticmethod
-    def _split(frame, settings, source: str) -> Split:
+    def _split(frame, settings, source: str, info: dict | None = None) -> Split:
         kept = require_columns(frame, {"--text-column": settings.text_column, "--text-pair-column":
-                                       settings.text_pair_column, "--label-column": settings.label_column}, source)  # fmt: skip
+                                       settings.text_pair_column, "--label-column": settings.label_column}, source,
+                               info)  # fmt: skip
         labels = []
         for row, value in zip(kept.index, kept[settings.label_column]):
             number = _number(value)

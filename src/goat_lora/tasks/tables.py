@@ -80,9 +80,24 @@ def _bad_json_line(path: str) -> str:
     return ""
 
 
-def require_columns(frame, columns: dict[str, str | None], source: str):
+def note_dropped(info: dict | None, source: str, rows: int, why: str) -> None:
+    """Record in `info` (TaskData.info) that `rows` rows of `source` were left out, and why: the run's
+    metrics.json keeps the list as "dropped_rows" and its printed summary says it (data_note)."""
+    if info is not None and rows:
+        info.setdefault("dropped_rows", []).append({"source": source, "rows": int(rows), "why": why})
+
+
+def data_note(info: dict) -> str | None:
+    """The line printed under a run's result: the source's own note, then every dropped-rows record."""
+    notes = [info["note"]] if info.get("note") else []
+    notes += [f"{d['rows']} row(s) of {d['source']!r} left out: {d['why']}" for d in info.get("dropped_rows", [])]
+    return "; ".join(notes) or None
+
+
+def require_columns(frame, columns: dict[str, str | None], source: str, info: dict | None = None):
     """The frame's rows that have every named column set. `columns` maps a flag (--text-column) to
-    its column; None entries are skipped. A missing column names the flag and lists the file's columns."""
+    its column; None entries are skipped. A missing column names the flag and lists the file's columns.
+    Rows with an empty (NaN) cell in a named column are left out and recorded in `info` (note_dropped)."""
     if len(frame) == 0:
         raise ValueError(f"data {source!r} has no rows")
     wanted = {flag: column for flag, column in columns.items() if column is not None}
@@ -92,7 +107,12 @@ def require_columns(frame, columns: dict[str, str | None], source: str):
                 f"data {source!r} has no column {column!r} ({flag_name}); its columns are "
                 f"{list(map(str, frame.columns))}"
             )
-    kept = frame[list(dict.fromkeys(wanted.values()))].dropna()
+    named = list(dict.fromkeys(wanted.values()))
+    kept = frame[named].dropna()
+    if len(kept) < len(frame):
+        empty = frame[named].isna().sum()
+        cells = ", ".join(f"{column!r} ({int(empty[column])})" for column in named if empty[column])
+        note_dropped(info, source, len(frame) - len(kept), f"empty cells in {cells}")
     if len(kept) == 0:
         raise ValueError(f"data {source!r} has no row with all of {sorted(set(wanted.values()))} set")
     return kept
