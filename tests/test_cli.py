@@ -71,14 +71,19 @@ def test_subcommands_and_help():
         assert flag in train_help
 
 
-def test_console_script_exit_code(tmp_path):
-    """The installed entry point, in a fresh process: exit code 2 and one line, no traceback."""
+@pytest.mark.parametrize("offline", ["set", "unset"])
+def test_console_script_exit_code(tmp_path, offline):
+    """The installed entry point, in a fresh process, with HF_HUB_OFFLINE set (as on offline clusters,
+    where libraries print notes at import) and unset: exit code 2 and one line, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if offline == "set":
+        env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
         [sys.executable, "-m", "goat_lora.cli", "train", "--data", str(tmp_path / "missing.csv")],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+        capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("preset", [None, "ACTIVE"])

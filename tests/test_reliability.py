@@ -371,17 +371,21 @@ def test_bad_input_one_line_no_traceback_nothing_written(case, assets, tmp_path,
     check_nothing_written(before, lib_dir)
 
 
-def test_bad_input_in_a_real_process_prints_no_traceback(assets, tmp_path):
-    """The console script in a fresh process: a failure deep in model preparation (NaN weights)
-    is still one line and exit code 2."""
+@pytest.mark.parametrize("offline", ["set", "unset"])
+def test_bad_input_in_a_real_process_prints_no_traceback(assets, tmp_path, offline):
+    """The console script in a fresh process, HF_HUB_OFFLINE set and unset: a failure deep in model
+    preparation (NaN weights), after peft and bitsandbytes have loaded, is still one line and exit code 2."""
     argv = train_argv(assets, "--output", str(tmp_path / "out"), model="nan_bert")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if offline == "set":
+        env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
         [sys.executable, "-m", "goat_lora.cli", *argv], capture_output=True, text=True, timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**env, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and NAN_LAYER in result.stderr
+    assert result.stderr.count("\n") == 1 and NAN_LAYER in result.stderr, result.stderr
     assert os.listdir(tmp_path) == []
 
 

@@ -59,7 +59,7 @@ def harness_eval(run_dir: str, output: str | None = None, *, overrides: dict, ov
     `output` (default RUN/harness-<time>). Returns {"results", "table", "output", ...}."""
     require_lm_eval()
     from .engine import load_run
-    from .engine.folders import check_output, publish, staging_folder, write_json
+    from .engine.folders import building_run_folder, check_output, write_json
 
     model, parts, settings, _ = load_run(run_dir)
     import torch
@@ -89,15 +89,8 @@ def harness_eval(run_dir: str, output: str | None = None, *, overrides: dict, ov
         "n-samples": results.get("n-samples"),
         "wall_time_s": time.time() - start,
     }
-    staging = staging_folder(output)
-    try:
+    with building_run_folder(output, main_process=True, replace=overwrite) as staging:
         write_json(os.path.join(staging, "harness.json"), json.loads(json.dumps(summary, default=str)))
-        publish(staging, output)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {**summary, "table": make_table(results), "output": os.path.abspath(output)}
 
 

@@ -1,12 +1,13 @@
 """Where a killed run's checkpoints live, and finding the newest complete one.
 
-`goat train --output runs/x --save-steps N` builds the run in `runs/.x.partial` (engine.folders);
+`goat train --output runs/x --save-steps N` builds the run in `runs/.x.<random>.partial` (engine.folders);
 the transformers Trainer checkpoints every N optimisation steps into
-`runs/.x.partial/.trainer/checkpoint-<step>/` (weights, optimizer, scheduler, RNG states,
+`runs/.x.<random>.partial/.trainer/checkpoint-<step>/` (weights, optimizer, scheduler, RNG states,
 trainer_state.json; the last one is kept), next to `goat_resume.json` (the run's settings as given,
 before defaults, and its output). A killed process runs no cleanup, so these stay;
 `goat train --resume runs/x` (engine.run.resume) rebuilds the same task and model from them and
-continues from the newest *complete* checkpoint. Every task family resumes alike. `goat compare
+continues from the newest *complete* checkpoint; when several killed runs left staging folders for
+runs/x, the most recently written one that can be resumed. Every task family resumes alike. `goat compare
 --resume` is different: it reuses the whole finished runs of an interrupted comparison
 (engine.comparison).
 """
@@ -18,7 +19,7 @@ import os
 import re
 
 from ..config import atomic_write_text
-from .folders import staging_path
+from .folders import run_staging_folders
 
 RESUME_FILE = "goat_resume.json"
 TRAINER_DIR = ".trainer"
@@ -47,9 +48,14 @@ def last_checkpoint(staging: str) -> str | None:
 
 def find_resumable(run: str) -> tuple[dict, str, str, str]:
     """(saved state, staging folder, checkpoint, state file) for `goat train --resume RUN`; RUN is
-    the run's --output or its `.NAME.partial` staging folder. Clear errors when there is nothing to resume."""
+    the run's --output or its `.NAME.<random>.partial` staging folder. Clear errors when there is nothing to resume."""
     run = os.path.abspath(run)
-    staging = run if os.path.basename(run).endswith(".partial") else staging_path(run)
+    if os.path.basename(run).endswith(".partial"):
+        staging = run
+    else:  # the newest staging folder with a resume state, else the newest at all (its errors name it)
+        candidates = run_staging_folders(run)
+        resumable = [f for f in candidates if os.path.isfile(os.path.join(f, TRAINER_DIR, RESUME_FILE))]
+        staging = (resumable or candidates or [os.path.join(os.path.dirname(run), f".{os.path.basename(run)}.*.partial")])[0]
     if not os.path.isdir(staging):
         if os.path.isfile(os.path.join(run, "metrics.json")):
             raise ValueError(f"--resume {run!r}: this run already finished; nothing to resume")

@@ -139,7 +139,7 @@ def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list
         summary = write_compare_report(staging, results, report_settings, task.constant_baseline(data_by_seed[seeds[0]]))
         for name in ("results.partial.json", COMPARE_PLAN):
             os.unlink(os.path.join(staging, name))
-        publish(staging, output)
+        publish(staging, output, replace=overwrite)
     except BaseException:
         if results:  # keep finished runs for --resume, never under the final name
             log(f"goat compare: {len(results)} finished run(s) kept in {staging}; "
@@ -168,7 +168,7 @@ def _compare_staging(output: str, plan: dict, resume: bool) -> str:
         return staging
     if os.path.isdir(os.path.join(staging, "runs")) and os.listdir(os.path.join(staging, "runs")):
         os.replace(staging, f"{os.path.abspath(output)}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
-    staging = staging_folder(output)
+    staging = staging_folder(output, shared=True)
     write_json(plan_path, plan)
     return staging
 

@@ -1,14 +1,20 @@
 """Run folders that are never half-written.
 
-A run (or evaluation, or comparison) is built in the hidden sibling `.NAME.partial` and renamed to
-NAME only when every file in it is written; each file is itself written to a temporary name and
-renamed (`config.atomic_write_*`). Anything Python sees going wrong (an exception, Ctrl-C, SIGTERM)
-removes the staging folder; a hard kill (SIGKILL) leaves it for `goat train --resume`.
+A run (or evaluation) is built in a hidden sibling of its own, `.NAME.<random>.partial`, and renamed
+to NAME only when every file in it is written; each file is itself written to a temporary name and
+renamed (`config.atomic_write_*`). Two runs started with the same --output therefore never share a
+folder, and publishing refuses (one line) when NAME appeared while the run trained, unless the run
+was asked to overwrite: no run reports a folder it did not write whole. Anything Python sees going
+wrong (an exception, Ctrl-C, SIGTERM) removes the staging folder; a hard kill (SIGKILL) leaves it
+for `goat train --resume`. A comparison, which resumes into its staging folder by name, keeps the
+fixed `.NAME.partial` (staging_path).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -19,9 +25,17 @@ from ..config import atomic_write_text
 
 
 def staging_path(output: str) -> str:
-    """The hidden sibling `.NAME.partial` where `output` is built."""
+    """The hidden sibling `.NAME.partial` where a comparison for `output` is built (and resumed)."""
     parent, name = os.path.split(os.path.abspath(output))
     return os.path.join(parent, f".{name}.partial")
+
+
+def run_staging_folders(output: str) -> list[str]:
+    """The staging folders of runs for `output` (`.NAME.<random>.partial`, and `.NAME.partial` of
+    goat-lora before per-run staging), newest first."""
+    parent, name = os.path.split(os.path.abspath(output))
+    found = glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.partial")) + [staging_path(output)]
+    return sorted((f for f in found if os.path.isdir(f)), key=os.path.getmtime, reverse=True)
 
 
 def default_output(method: str, root: str = "runs") -> str:
@@ -39,8 +53,13 @@ def check_output(output: str, overwrite: bool) -> None:
         raise ValueError(f"output {output!r} already exists; choose another --output or pass --overwrite")
 
 
-def staging_folder(output: str) -> str:
-    """A fresh, empty staging folder for `output`."""
+def staging_folder(output: str, shared: bool = False) -> str:
+    """A fresh, empty staging folder for `output`: this process's own `.NAME.<random>.partial`, or
+    with `shared` the fixed `.NAME.partial` (emptied first) that a comparison resumes into."""
+    parent, name = os.path.split(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    if not shared:
+        return tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
     staging = staging_path(output)
     if os.path.exists(staging):
         shutil.rmtree(staging)
@@ -48,9 +67,20 @@ def staging_folder(output: str) -> str:
     return staging
 
 
-def publish(staging: str, output: str) -> None:
-    """Rename the finished staging folder to `output` (replacing an old one when overwriting)."""
+def publish(staging: str, output: str, replace: bool = False) -> None:
+    """Rename the finished staging folder to `output`. `replace` (--overwrite): an old `output` is
+    replaced. Otherwise an `output` that another process wrote meanwhile is refused in one line (the
+    rename itself refuses a folder that is not empty, so there is no window between check and rename)."""
     output = os.path.abspath(output)
+    if not replace:
+        try:
+            os.rename(staging, output)  # onto nothing, or an empty folder
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise ValueError(f"output {output!r} was written by another process while this one ran; "
+                             "nothing of this run was kept (use another --output, or --overwrite)") from None  # fmt: skip
+        return
     old = None
     if os.path.exists(output):
         old = f"{output}.old-{os.getpid()}"
@@ -61,16 +91,17 @@ def publish(staging: str, output: str) -> None:
 
 
 @contextlib.contextmanager
-def building_run_folder(output: str, main_process: bool, staging: str | None = None):
+def building_run_folder(output: str, main_process: bool, staging: str | None = None, replace: bool = False):
     """Yield the folder a run is built in. When the block ends cleanly, rank 0's folder is renamed
-    to `output` and another rank's scratch folder is removed; when anything Python sees goes wrong
-    the folder is removed, so no half-written run is left. A hard kill leaves it for --resume."""
+    to `output` (publish: refused if another process wrote `output` meanwhile, unless `replace`) and
+    another rank's scratch folder is removed; when anything Python sees goes wrong the folder is
+    removed, so no half-written run is left. A hard kill leaves it for --resume."""
     if staging is None:
         staging = staging_folder(output) if main_process else tempfile.mkdtemp(prefix="goat-rank-")
     try:
         yield staging
         if main_process:
-            publish(staging, output)
+            publish(staging, output, replace)
         else:
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:

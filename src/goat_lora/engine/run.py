@@ -30,21 +30,13 @@ from ..settings import RunSettings
 from ..tasks import get_task
 from ..tasks.base import Evaluation, ModelParts, Task
 from ..tasks.tables import data_note
-from .folders import (
-    building_run_folder,
-    check_output,
-    default_output,
-    publish,
-    read_json,
-    staging_folder,
-    write_json,
-    write_jsonl,
-)
+from .folders import building_run_folder, check_output, default_output, read_json, write_json, write_jsonl
 from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
 from .resolve import resolve_settings
 from .trainer import (
     BestEpoch,
     ExpertLoadCallback,
+    close_progress,
     goat_model,
     make_trainer,
     peak_memory_mb,
@@ -116,7 +108,7 @@ def train(settings: RunSettings, output: str | None = None, *, overwrite: bool =
     staging = None
     if resume_checkpoint is not None and main_process:  # staging/.trainer/checkpoint-N
         staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
-    with building_run_folder(output, main_process, staging) as staging:
+    with building_run_folder(output, main_process, staging, replace=overwrite) as staging:
         if settings.save_steps and main_process:
             write_resume_state(staging, requested, output, overwrite)
         metrics = _train_in(staging, task, settings, data, parts, model, quiet, started, resume_checkpoint,
@@ -144,7 +136,10 @@ def _train_in(staging, task, settings, data, parts, model, quiet, started, check
     trainer = make_trainer(model, training_args, settings, staging, [callback, best], quiet,
                            data_collator=parts.collator, train_dataset=data.train,
                            eval_dataset=data.validation if validating else None, goat_validate=validate)  # fmt: skip
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:  # Ctrl-C, SIGTERM or an error: the bar closed first, so the command's message is the last line
+        close_progress(trainer)
     train_time = time.time() - start
     if settings.select == "best-epoch":
         best.restore()  # test and save the epoch with the best validation metric
@@ -321,18 +316,13 @@ def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | N
         "router": router_statistics(load),
         "wall_time_s": time.time() - start,
     }
-    staging = staging_folder(output)
-    try:
+    with building_run_folder(output, main_process=True, replace=overwrite) as staging:
         write_json(os.path.join(staging, METRICS_FILE), metrics)
         if evaluation.rows is not None:
             write_jsonl(os.path.join(staging, PREDICTIONS_FILE), evaluation.rows)
         from ..report import write_run_plots
 
         write_run_plots(staging)
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     metrics["output"] = os.path.abspath(output)
     return metrics
 

@@ -152,9 +152,21 @@ class ConsoleProgress(TrainerCallback):
         self.bar.write(f"epoch {state.epoch:g}: validation {values} ({metrics.get('eval_runtime', 0.0):.1f} s)")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Close the bar. Also after Ctrl-C or an error (close_progress), which the Trainer reports to
+        no callback: a bar left open is drawn again when Python exits, after the command's last line."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def close_progress(trainer) -> None:
+    """Close the console progress bar of `trainer`, however its training ended."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ConsoleProgress):
+            callback.close()
 
 
 class BestEpoch(TrainerCallback):
