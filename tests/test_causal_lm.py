@@ -231,7 +231,8 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
     out, marker = tmp_path / "run", tmp_path / "stalled"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": "7", "STALL_MARKER": str(marker)}
     run_until_stalled_then_kill([*run, "--output", str(out)], env, marker)
-    assert not out.exists() and (tmp_path / ".run.partial" / ".trainer" / "checkpoint-4" / "trainer_state.json").is_file()
+    [staging] = tmp_path.glob(".run.*.partial")  # the run's own staging folder
+    assert not out.exists() and (staging / ".trainer" / "checkpoint-4" / "trainer_state.json").is_file()
 
     steps_run = []
     training_step = goat_lora.engine.trainer.GoatTrainer.training_step
@@ -240,7 +241,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
     assert main(["train", "--resume", str(out)]) == 0
     assert len(steps_run) == 12 - 4
     resumed = json.loads((out / "metrics.json").read_text())
-    assert not (tmp_path / ".run.partial").exists() and not (out / ".trainer").exists()
+    assert not staging.exists() and not (out / ".trainer").exists()
     assert resumed["steps"] == reference["steps"]
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
     for a, b in zip(resumed["train_loss"], reference["train_loss"], strict=True):

@@ -80,8 +80,8 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(da
            "STALL_MARKER": str(marker)}  # fmt: skip
     run_until_stalled_then_kill([*RUN, "--data", data, "--output", str(out)], env, marker)
 
-    # What the kill left: no run folder, the staging folder with a complete checkpoint and the settings.
-    staging = tmp_path / ".run.partial"
+    # What the kill left: no run folder, the run's own staging folder with a complete checkpoint and the settings.
+    [staging] = tmp_path.glob(".run.*.partial")
     assert not out.exists()
     trainer = staging / ".trainer"
     assert (trainer / "goat_resume.json").is_file()

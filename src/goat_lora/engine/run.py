@@ -28,8 +28,7 @@ from ..config import atomic_write_bytes
 from ..report import method_label, router_statistics
 from ..settings import RunSettings
 from ..tasks import get_task
-from ..tasks.base import Evaluation, ModelParts, Task
-from ..tasks.tables import data_note
+from ..tasks.base import Evaluation, ModelParts, Task, data_note
 from .folders import building_run_folder, check_output, default_output, read_json, write_json, write_jsonl
 from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
 from .resolve import resolve_settings

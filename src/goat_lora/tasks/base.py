@@ -106,6 +106,13 @@ def better(task: Task, metric: str, a: float | None, b: float | None) -> bool:
     return a < b if metric in task.lower_is_better else a > b
 
 
+def data_note(info: dict) -> str | None:
+    """The line printed under a run's result: the source's own note, then every dropped-rows record."""
+    notes = [info["note"]] if info.get("note") else []
+    notes += [f"{d['rows']} row(s) of {d['source']!r} left out: {d['why']}" for d in info.get("dropped_rows", [])]
+    return "; ".join(notes) or None
+
+
 # ---- helpers every family may use ------------------------------------------------------------------
 def predict(model, split: Split, collator, batch_size: int, device) -> tuple[Any, Any, float]:
     """(outputs (N, ...) float32 numpy, labels numpy, mean loss) of `model` over `split`, in order.

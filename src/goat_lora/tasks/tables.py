@@ -87,13 +87,6 @@ def note_dropped(info: dict | None, source: str, rows: int, why: str) -> None:
         info.setdefault("dropped_rows", []).append({"source": source, "rows": int(rows), "why": why})
 
 
-def data_note(info: dict) -> str | None:
-    """The line printed under a run's result: the source's own note, then every dropped-rows record."""
-    notes = [info["note"]] if info.get("note") else []
-    notes += [f"{d['rows']} row(s) of {d['source']!r} left out: {d['why']}" for d in info.get("dropped_rows", [])]
-    return "; ".join(notes) or None
-
-
 def require_columns(frame, columns: dict[str, str | None], source: str, info: dict | None = None):
     """The frame's rows that have every named column set. `columns` maps a flag (--text-column) to
     its column; None entries are skipped. A missing column names the flag and lists the file's columns.
