@@ -71,7 +71,9 @@ def test_smoke_init_benchmark_reports_speed_and_subspace_quality(tmp_path, capsy
     assert init["fast_method"].startswith("gram")
     quality = init["quality"]
     assert quality["experts_compared"] == 7 * 8
+    assert quality["reference"] == "float64 SVD"  # both routes judged against float64, not a float32 SVD
     assert quality["max_angle_deg"] < 0.1 and quality["max_rel_error"] < 1e-3  # accuracy, not speed
+    assert quality["exact_max_angle_deg"] < 0.1
     assert quality["max_alignment_error"] < 1e-6  # W0 - W_res + c s sum_j B_j A_j == W0
     assert init["exact_s"]["median"] > 0 and init["fast_s"]["median"] > 0
     largest = init["largest_matrix"]  # the single largest matrix, and the route's floor beside it
