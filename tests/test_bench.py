@@ -277,3 +277,13 @@ def test_bf16_runs_every_step_under_bfloat16_autocast(tmp_path, capsys, monkeypa
     figures = json.loads(out.read_text())
     assert figures["meta"]["bf16_autocast"] is True and figures["models"]["tiny-llama"]["bf16_autocast"] is True
     assert figures["models"]["tiny-llama"]["ratios"]["step"] > 0
+
+
+def test_op_counts_per_step_do_not_creep_back():
+    """The CPU proxy of the GPU's kernels per step (bench --ops): GOAT's compute ops in one bf16 training
+    step and one eval forward of a tiny LLaMA, pinned at what they are now (2026-12-04: 1,216 train
+    and 297 eval ops, 1.79x and 1.74x peft LoRA's; before the router left autocast, the load update became
+    one add and the balance loss one set of ops for all layers: 1,468 and 367). The target is 1.4x."""
+    figures = bench.count_step_ops("tiny-llama", parse(["--ops"]))
+    assert figures["goat"]["train"] <= 1216 and figures["goat"]["eval"] <= 297
+    assert figures["train_ratio"] <= 1.79 and figures["eval_ratio"] <= 1.74

@@ -415,3 +415,63 @@ def test_trainable_parameters_of_each_variant(routing):
     for layer in model.goat_layers():
         assert layer.router.weight.shape[0] == (3 if routing == "shared" else 4)
     check_trainable(model, {"x": torch.randn(3, 4, 24, generator=torch.Generator().manual_seed(1))})
+
+
+# ---- inference without bookkeeping ----------------------------------------------------------------
+def _count_ops(fn) -> int:
+    """Compute ops (views and detaches left out) that `fn` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func is not torch.ops.aten.detach.default:
+                Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.count
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_records_nothing_unless_asked(mode):
+    """Without autograd a GOAT layer routes and does its two matmuls only: no routing statistics, no
+    expert-load counts (eval, generation, lm-eval, serving). recording_routing() asks for them, and
+    then they equal what a forward with autograd records; outputs are the same either way."""
+    torch.manual_seed(0)
+    model = get_goat_model(tiny_mlp(), GoatConfig(r=8, num_experts=4, top_k=2, target_modules="all-linear"))
+    model.eval()
+    x = torch.randn(16, 24)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        plain = model(x)
+    assert all(layer.last_stats is None for layer in model.goat_layers())
+    assert all(float(layer.load_counts.sum()) == 0 for layer in model.goat_layers())
+    assert float(model.aux_loss()) == 0.0
+    with context(), model.recording_routing():
+        recorded = model(x)
+    assert not any(layer.record_inference for layer in model.goat_layers())  # restored on exit
+    counts = {name: layer.load_counts.clone() for name, layer in model.named_goat_layers()}
+    with torch.no_grad():  # statistics recorded without autograd carry no gradient
+        aux_recorded = float(model.aux_loss())
+    model.reset_expert_load()
+    with torch.enable_grad():
+        with_grad = model(x)
+    assert torch.equal(plain, recorded) and torch.allclose(plain, with_grad.detach())
+    assert aux_recorded == pytest.approx(float(model.aux_loss().detach()))
+    for name, layer in model.named_goat_layers():
+        assert torch.equal(counts[name], layer.load_counts) and float(counts[name].sum()) == 16 * 2
+
+
+def test_inference_costs_fewer_ops_than_recorded_inference():
+    torch.manual_seed(0)
+    model = get_goat_model(tiny_mlp(), GoatConfig(r=8, num_experts=4, top_k=2, target_modules="all-linear")).eval()
+    x = torch.randn(16, 24)
+    with torch.inference_mode():
+        plain = _count_ops(lambda: model(x))
+        with model.recording_routing():
+            recorded = _count_ops(lambda: model(x))
+    layers = len(list(model.goat_layers()))
+    assert recorded - plain >= 4 * layers  # statistics (sums), the load update and its casts, per layer

@@ -332,3 +332,13 @@ def reset_expert_load(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, HydraLoraLayer):
             module.reset_expert_load()
+
+
+def recording_expert_load(model: nn.Module):
+    """A context in which evaluation forwards (no autograd) count the experts' load too: GOAT skips that
+    bookkeeping at inference unless asked (GoatModel.recording_routing); HydraLoRA always counts."""
+    import contextlib
+
+    from .model import GoatModel
+
+    return model.recording_routing() if isinstance(model, GoatModel) else contextlib.nullcontext()

@@ -197,7 +197,7 @@ def route(router_logits: torch.Tensor, top_k: int = 2, mode: str = "top_k", top_
     mode = RoutingMode(mode)
     probs = torch.softmax(router_logits.float(), dim=-1)  # (T, R)
     keep = top_p_mask(probs, top_p) if mode is RoutingMode.TOP_P else top_k_mask(probs, top_k)  # (T, R)
-    kept = torch.where(keep, probs, 0.0)
+    kept = probs * keep  # p where kept, else 0
     weights = kept / kept.sum(dim=-1, keepdim=True)  # (T, R): renormalised, zeros stay zeros
     if mode is RoutingMode.SHARED:
         weights = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=-1)  # (T, E): w_0 = 1
@@ -348,11 +348,14 @@ def load_balance_loss(stats: RoutingStats, form: str = "public") -> torch.Tensor
     public = m * paper. At uniform probabilities (P_j = 1/R) public = m whatever the counts (top_k,
     shared: k; top_p: m, ceil(p R) for a zero router) and paper = 1. A shared expert serves every token
     by construction and has no router probability: it is not in the loss (there is nothing to balance).
+
+    Leading dimensions are layers: stats of L layers stacked ((L, R), (L, R), (L,)) give their L losses in
+    the same few ops as one layer's (GoatModel.aux_loss), instead of a few ops per layer.
     """
     num_experts = stats.prob_sum.shape[-1]  # R
-    tokens = stats.num_tokens.clamp_min(1.0)  # an empty batch gives 0, not NaN
+    tokens = stats.num_tokens.clamp_min(1.0)[..., None]  # an empty batch gives 0, not NaN
     mean_prob = stats.prob_sum / tokens  # P_j
     counts = stats.counts.detach()  # no gradient, as in Switch / Mixtral
     if AuxLossForm(form) is AuxLossForm.PAPER:
-        return num_experts * (counts / counts.sum().clamp_min(1.0) * mean_prob).sum()
-    return num_experts * (counts / tokens * mean_prob).sum()
+        return num_experts * (counts / counts.sum(-1, keepdim=True).clamp_min(1.0) * mean_prob).sum(-1)
+    return num_experts * (counts / tokens * mean_prob).sum(-1)

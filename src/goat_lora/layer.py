@@ -252,6 +252,10 @@ class GoatLayer(nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
         # True inside GoatModel.disable_adapter(): the forward is the pretrained layer's, nothing is recorded
         self.adapter_disabled = False
+        # In eval mode without autograd (torch.no_grad, inference_mode: evaluation, generation, lm-eval, serving)
+        # the layer does only the routing and the two matmuls; True inside GoatModel.recording_routing()
+        # records anyway
+        self.record_inference = False
         self._restore_patch: tuple[torch.Tensor, torch.Tensor] | None = None  # see subtract_residual
 
         # Where W_res goes (docs/design.md, "Quantized bases"). A quantized weight cannot be rewritten
@@ -325,7 +329,9 @@ class GoatLayer(nn.Module):
     def _adapted_forward(self, x: torch.Tensor, per_expert_loop: bool) -> torch.Tensor:
         result = self.base_layer(x)  # (W0 - W_res) x + b; W0 x + b when the residual is applied at run time
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
-        routing = F.route(self.router(tokens), self.top_k, self.routing, self.top_p)
+        with torch.autocast(tokens.device.type, enabled=False):  # float32 logits, as softmax takes them: under
+            logits = self.router(tokens)  # bf16 autocast no cast of G, of x and of the logits back (T, R)
+        routing = F.route(logits, self.top_k, self.routing, self.top_p)
         keep, dropout_scale = self._experts_dropout(tokens)
         # dropout(x) = (x * keep) / (1 - p), and 1 / (1 - p) commutes with A_j and B_j: it is folded into
         # the per-expert scales (E numbers) instead of multiplying the (T, n) input forward and backward
@@ -337,7 +343,12 @@ class GoatLayer(nn.Module):
             delta = F.experts_delta(tokens, self.lora_A, self.lora_B, routing.weights, expert_scale, keep)
         if self.residual_at_runtime:  # - W_res x, on the undropped input: it belongs to the frozen base
             delta = delta - self.residual_forward(tokens)
-        self._record(routing, x)
+        # inference (eval mode without autograd) records nothing; a training-mode forward without autograd
+        # (reentrant activation checkpointing) still records, so aux_loss() can refuse its missing gradient
+        if self.training or torch.is_grad_enabled() or self.record_inference:
+            self._record(routing, x)
+        else:  # aux_loss() is then 0 rather than a stale training value
+            self.last_stats = None
         return result + self._from_tokens(delta, result).to(result.dtype)
 
     def _experts_dropout(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, float]:
@@ -379,9 +390,13 @@ class GoatLayer(nn.Module):
             with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 stats = F.routing_stats(routing, mask)
         self.last_stats = stats
-        # the load over all E experts, for expert_load(): the shared expert serves every counted token
-        load = torch.cat([stats.num_tokens.reshape(1).expand(self.num_shared), stats.counts.detach()])
-        self.load_counts += load.to(self.load_counts)
+        # the load over all E experts, for expert_load(), in one in-place add (float32 counts into the float64
+        # buffer: add_ promotes, no cast of its own); the shared expert serves every counted token
+        if self.num_shared:
+            self.load_counts[: self.num_shared].add_(stats.num_tokens)
+            self.load_counts[self.num_shared :].add_(stats.counts.detach())
+        else:
+            self.load_counts.add_(stats.counts.detach())
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def aux_loss(self) -> torch.Tensor:

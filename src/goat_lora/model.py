@@ -215,8 +215,11 @@ class GoatModel(nn.Module):
                 )
         if sync_processes and _distributed():
             stats = _all_reduce_stats(stats)
-        losses = [F.load_balance_loss(s, layer.aux_loss_form) for s, layer in zip(stats, layers)]
-        return torch.stack(losses).sum()
+        forms = {(layer.aux_loss_form, s.prob_sum.shape) for s, layer in zip(stats, layers)}
+        if len(forms) == 1:  # one form and expert count (one config): every layer's loss in one set of ops
+            stacked = F.RoutingStats(*(torch.stack(parts) for parts in zip(*stats)))
+            return F.load_balance_loss(stacked, layers[0].aux_loss_form).sum()
+        return torch.stack([F.load_balance_loss(s, layer.aux_loss_form) for s, layer in zip(stats, layers)]).sum()
 
     def expert_load(self, sync_processes: bool = True) -> dict[str, torch.Tensor]:
         """Per adapted layer: fraction of expert uses per expert since the last reset, (E,) each, a shared
@@ -236,6 +239,21 @@ class GoatModel(nn.Module):
     def reset_expert_load(self) -> None:
         for layer in self.goat_layers():
             layer.reset_expert_load()
+
+    @contextlib.contextmanager
+    def recording_routing(self):
+        """Inside, eval-mode forwards without autograd (torch.no_grad, inference_mode) record routing
+        statistics and expert load as training forwards do: `goat eval` and the run's test pass report the experts'
+        load this way. Outside, inference does only the routing and the two matmuls of each layer."""
+        layers = list(self.goat_layers())
+        before = [layer.record_inference for layer in layers]
+        for layer in layers:
+            layer.record_inference = True
+        try:
+            yield self
+        finally:
+            for layer, value in zip(layers, before):
+                layer.record_inference = value
 
     # ---- parameters ---------------------------------------------------------------------------
     def _set_trainable(self) -> None:

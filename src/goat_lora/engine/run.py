@@ -23,7 +23,14 @@ import time
 import torch
 
 from .. import __version__, scaleout
-from ..baselines import GOAT_METHODS, count_parameters, expert_load, prepare_model, reset_expert_load
+from ..baselines import (
+    GOAT_METHODS,
+    count_parameters,
+    expert_load,
+    prepare_model,
+    recording_expert_load,
+    reset_expert_load,
+)
 from ..config import atomic_write_bytes
 from ..report import method_label, router_statistics
 from ..settings import RunSettings
@@ -79,7 +86,8 @@ def save_method_weights(model, method: str, folder: str) -> None:
 def evaluate_split(task: Task, model, split, parts: ModelParts, settings: RunSettings, device) -> tuple[Evaluation, dict]:
     """(the task's evaluation of `model` on `split`, the experts' load over that pass)."""
     reset_expert_load(model)
-    evaluation = task.evaluate(model, split, parts, settings, device)
+    with recording_expert_load(model):  # GOAT counts its experts' load at inference only when asked
+        evaluation = task.evaluate(model, split, parts, settings, device)
     load = expert_load(model)
     reset_expert_load(model)
     return evaluation, load
