@@ -241,3 +241,70 @@ def test_compile_knob_passes_to_the_training_arguments():
     assert compile_arguments(RunSettings()) == {}
     settings = dataclasses.replace(RunSettings(), compile=True, compile_backend="aot_eager")
     assert compile_arguments(settings) == {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+
+
+def test_compile_mode_is_cuda_graphs_on_cuda_and_the_default_elsewhere():
+    from goat_lora.settings import compile_mode
+
+    assert compile_mode("auto", cuda=True) == "reduce-overhead"
+    assert compile_mode("auto", cuda=False) is None  # torch's default mode
+    assert compile_mode("default", cuda=True) is None
+    assert compile_mode("max-autotune", cuda=False) == "max-autotune"
+
+
+def test_cuda_graph_runs_pad_batches_to_a_few_shapes(monkeypatch):
+    """When --compile records CUDA graphs every batch is padded to a multiple of 64 tokens (at most
+    --max-length), so texts of any length give a few shapes, each one graph; otherwise (and on the CPU)
+    as long as the longest text unless --pad-to-multiple says otherwise."""
+    import goat_lora.engine.resolve as resolve
+    from goat_lora.hf import load_tokenizer
+    from goat_lora.settings import RunSettings
+    from goat_lora.tasks.causal_lm import CausalLMCollator
+    from goat_lora.tasks.text import TextCollator
+
+    assert resolve.resolve_settings(RunSettings(compile=True))[0].pad_to_multiple is None  # CPU: no CUDA graphs
+    monkeypatch.setattr(resolve, "_cuda", lambda: True)
+    assert resolve.resolve_settings(RunSettings(compile=True))[0].pad_to_multiple == 64
+    assert resolve.resolve_settings(RunSettings(compile=True, compile_mode="default"))[0].pad_to_multiple is None
+    assert resolve.resolve_settings(RunSettings(compile=True, pad_to_multiple=8))[0].pad_to_multiple == 8
+    tokenizer = load_tokenizer("minilm")
+    lengths = set()
+    for words in (1, 5, 30, 70, 150, 400):
+        batch = TextCollator(tokenizer, 200, pad_multiple=64)([{"input": "word " * words, "labels": 0}])
+        lengths.add(batch["input_ids"].shape[1])
+        assert batch["attention_mask"].shape == batch["input_ids"].shape == batch["token_type_ids"].shape
+    assert lengths == {64, 128, 192, 200}
+    plain = TextCollator(tokenizer, 200)([{"input": "word " * 5, "labels": 0}])
+    assert plain["input_ids"].shape[1] == 7
+    padded = CausalLMCollator(tokenizer, 100, pad_multiple=64)([{"input": {"text": "word " * 5, "prompt": None}}])
+    assert padded["input_ids"].shape == (1, 64) and int(padded["attention_mask"].sum()) == int(plain["attention_mask"].sum())
+    assert (padded["labels"][0, int(padded["attention_mask"].sum()):] == -100).all()
+
+
+def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graphs(tiny_task, tmp_path):  # noqa: F811
+    """`goat train --compile` over texts of 1 to 30 words: no graph break, and a bounded number of graphs
+    (the padded lengths and the last, smaller batch), not one per length."""
+    import csv
+    import random
+
+    from goat_lora.cli import main
+
+    model_dir, _ = tiny_task
+    from test_scaleout import WORDS
+
+    rng = random.Random(0)
+    data = tmp_path / "mixed.csv"
+    with open(data, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for _ in range(60):
+            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))), rng.choice(["pos", "neg"])])
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    before_graphs, before_breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    argv = ["train", *_flags(model_dir, str(data)), "--batch-size", "4", "--max-length", "40", "--report-to", "none",
+            "--compile", "--compile-backend", "eager", "--pad-to-multiple", "16", "--output", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0
+    graphs = counters["stats"]["unique_graphs"] - before_graphs
+    assert sum(counters["graph_break"].values()) == before_breaks  # no graph break
+    assert 1 <= graphs <= 4, graphs  # lengths 16, 32, 40 (and dynamo's dynamic-shape graph), not one per length

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .. import scaleout
 from ..hf import check_model_name
 from ..baselines import GOAT_METHODS, check_method, check_quantize, method_defaults
-from ..settings import RunSettings, field_type, knob_fields
+from ..settings import CUDA_GRAPH_PAD_MULTIPLE, RunSettings, compile_mode, field_type, knob_fields
 from ..tasks import get_task
 from ..tasks.base import Task, TaskData
 from .folders import check_output, read_json
@@ -38,6 +38,9 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
         values["metric"] = task.metrics[0]
     elif values["metric"] not in task.metrics:
         raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
+    cuda_graphs = values["compile"] and compile_mode(values["compile_mode"], _cuda()) == "reduce-overhead"
+    if values["pad_to_multiple"] is None and cuda_graphs:  # each batch shape is one CUDA graph: a few shapes
+        values["pad_to_multiple"] = CUDA_GRAPH_PAD_MULTIPLE
     resolved = RunSettings(**values).validate()
     check_quantize(resolved.method, resolved.quantize)  # a method without a quantized route, or no bitsandbytes
     if resolved.method in GOAT_METHODS:  # HydraLoRA's experts share one A of the full rank: any rank will do
@@ -49,6 +52,12 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
                              + (" - 1 with --routing shared (one expert is shared)" if routed < resolved.experts else ""))  # fmt: skip
     scaleout.validate(resolved)
     return resolved, task
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def read_config_file(path: str) -> RunSettings:

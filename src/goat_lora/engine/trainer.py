@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .. import scaleout
 from ..baselines import expert_load, reset_expert_load
 from ..report import router_statistics
+from ..settings import compile_mode
 
 
 def goat_model(model):
@@ -250,7 +251,11 @@ def compile_arguments(settings) -> dict:
         return {}
     if settings.gradient_checkpointing:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    return {"torch_compile": True, "torch_compile_backend": settings.compile_backend}
+    arguments = {"torch_compile": True, "torch_compile_backend": settings.compile_backend}
+    mode = compile_mode(settings.compile_mode, torch.cuda.is_available())
+    if mode is not None:
+        arguments["torch_compile_mode"] = mode
+    return arguments
 
 
 def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> TrainingArguments:

@@ -19,6 +19,7 @@ import torch
 from .base import Evaluation, ModelParts, Split, TaskData
 from .decoders import DEFAULT_DECODER, decoder_targets, generate_greedy, load_decoder, refuse_head_only
 from .tables import note_dropped, read_table, require_columns, train_validation_test
+from .text import padded_length
 
 BUILTIN_INSTRUCTIONS = "instructions"
 
@@ -73,7 +74,7 @@ class CausalLM:
     def build(self, settings, meta: dict) -> ModelParts:
         refuse_head_only(settings, self.name)
         model, tokenizer = load_decoder(settings)
-        collator = CausalLMCollator(tokenizer, settings.max_length, settings.mask_prompt)
+        collator = CausalLMCollator(tokenizer, settings.max_length, settings.mask_prompt, settings.pad_to_multiple)
         return ModelParts(model, collator, decoder_targets(model, settings), [], meta, tokenizer)
 
     def evaluate(self, model, split: Split, parts: ModelParts, settings, device) -> Evaluation:
@@ -95,8 +96,9 @@ class CausalLMCollator:
     """Tokenises texts for a causal LM: input_ids + EOS, right padding, labels = ids with padding
     (and, with mask_prompt, the prompt) set to -100."""
 
-    def __init__(self, tokenizer, max_length: int, mask_prompt: bool = False) -> None:
+    def __init__(self, tokenizer, max_length: int, mask_prompt: bool = False, pad_multiple: int | None = None) -> None:
         self.tokenizer, self.max_length, self.mask_prompt = tokenizer, max_length, mask_prompt
+        self.pad_multiple = pad_multiple  # round the padded length up to a multiple of it (at most max_length)
 
     def encode(self, text: str, prompt: str | None) -> tuple[list[int], int]:
         """(ids, number of leading prompt tokens to mask)."""
@@ -112,13 +114,17 @@ class CausalLMCollator:
 
     def __call__(self, batch: list[dict]) -> dict:
         return pad_for_causal_lm([self.encode(item["input"]["text"], item["input"]["prompt"]) for item in batch],
-                                 self.tokenizer)  # fmt: skip
+                                 self.tokenizer, self.pad_multiple, self.max_length)  # fmt: skip
 
 
-def pad_for_causal_lm(encoded: list[tuple[list[int], int]], tokenizer) -> dict:
+def pad_for_causal_lm(encoded: list[tuple[list[int], int]], tokenizer, pad_multiple: int | None = None,
+                      max_length: int | None = None) -> dict:  # fmt: skip
     """Right-pad (ids, n_masked) rows: input_ids, attention_mask, and labels = ids with the first
-    n_masked tokens and the padding at -100 (no loss there)."""
+    n_masked tokens and the padding at -100 (no loss there). With `pad_multiple` the length is rounded
+    up to a multiple of it, at most max_length."""
     length = max(len(ids) for ids, _ in encoded)
+    if pad_multiple:
+        length = padded_length(length, pad_multiple, max_length or length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)

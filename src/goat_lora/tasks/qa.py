@@ -257,7 +257,7 @@ class QA:
     def build(self, settings, meta: dict) -> ModelParts:
         refuse_head_only(settings, self.name)
         model, tokenizer = load_decoder(settings)
-        collator = QACollator(tokenizer, settings.max_length, settings.prompt_template)
+        collator = QACollator(tokenizer, settings.max_length, settings.prompt_template, settings.pad_to_multiple)
         return ModelParts(model, collator, decoder_targets(model, settings), [], meta, tokenizer)
 
     def evaluate(self, model, split: Split, parts: ModelParts, settings, device) -> Evaluation:
@@ -304,8 +304,9 @@ class QACollator:
     the padding. The prompt is tokenised alone, as generation sees it, and the target after it
     without special tokens; a row longer than max_length is cut at the end (as causal-lm does)."""
 
-    def __init__(self, tokenizer, max_length: int, template: str) -> None:
+    def __init__(self, tokenizer, max_length: int, template: str, pad_multiple: int | None = None) -> None:
         self.tokenizer, self.max_length, self.template = tokenizer, max_length, template
+        self.pad_multiple = pad_multiple  # round the padded length up to a multiple of it (at most max_length)
 
     def encode(self, prompt: str, target: str) -> tuple[list[int], int]:
         """(ids, number of leading prompt tokens, which get no loss)."""
@@ -318,4 +319,4 @@ class QACollator:
 
     def __call__(self, batch: list[dict]) -> dict:
         return pad_for_causal_lm([self.encode(item["input"]["prompt"], item["input"]["target"]) for item in batch],
-                                 self.tokenizer)  # fmt: skip
+                                 self.tokenizer, self.pad_multiple, self.max_length)  # fmt: skip

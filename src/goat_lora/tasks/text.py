@@ -29,6 +29,20 @@ def load_model(settings, loader, *args, **kwargs):
         raise ValueError(f"model {name!r} could not be loaded: {first_line(err)}") from None
 
 
+def padded_length(length: int, multiple: int, max_length: int) -> int:
+    """`length` rounded up to a multiple of `multiple`, but not past max_length (nor below length)."""
+    return max(length, min(-(-length // multiple) * multiple, max_length))
+
+
+def pad_length(encoded: dict, length: int, tokenizer) -> dict:
+    """Right-pad a tokenizer's batch (input_ids, attention_mask, token_type_ids) to `length` tokens."""
+    extra = length - encoded["input_ids"].shape[1]
+    if extra <= 0:
+        return encoded
+    fill = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) if k in fill else v for k, v in encoded.items()}
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -62,16 +76,19 @@ def sequence_model_parts(settings, meta: dict, num_labels: int, label_dtype: tor
     tokenizer = load_model(settings, hf.load_tokenizer)
     check_max_length(settings, tokenizer, model)
     head = hf.default_modules_to_save(model)
-    collator = TextCollator(tokenizer, settings.max_length, label_dtype)
+    collator = TextCollator(tokenizer, settings.max_length, label_dtype, settings.pad_to_multiple)
     return ModelParts(model, collator, target_layers(model, settings, head), head, meta, tokenizer)
 
 
 class TextCollator:
-    """Tokenises a batch on the fly (dynamic padding, truncation to max_length). A pair (text, text)
-    goes to the tokenizer as two texts, so the tokenizer adds its own separator and segment ids."""
+    """Tokenises a batch on the fly (dynamic padding, truncation to max_length; with `pad_multiple` the
+    length is rounded up to a multiple of it, at most max_length). A pair (text, text) goes to the
+    tokenizer as two texts, so the tokenizer adds its own separator and segment ids."""
 
-    def __init__(self, tokenizer, max_length: int, label_dtype: torch.dtype = torch.long) -> None:
+    def __init__(self, tokenizer, max_length: int, label_dtype: torch.dtype = torch.long,
+                 pad_multiple: int | None = None) -> None:  # fmt: skip
         self.tokenizer, self.max_length, self.label_dtype = tokenizer, max_length, label_dtype
+        self.pad_multiple = pad_multiple
 
     def __call__(self, batch: list[dict]) -> dict:
         inputs = [item["input"] for item in batch]
@@ -79,6 +96,9 @@ class TextCollator:
         pairs = [x[1] for x in inputs] if isinstance(inputs[0], tuple) else None
         encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
                                  return_tensors="pt")  # fmt: skip
+        if self.pad_multiple:
+            encoded = pad_length(encoded, padded_length(encoded["input_ids"].shape[1], self.pad_multiple,
+                                                        self.max_length), self.tokenizer)  # fmt: skip
         encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         encoded["labels"] = torch.tensor([item["labels"] for item in batch], dtype=self.label_dtype)
         return encoded
