@@ -219,19 +219,22 @@ def test_compile_times_compiled_goat_against_compiled_lora_and_both_eager(tmp_pa
     monkeypatch.setattr(bench.torch, "compile", fake_compile)
     out = tmp_path / "figures.json"
     assert bench.run_bench(parse(["--smoke", "--models", "tiny-bert", "--compile", "--json", str(out)])) == 0
-    assert sorted(compiled, key=str) == [("GoatModel", {"backend": "inductor", "fullgraph": True}),
-                                         ("PeftModel", {"backend": "inductor", "fullgraph": False})]  # fmt: skip
+    assert sorted(compiled, key=lambda c: (c[0], str(c[1]["mode"]))) == [("GoatModel", {"backend": "inductor", "fullgraph": True, "mode": None}),
+                                         ("GoatModel", {"backend": "inductor", "fullgraph": True, "mode": "reduce-overhead"}),
+                                         ("PeftModel", {"backend": "inductor", "fullgraph": False, "mode": None}),
+                                         ("PeftModel", {"backend": "inductor", "fullgraph": False, "mode": "reduce-overhead"})]  # fmt: skip
     printed = capsys.readouterr().out
     for text in ("lora_compiled", "goat_compiled", "compiled GOAT step time / compiled LoRA", "target <= 1.15x",
                  "compiled GOAT peak memory / compiled LoRA", "eager GOAT step time / compiled GOAT",
-                 "goat_compiled: compile time"):
+                 "goat_compiled: compile time", "CUDA-graph GOAT step time / CUDA-graph LoRA", "target <= 1.05x",
+                 "goat_cudagraphs: compile time"):
         assert text in printed
     figures = json.loads(out.read_text())
     assert figures["meta"]["compile_backend"] == "inductor"
     model = figures["models"]["tiny-bert"]
     assert set(model["methods"]) == set(bench.COMPILE_METHODS)
     assert "compile_s" in model["methods"]["goat_compiled"] and "compile_s" not in model["methods"]["goat"]
-    assert {"compiled_step", "compiled_memory", "compile_speedup", "step"} <= set(model["ratios"])
+    assert {"compiled_step", "compiled_memory", "compile_speedup", "step", "cudagraph_step"} <= set(model["ratios"])
 
 
 def test_llama2_7b_stack_has_llama2_7b_layer_shapes():

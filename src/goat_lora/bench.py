@@ -20,12 +20,14 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
 
   Their step times are reported against goat's (same round robin) as "top_p_step" / "shared_step".
 
-  With --compile (issue 13) the methods are lora and goat, eager and wrapped in torch.compile
-  (lora_compiled, goat_compiled; GOAT with fullgraph=True), in the same round robin. A compiled
+  With --compile the methods are lora and goat, eager, wrapped in torch.compile (lora_compiled,
+  goat_compiled; GOAT with fullgraph=True) and compiled with mode="reduce-overhead" (lora_cudagraphs,
+  goat_cudagraphs: CUDA graphs on CUDA; on the CPU the default mode's code again), in the same round robin. A compiled
   method's first training step (and first eval forward) includes compiling it: its compile time is
   reported as that first call minus the steady median, apart from the step time. Ratios:
-  "compiled_step" goat_compiled / lora_compiled, "compiled_memory" likewise, "compile_speedup" goat /
-  goat_compiled (eager GOAT's step over compiled GOAT's).
+  "compiled_step" goat_compiled / lora_compiled, "compiled_memory" likewise, "cudagraph_step"
+  goat_cudagraphs / lora_cudagraphs, "compile_speedup" goat / goat_compiled (eager GOAT's step over
+  compiled GOAT's).
 
   Issue 4's loop target (GOAT >= 2.2x faster than the per-expert loop) was derived from the public
   layer, so "loop_speedup" is goat_public's step time / goat's. goat_loop / goat is reported as
@@ -83,7 +85,10 @@ from . import functional as F
 from .layer import _in_backward_recompute
 
 METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")  # the default set
-COMPILE_METHODS = ("lora", "goat", "lora_compiled", "goat_compiled")  # --compile
+# --compile: eager, torch.compile's default mode, and its reduce-overhead mode (CUDA graphs on CUDA; on the CPU
+# the same code as the default mode, as there are no CUDA graphs), all in one round robin
+COMPILE_METHODS = ("lora", "goat", "lora_compiled", "goat_compiled", "lora_cudagraphs", "goat_cudagraphs")
+COMPILED_SUFFIXES = ("_compiled", "_cudagraphs")
 ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
 QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
 MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
@@ -96,8 +101,9 @@ TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is publ
     "memory": ("<=", 1.10),
     "eval": (">=", 0.90),
     "loop_speedup": (">=", 2.2),
-    "compiled_step": ("<=", 1.15),  # issue 13: compiled GOAT against compiled LoRA
+    "compiled_step": ("<=", 1.15),  # compiled GOAT against compiled LoRA
     "compiled_memory": ("<=", 1.05),
+    "cudagraph_step": ("<=", 1.05),  # GOAT against LoRA, both compiled with CUDA graphs
 }
 QUANT_TARGETS = {**TARGETS, "memory": ("<=", 1.05)}  # on a quantized base (issue 12): GOAT / QLoRA
 INIT_TARGET = 4.0  # exact SVD time / this project's time
@@ -146,8 +152,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(METHODS),
         choices=METHODS + ROUTING_METHODS + ("goat_runtime",) + COMPILE_METHODS[2:],
         help="methods to run (default: the first five; goat_top_p and goat_shared time GOAT's routing variants; "
-        "with --quantize: lora goat goat_runtime, and head on request; with --compile lora, goat, lora_compiled "
-        "and goat_compiled)",
+        "with --quantize: lora goat goat_runtime, and head on request; with --compile lora, goat, lora_compiled, "
+        "goat_compiled, lora_cudagraphs and goat_cudagraphs)",
     )
     parser.add_argument(
         "--quantize",
@@ -387,7 +393,8 @@ def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.M
     """A fresh copy of `base` adapted by `method`, with only that method's parameters trainable. With
     --quantize every base but goat's (which quantizes W0 - W_res itself) is quantized first; a "_compiled"
     method is built as its eager twin (_Runner compiles it)."""
-    method = method.removesuffix("_compiled")
+    for suffix in COMPILED_SUFFIXES:
+        method = method.removesuffix(suffix)
     model = copy.deepcopy(base)
     heads = _head_names(model)
     quantize = getattr(args, "quantize", None)
@@ -512,8 +519,9 @@ class _Runner:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.aux_coef = model.goat_config.aux_loss_coef if hasattr(model, "goat_layers") else 0.0
         self.forward = model
-        if method.endswith("_compiled"):  # GOAT in one graph (issue 13); peft's LoRA as torch.compile takes it
-            self.forward = torch.compile(model, backend=backend, fullgraph=method.startswith("goat"))
+        if method.endswith(COMPILED_SUFFIXES):  # GOAT in one graph; peft's LoRA as torch.compile takes it
+            mode = "reduce-overhead" if method.endswith("_cudagraphs") else None
+            self.forward = torch.compile(model, backend=backend, fullgraph=method.startswith("goat"), mode=mode)
 
     def train_step(self) -> None:
         self.model.train()
@@ -655,7 +663,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         if eval_times[method]:
             entry["eval_s"] = _stats(eval_times[method])
             entry["eval_tokens_per_s"] = tokens / entry["eval_s"]["median"]
-        if method.endswith("_compiled"):  # first call minus a steady one
+        if method.endswith(COMPILED_SUFFIXES):  # first call minus a steady one
             entry["compile_s"] = first_step[method] - entry["step_s"]["median"]
             if eval_times[method]:
                 entry["eval_compile_s"] = first_eval[method] - entry["eval_s"]["median"]
@@ -696,6 +704,9 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict, quantize: str | No
         ratios["compiled_step"] = _paired_ratio(step_times["goat_compiled"], step_times["lora_compiled"])
         ratios["compiled_memory"] = memory["goat_compiled"] / memory["lora_compiled"]
         ratios["compiled_eval"] = _paired_ratio(eval_times["lora_compiled"], eval_times["goat_compiled"])
+    if "goat_cudagraphs" in step_times and "lora_cudagraphs" in step_times:
+        ratios["cudagraph_step"] = _paired_ratio(step_times["goat_cudagraphs"], step_times["lora_cudagraphs"])
+        ratios["cudagraph_eval"] = _paired_ratio(eval_times["lora_cudagraphs"], eval_times["goat_cudagraphs"])
     if "goat_compiled" in step_times and "goat" in step_times:
         ratios["compile_speedup"] = _paired_ratio(step_times["goat"], step_times["goat_compiled"])
     if "lora_compiled" in step_times and "lora" in step_times:
@@ -763,6 +774,8 @@ def format_model_table(name: str, figures: dict) -> str:
         "compiled_step": "compiled GOAT step time / compiled LoRA",
         "compiled_memory": "compiled GOAT peak memory / compiled LoRA",
         "compiled_eval": "compiled GOAT eval throughput / compiled LoRA",
+        "cudagraph_step": "CUDA-graph GOAT step time / CUDA-graph LoRA",
+        "cudagraph_eval": "CUDA-graph GOAT eval throughput / CUDA-graph LoRA",
         "compile_speedup": "eager GOAT step time / compiled GOAT",
         "lora_compile_speedup": "eager LoRA step time / compiled LoRA",
     }
