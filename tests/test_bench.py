@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -290,3 +291,20 @@ def test_op_counts_per_step_do_not_creep_back():
     figures = bench.count_step_ops("tiny-llama", parse(["--ops"]))
     assert figures["goat"]["train"] <= 1216 and figures["goat"]["eval"] <= 297
     assert figures["train_ratio"] <= 1.79 and figures["eval_ratio"] <= 1.74
+
+
+def test_the_gpu_checks_dry_run_passes_on_the_cpu(tmp_path):
+    """scripts/gpu_checks.py, which scripts/gpu_bench.sh runs on a GPU: its CUDA-graph check in the
+    dry run (a tiny LLaMA, backend eager) finds training equal to eager, and the summary reads its JSON."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_checks.py")
+    run = subprocess.run([sys.executable, script, "cudagraph", "--smoke", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CUDA-graph training equals eager within bf16 tolerance: yes" in run.stdout
+    assert json.loads((tmp_path / "cudagraph.json").read_text())["met"] is True
+    summary = subprocess.run([sys.executable, script, "summary", "--out", str(tmp_path)], capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert summary.returncode == 0 and "| CUDA-graph training = eager (bf16 tolerance, 4 steps) | yes |" in summary.stdout
