@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reproduction study (issue 11): GOAT against LoRA, rsLoRA, DoRA, PiSSA, MiLoRA, MoLoRA, HydraLoRA,
+# The reproduction study: GOAT against LoRA, rsLoRA, DoRA, PiSSA, MiLoRA, MoLoRA, HydraLoRA,
 # full fine-tuning and head-only with `goat compare`'s protocol (equal trainable parameters, best
 # epoch on validation, each seed's learning rate from a per-method grid, 3 seeds, the same data per
 # seed), on four offline tasks of four families, plus the paper's ablations on Fine Foods. Sized for

@@ -1,7 +1,7 @@
 """Shared fixtures: seeding, tiny random transformers models built from configs, the shipped MiniLM.
 
 Every model here is small and seeded so that a failing test reproduces exactly; the MiniLM checkpoint
-(../shared/ASSETS.md) is read from disk once per session and deep-copied for each test that adapts it.
+(docs/assets.md) is read from disk once per session and deep-copied for each test that adapts it.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def test_public_layer_forward_refuses_layers_other_than_linear():
         bench.use_public_layer_forward(layer)
 
 
-# ---- routing variants (issue 15): goat_top_p and goat_shared, timed against goat ------------------
+# ---- routing variants: goat_top_p and goat_shared, timed against goat ------------------
 
 
 def test_routing_variant_methods_are_timed_against_top_k(tmp_path, capsys):
@@ -239,7 +239,7 @@ def test_compile_times_compiled_goat_against_compiled_lora_and_both_eager(tmp_pa
 
 
 def test_llama2_7b_stack_has_llama2_7b_layer_shapes():
-    """Issue 13's GPU stack: LLaMA-2-7B's matrices (those --init times too), 2 decoder layers, batch 4 x 512.
+    """The GPU stack: LLaMA-2-7B's matrices (those --init times too), 2 decoder layers, batch 4 x 512.
     Built on the meta device: the shapes without allocating its 0.6 G parameters here."""
     from transformers import LlamaForSequenceClassification
 

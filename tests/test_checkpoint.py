@@ -1,4 +1,4 @@
-"""save_pretrained / from_pretrained in PEFT's layout (issue 2, acceptance 7): exact logits after a
+"""save_pretrained / from_pretrained in PEFT's layout: exact logits after a
 reload with no SVD, and a clear error for every way the files or the base model can be wrong."""
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def test_modules_to_save_of_another_shape_are_refused_before_touching_the_base(t
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-# ---- routing modes (issue 15): saved with the adapter, older adapters load as top-k -----------------
+# ---- routing modes: saved with the adapter, older adapters load as top-k -----------------
 
 
 @pytest.mark.parametrize("case", ["llama-top-p", "bert-shared-expert"])

@@ -1,4 +1,4 @@
-"""torch.compile (issue 13): a GOAT model compiles with fullgraph=True, in training mode (experts'
+"""torch.compile: a GOAT model compiles with fullgraph=True, in training mode (experts'
 dropout, routing statistics, expert-load counts, the balance loss) and in eval mode, and the compiled
 model computes what the eager one does.
 

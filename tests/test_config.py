@@ -1,5 +1,4 @@
-"""GoatConfig: defaults, validation errors that name field, value and what is allowed, JSON round trip
-(issue 2, acceptance 9)."""
+"""GoatConfig: defaults, validation errors that name field, value and what is allowed, JSON round trip."""
 
 from __future__ import annotations
 

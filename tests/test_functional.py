@@ -1,4 +1,4 @@
-"""Every formula of ../shared/GOAT_SPEC.md, checked on small tensors (issue 2, acceptance 2 and 4).
+"""Every formula of docs/spec.md, checked on small tensors.
 
 Expected numbers are computed by hand from the spec (scaling table) or by an independent float64
 route (full SVD, explicit sums) inside the test.
@@ -276,7 +276,7 @@ def test_route_rejects_unknown_mode():
         F.route(torch.zeros(2, 4), 2, mode="top-p")
 
 
-# ---- 5b. the expected weights that the residual must match (acceptance 2 of issue 15) ---------------
+# ---- 5b. the expected weights that the residual must match ---------------
 
 
 @pytest.mark.parametrize(

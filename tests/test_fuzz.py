@@ -1,6 +1,6 @@
-"""Seeded property sweep of one GoatLayer (issue 6, item 5): in/out sizes 1..300, E 1..16, k 1..E,
+"""Seeded property sweep of one GoatLayer: in/out sizes 1..300, E 1..16, k 1..E,
 d 1..4, 2-D / 3-D / empty token batches, float32 and bfloat16 bases, Linear / Conv1D / 1x1 Conv2d,
-and every routing mode (issue 15): top_k, top_p (p in (0, 1]) and shared (k 1..E-1).
+and every routing mode: top_k, top_p (p in (0, 1]) and shared (k 1..E-1).
 
 The batched forward must equal the per-expert loop reference (outputs and the gradients of the router,
 lora_A and lora_B), never produce NaN, its routed weights must sum to 1 (the shared expert's weight

@@ -1,4 +1,4 @@
-"""Where users already are (issue 14): peft loads GOAT adapters (register_with_peft), lm-evaluation-harness
+"""Where users already are: peft loads GOAT adapters (register_with_peft), lm-evaluation-harness
 scores them (goat eval --harness, and lm-eval's own peft= route), disable_adapter() gives the pretrained
 model (a frozen reference in a training step), several adapters share one base with exact switching,
 and TRL's SFT trainer trains with the balance loss. lm-eval and TRL tests skip when those are missing.

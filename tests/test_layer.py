@@ -1,4 +1,4 @@
-"""GoatLayer around Linear, GPT-2 Conv1D and 1x1 Conv2d (issue 2, acceptance 1, 2, 4, 6, 8).
+"""GoatLayer around Linear, GPT-2 Conv1D and 1x1 Conv2d.
 
 The batched forward is checked against the per-expert loop reference on outputs and on gradients of
 lora_A, lora_B and the router, and shown to contain no Python loop over experts.
@@ -398,7 +398,7 @@ def test_empty_batch(kind):
     assert loss == 0.0 and not math.isnan(loss)
 
 
-# ---- routing variants: the residual follows E[w_j] (issue 15) --------------------------------------
+# ---- routing variants: the residual follows E[w_j] --------------------------------------
 
 
 def _variant_layer(routing, num_experts, top_k, top_p, kind="linear", m=12, n=16):

@@ -1,5 +1,5 @@
 """get_goat_model / GoatModel on a table of (model, config) cases through shared checkers, PEFT style
-(issue 2, acceptance 1, 3, 8 and the public API); alignment with the pretrained model on MiniLM,
+(the public API); alignment with the pretrained model on MiniLM,
 a tiny LLaMA and a tiny GPT-2 (acceptance 3).
 """
 
@@ -368,7 +368,7 @@ def test_all_linear_skips_top_level_classifier_and_score_heads_only():
 
 
 
-# ---- routing variants at the model level (issue 15) ----------------------------------------------
+# ---- routing variants at the model level ----------------------------------------------
 
 
 @pytest.mark.parametrize("routing, top_k, top_p, expected", [("top_k", 2, 0.25, 2.0), ("shared", 3, 0.25, 3.0),

@@ -1,4 +1,4 @@
-"""Cross-check against the ecosystem's reference (issue 2, acceptance 5): GOAT with one expert
+"""Cross-check against the ecosystem's reference: GOAT with one expert
 (E = k = 1), init "principal", s = lora_alpha / d = 1, rho = 1, init_cof = 1 and no dropout is PiSSA.
 
 peft's PiSSA (peft/tuners/lora/layer.py, `pissa_init`): W = U S V^T (torch.linalg.svd, float32),

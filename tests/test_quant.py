@@ -1,4 +1,4 @@
-"""GOAT on a quantized base (issue 12): bitsandbytes 4-bit (nf4, fp4, with and without double
+"""GOAT on a quantized base: bitsandbytes 4-bit (nf4, fp4, with and without double
 quantization) and 8-bit, on the CPU.
 
 Two routes (goat_lora.quant): GOAT quantizes the base itself (GoatConfig.quantize: Q(W0 - W_res) from

@@ -1,4 +1,4 @@
-"""Issue 6: every bad input gets one clear line, and nothing half-written is left behind.
+"""Every bad input gets one clear line, and nothing half-written is left behind.
 
 One table (`CASES`) of bad inputs, each tried twice through the same checker:
   command line  `goat_lora.cli.main(argv)` in process -> exit code 2, exactly one line on stderr

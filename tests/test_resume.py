@@ -1,4 +1,4 @@
-"""Issue 6: a run killed with SIGKILL after a checkpoint resumes to the same result as a run that was
+"""A run killed with SIGKILL after a checkpoint resumes to the same result as a run that was
 never interrupted, and the same seed gives the same metrics twice (CPU).
 
 The killed run is a real `goat train` process. To kill it at a known point without racing the

@@ -32,6 +32,7 @@ from torch import nn
 from . import quant
 from .config import GoatConfig
 from .inject import replace_module
+from .model import count_parameters  # noqa: F401  (the registry's callers count every method's parameters)
 
 GOAT_METHODS = ("goat", "goat_mini", "goat_s", "molora")
 PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "milora")
@@ -156,13 +157,6 @@ def prepare_model(method: str, model: nn.Module, settings, targets: list[str], h
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) with frozen base weights counted once."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 # ---- peft baselines ---------------------------------------------------------------------------

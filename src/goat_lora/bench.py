@@ -13,7 +13,7 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
       goat_public  the same GOAT model, each layer's forward replaced by a reproduction of the public
                    GOAT layer's forward (Facico/GOAT-PEFT; see _public_layer_forward), for timing only
 
-  Two more methods, run only when named in --methods, time GOAT's routing variants (issue 15):
+  Two more methods, run only when named in --methods, time GOAT's routing variants:
 
       goat_top_p   GOAT with routing="top_p" (--top-p, default 0.25)
       goat_shared  GOAT with routing="shared": expert 0 always on, top-k of the other E - 1
@@ -29,7 +29,7 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
   goat_cudagraphs / lora_cudagraphs, "compile_speedup" goat / goat_compiled (eager GOAT's step over
   compiled GOAT's).
 
-  Issue 4's loop target (GOAT >= 2.2x faster than the per-expert loop) was derived from the public
+  The loop target (GOAT >= 2.2x faster than the per-expert loop) was derived from the public
   layer, so "loop_speedup" is goat_public's step time / goat's. goat_loop / goat is reported as
   "lean_loop_speedup", for information, without a target.
 
@@ -46,7 +46,7 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
   the public code's full float32 SVD per matrix (svd_method="exact") against this project's method
   (svd_method="auto"), plus each expert's subspace against the exact SVD's.
 
-* on a quantized base (``--quantize nf4 | fp4 | int8``, bitsandbytes; issue 12) the step benchmark's
+* on a quantized base (``--quantize nf4 | fp4 | int8``, bitsandbytes) the step benchmark's
   methods become
 
       lora          QLoRA: peft LoRA on the quantized W0 (the same quantizer as GOAT's)
@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .layer import _in_backward_recompute
+from .layer import in_backward_recompute
 
 METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")  # the default set
 # --compile: eager, torch.compile's default mode, and its reduce-overhead mode (CUDA graphs on CUDA; on the CPU
@@ -91,9 +91,9 @@ COMPILE_METHODS = ("lora", "goat", "lora_compiled", "goat_compiled", "lora_cudag
 COMPILED_SUFFIXES = ("_compiled", "_cudagraphs")
 ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
 QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
-MODEL_SHAPES = {  # batch x tokens (issue 4); "-arch": the same architecture with random weights
+MODEL_SHAPES = {  # batch x tokens; "-arch": the same architecture with random weights
     "minilm": (32, 64), "smollm2": (8, 128), "minilm-arch": (32, 64), "smollm2-arch": (8, 128),
-    "llama2-7b-2layers": (4, 512),  # issue 13's GPU stack: LLaMA-2-7B's shapes, 2 decoder layers
+    "llama2-7b-2layers": (4, 512),  # the GPU stack: LLaMA-2-7B's shapes, 2 decoder layers
 }
 ARCHITECTURES = ("minilm-arch", "smollm2-arch", "llama2-7b-2layers")  # random weights, built from a config
 TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is public-layer time / GOAT time
@@ -105,7 +105,7 @@ TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is publ
     "compiled_memory": ("<=", 1.05),
     "cudagraph_step": ("<=", 1.05),  # GOAT against LoRA, both compiled with CUDA graphs
 }
-QUANT_TARGETS = {**TARGETS, "memory": ("<=", 1.05)}  # on a quantized base (issue 12): GOAT / QLoRA
+QUANT_TARGETS = {**TARGETS, "memory": ("<=", 1.05)}  # on a quantized base: GOAT / QLoRA
 INIT_TARGET = 4.0  # exact SVD time / this project's time
 LLAMA7B_LAYER = (  # (name, out, in) of one LLaMA-2-7B decoder layer's adapted matrices
     ("q_proj", 4096, 4096),
@@ -501,7 +501,7 @@ def _public_layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         results[token_index] += top_weights[token_index, slot, None] * expert(j, tokens[token_index])
 
     counts = torch.bincount(topk_index.reshape(-1), minlength=num_experts)  # (E,)
-    if not _in_backward_recompute():  # as GoatLayer._record: a checkpointing recompute records nothing
+    if not in_backward_recompute():  # as GoatLayer._record: a checkpointing recompute records nothing
         layer.last_stats = F.RoutingStats(
             probs.sum(dim=0), counts.float(), torch.full((), float(tokens.shape[0]), device=tokens.device)
         )
@@ -696,11 +696,11 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict, quantize: str | No
         ratios["memory"] = memory["goat"] / memory["lora"]
         # throughput ratio GOAT / LoRA = LoRA time / GOAT time
         ratios["eval"] = _paired_ratio(eval_times["lora"], eval_times["goat"])
-    if "goat" in step_times and "goat_public" in step_times:  # issue 4's target: the public layer
+    if "goat" in step_times and "goat_public" in step_times:  # the loop target: the public layer
         ratios["loop_speedup"] = _paired_ratio(step_times["goat_public"], step_times["goat"])
     if "goat" in step_times and "goat_loop" in step_times:  # information only: no target
         ratios["lean_loop_speedup"] = _paired_ratio(step_times["goat_loop"], step_times["goat"])
-    if "goat_compiled" in step_times and "lora_compiled" in step_times:  # issue 13: compiled against compiled
+    if "goat_compiled" in step_times and "lora_compiled" in step_times:  # compiled against compiled
         ratios["compiled_step"] = _paired_ratio(step_times["goat_compiled"], step_times["lora_compiled"])
         ratios["compiled_memory"] = memory["goat_compiled"] / memory["lora_compiled"]
         ratios["compiled_eval"] = _paired_ratio(eval_times["lora_compiled"], eval_times["goat_compiled"])
@@ -1090,7 +1090,7 @@ def base_weight(layer) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# quantization error of the frozen base (issue 12)
+# quantization error of the frozen base
 # ------------------------------------------------------------------------------------------------
 
 QUANT_KINDS = ("nf4", "fp4", "int8")

@@ -1,7 +1,7 @@
 """GoatConfig: every knob of a GOAT adapter, validated when built, round-tripped through JSON.
 
 No torch here: the config is read by the command line, the reports and the checkpoint code alike.
-Formulas behind each field are in ``goat_lora.functional`` and in ../shared/GOAT_SPEC.md.
+Formulas behind each field are in ``goat_lora.functional`` and in docs/spec.md.
 """
 
 from __future__ import annotations

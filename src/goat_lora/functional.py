@@ -11,7 +11,7 @@ and a router (top-k; or top-p, or top-k plus an always-on shared expert: ``route
 
 keep: top-k, or top-p; "shared" mode adds expert 0 with w_0 = 1 for every token (R = E - 1 routed).
 Nothing here knows about nn.Module; layer.py wires these functions to parameters. Every
-formula is the one in ../shared/GOAT_SPEC.md; the tests in tests/test_functional.py check each.
+formula is the one in docs/spec.md; the tests in tests/test_functional.py check each.
 """
 
 from __future__ import annotations

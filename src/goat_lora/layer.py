@@ -127,7 +127,7 @@ def weight_fingerprint(weight_2d: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.stack([w.mean(), w.abs().mean()]).cpu(), w[r.to(w.device), c.to(w.device)].cpu()])
 
 
-def _in_backward_recompute() -> bool:
+def in_backward_recompute() -> bool:
     # Non-reentrant activation checkpointing re-runs forwards inside backward; their routing must
     # not be recorded twice (and must not replace the stats whose graph reaches the loss).
     # Under torch.compile no Python runs in backward: the compiled backward recomputes tensors only,
@@ -375,7 +375,7 @@ class GoatLayer(nn.Module):
         return delta.reshape(like.shape)
 
     def _record(self, routing: F.Routing, x: torch.Tensor) -> None:
-        if _in_backward_recompute():
+        if in_backward_recompute():
             return
         mask = None
         if self.token_mask is not None and not isinstance(self.base_layer, nn.Conv2d):

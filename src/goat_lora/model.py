@@ -280,9 +280,8 @@ class GoatModel(nn.Module):
         return {k: v.detach() for k, v in state.items()}
 
     def count_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
+        """(trainable, total) parameters."""
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.count_parameters()
@@ -530,3 +529,10 @@ class _SumOverProcesses(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of any module, each tensor counted once (tied weights too)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,6 +1,6 @@
 """The paper's runs as data: `--recipe NAME` fills in their hyper-parameters; flags given beside it win.
 
-`paper-*` is what the paper describes (../shared/GOAT_SPEC.md, hyper-parameter table: the theoretical
+`paper-*` is what the paper describes (docs/spec.md, hyper-parameter table: the theoretical
 scale s = sqrt(3 eta n / d), the balance loss at 1e-3). `public-*` is what the public training
 scripts (Facico/GOAT-PEFT: glue.sh, vit.sh, cr.sh, math.sh) actually ran where it differs: the scale
 s = lora_alpha / d (the theoretical one needs an environment variable the scripts never set), and

@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .tasks.base import better  # noqa: E402
 
 
 def _save_figure(fig, path: str) -> None:
@@ -141,14 +142,6 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict:
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
-def _better(a: float | None, b: float | None, lower_is_better: bool) -> bool:
-    if not _finite([a]):
-        return False
-    if not _finite([b]):
-        return True
-    return a < b if lower_is_better else a > b
-
-
 def summarize(results: list[dict], lower_is_better: bool = False, reference: str | None = None,
               baseline: float | None = None) -> dict:  # fmt: skip
     """Per row label (method or GOAT variant), from one result per (label, lr, seed) holding the
@@ -170,7 +163,7 @@ def summarize(results: list[dict], lower_is_better: bool = False, reference: str
             candidates = [r for r in runs if r["seed"] == seed]
             best = candidates[0]
             for run in candidates[1:]:
-                if _better(run.get("validation"), best.get("validation"), lower_is_better):
+                if better(run.get("validation"), best.get("validation"), lower_is_better):
                     best = run
             per_seed.append({"seed": seed, "lr": best["lr"], "epoch": best.get("selected_epoch"),
                              "validation": best.get("validation"), "test": best.get("test")})  # fmt: skip
@@ -185,7 +178,7 @@ def summarize(results: list[dict], lower_is_better: bool = False, reference: str
             "test_mean": test["mean"], "test_std": test["std"], "test_ci": [test["ci_low"], test["ci_high"]],
             "seeds": test["n"],
             "per_seed": per_seed,
-            "flagged": baseline is not None and not any(_better(r.get("test"), baseline, lower_is_better) for r in runs),
+            "flagged": baseline is not None and not any(better(r.get("test"), baseline, lower_is_better) for r in runs),
             "step_time_s": statistics.fmean(_finite([r.get("step_time_s") for r in chosen]) or [float("nan")]),
             "peak_memory_mb": statistics.fmean(_finite([r.get("peak_memory_mb") for r in chosen]) or [float("nan")]),
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in runs),

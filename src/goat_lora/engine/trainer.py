@@ -22,6 +22,7 @@ from .. import scaleout
 from ..baselines import expert_load, reset_expert_load
 from ..report import router_statistics
 from ..settings import compile_mode
+from ..tasks.base import better
 
 
 def goat_model(model):
@@ -188,10 +189,8 @@ class BestEpoch(TrainerCallback):
     def _better(self, value: float, loss: float | None) -> bool:
         """A better metric wins; an equal one wins with a lower validation loss (an exact match stuck
         at 0 for several epochs then still picks the epoch whose model is closest to the answers)."""
-        if value is None or value != value:  # NaN never wins
-            return False
         if self.value is None or value != self.value:
-            return self.value is None or (value < self.value if self.lower_is_better else value > self.value)
+            return better(value, self.value, self.lower_is_better)  # NaN never wins
         return loss is not None and self.loss is not None and loss < self.loss
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

