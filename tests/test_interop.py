@@ -118,7 +118,7 @@ def test_peft_without_an_adapter_folder_is_refused():
 
 
 @pytest.mark.skipif(not os.environ.get("GOAT_PEFT_PYTHONS"), reason="GOAT_PEFT_PYTHONS (python executables with "
-                    "another peft, colon-separated) is not set; README 'Library use' says how it was run")  # fmt: skip
+                    "another peft, colon-separated) is not set; docs/usage.md says how it was run")  # fmt: skip
 @pytest.mark.parametrize("case", ["llama-all-linear-defaults", "bert-cls-modules_to_save"])
 def test_other_peft_versions(case, tmp_path):
     """The same check under other pefts (throwaway venvs); a peft older than 0.14 must refuse with one error."""
