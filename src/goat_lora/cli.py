@@ -230,7 +230,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     per seed for every method. report.md / report.json / compare.png: mean ± std and 95% CI over
     seeds, GOAT's paired difference and win / tie / loss, the lr and epoch each seed chose, and a flag
     on methods that never beat the best constant prediction."""
-    from .baselines import DEFAULT_LR_GRID, METHODS, check_method
+    from .methods import DEFAULT_LR_GRID, METHODS, check_method
     from .engine.resolve import plan_entries, preflight
     from .report import markdown_table
 
@@ -353,7 +353,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; goat_lora.bench is imported only when the command is `bench` (it is heavier)."""
-    from .baselines import METHODS
+    from .methods import METHODS
 
     parser = _Parser(prog="goat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the goat-lora version")

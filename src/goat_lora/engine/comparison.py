@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 
-from ..baselines import DEFAULT_LR_GRID, GOAT_METHODS, check_method, check_quantize, count_parameters, prepare_model
+from ..methods import DEFAULT_LR_GRID, GOAT_METHODS, check_method, check_quantize, count_parameters, prepare_model
 from ..settings import RunSettings
 from .folders import check_output, publish, staging_folder, staging_path, write_json
 from .resolve import Entry, resolve_settings

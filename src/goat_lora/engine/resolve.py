@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .. import scaleout
 from ..hf import check_model_name
-from ..baselines import GOAT_METHODS, check_method, check_quantize, method_defaults
+from ..methods import GOAT_METHODS, check_method, check_quantize, method_defaults
 from ..settings import CUDA_GRAPH_PAD_MULTIPLE, RunSettings, compile_mode, field_type, knob_fields
 from ..tasks import get_task
 from ..tasks.base import Task, TaskData

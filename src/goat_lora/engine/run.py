@@ -23,7 +23,7 @@ import time
 import torch
 
 from .. import __version__, scaleout
-from ..baselines import (
+from ..methods import (
     GOAT_METHODS,
     count_parameters,
     expert_load,

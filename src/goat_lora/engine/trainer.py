@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .. import scaleout
-from ..baselines import expert_load, reset_expert_load
+from ..methods import expert_load, reset_expert_load
 from ..report import router_statistics
 from ..settings import compile_mode
 from ..tasks.base import better

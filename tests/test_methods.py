@@ -1,4 +1,4 @@
-"""baselines.py: every method prepares a trainable model; starting points equal the base model where
+"""goat_lora.methods: every method prepares a trainable model; starting points equal the base model where
 the method promises it (GOAT's residual, HydraLoRA's zero B, MiLoRA's W - s B A)."""
 
 from __future__ import annotations
@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import tiny_bert, token_batch
-from goat_lora.baselines import (
+from goat_lora.methods import (
     DEFAULT_LR_GRID,
     METHODS,
-    HydraLoraLayer,
     count_parameters,
     expert_load,
     goat_config_for,
     method_defaults,
     prepare_model,
 )
+from goat_lora.methods.hydralora import HydraLoraLayer
 from goat_lora.config import GoatConfig
 from goat_lora.inject import find_target_modules
 from goat_lora.settings import RunSettings
@@ -148,7 +148,7 @@ def test_pissa_here_is_peft_pissa_on_linear_layers():
     gives on Linear layers: the same s B A and the same residual base weights."""
     import peft
 
-    from goat_lora.baselines import svd_lora_init
+    from goat_lora.methods.peft_methods import svd_lora_init
 
     targets = _targets(tiny_bert())
     config = dict(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"])

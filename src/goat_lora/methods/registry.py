@@ -1,0 +1,149 @@
+"""The methods `goat train --method` and `goat compare` know: their names, learning-rate defaults and
+grids, which run on a quantized base, and how each is prepared. The engine imports this package's
+registry and load modules only; the methods themselves live beside them:
+
+  goat, goat_mini, goat_s, molora   this project's GoatModel (GoatConfig differs: init / scaling)
+  hydralora                         methods.hydralora (shared A, one B per expert, dense softmax router)
+  lora, rslora, dora, pissa, milora methods.peft_methods (peft's LoRA with its options; MiLoRA's init and
+                                    PiSSA's on 1x1 convolutions written there, through svd.py)
+  full, head                        every parameter / only the classification head trained
+
+Every method adapts the same layers (`targets`: all Linear layers of a transformer except the head,
+or the 1x1 convolutions of the image model) and trains the head in full. With `--quantize nf4 | fp4 |
+int8` (goat_lora.quant) the adapted layers' frozen weights are quantized by bitsandbytes, one
+quantizer for every method: GOAT quantizes W0 - W_res after its SVD (QPiSSA's order); lora, rslora and
+dora run on the quantized W0 through peft's bitsandbytes layers (QLoRA, QrsLoRA, QDoRA); pissa takes
+peft's documented QPiSSA route. `QUANTIZABLE` says which methods can; the others are refused by name.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import quant
+from ..config import GoatConfig
+from ..model import count_parameters, get_goat_model  # noqa: F401  (count_parameters: for every method)
+from .hydralora import get_hydralora_model
+from .peft_methods import get_peft_baseline
+
+GOAT_METHODS = ("goat", "goat_mini", "goat_s", "molora")
+PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "milora")
+METHODS = GOAT_METHODS + ("hydralora",) + PEFT_METHODS + ("full", "head")
+
+# Learning rate when --lr is not given. GOAT's s = sqrt(3 n / d) makes its update behave like a
+# larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
+DEFAULT_LR = {
+    "goat": 3e-4, "goat_mini": 3e-4, "goat_s": 3e-4, "molora": 1e-3, "hydralora": 1e-3,
+    "lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "pissa": 5e-4, "milora": 1e-3, "full": 5e-5, "head": 3e-2,
+}  # fmt: skip
+
+# What a GOAT-family method changes in GoatConfig when the flag is not given (--init, --scaling).
+GOAT_PRESETS = {
+    "goat": {"init": "goat", "scaling": "goat"},
+    "goat_mini": {"init": "goat_mini", "scaling": "goat"},  # the public code's segment tails
+    "goat_s": {"init": "goat", "scaling": "goat"},  # + per-expert scales (goat_config_for)
+    "molora": {"init": "zero", "scaling": "alpha"},  # plain LoRA-MoE: zero-init B, no residual, s = alpha / d
+}
+
+# Learning-rate grids for `goat compare` (picked on validation). GOAT's theoretical scaling acts
+# like a larger learning rate, so its grid sits lower than LoRA's; full fine-tuning lower still.
+DEFAULT_LR_GRID = {
+    "goat": (3e-4, 1e-3),
+    "goat_mini": (3e-4, 1e-3),
+    "goat_s": (3e-4, 1e-3),
+    "molora": (1e-3, 3e-3),
+    "hydralora": (1e-3, 3e-3),
+    "lora": (1e-3, 3e-3),
+    "rslora": (1e-3, 3e-3),
+    "dora": (1e-3, 3e-3),
+    "pissa": (3e-4, 1e-3),
+    "milora": (1e-3, 3e-3),
+    "full": (1e-4, 3e-4),
+    "head": (3e-2, 1e-1),  # a linear head on frozen features: at 3e-3 / 1e-2 it kept the majority class
+}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+# Methods that run on a quantized base (--quantize), and why the others do not.
+QUANTIZABLE = GOAT_METHODS + ("lora", "rslora", "dora", "pissa")
+NOT_QUANTIZABLE = {
+    "milora": "its minor-component init rewrites the full-precision weight and has no quantized route here",
+    "hydralora": "its layer has no quantized-base route here",
+    "full": "a quantized weight cannot be trained",
+    "head": "it adapts no layer, so there is no adapter to train on the quantized base",
+}
+
+
+def check_quantize(methods: str | list[str], kind: str | None) -> None:
+    """Refuse, in one line, --quantize for methods without a quantized route (naming each, and why), or
+    without bitsandbytes."""
+    if kind is None:
+        return
+    refused = [m for m in ([methods] if isinstance(methods, str) else methods) if m not in QUANTIZABLE]
+    if refused:
+        why = "; ".join(f"{m!r}: {NOT_QUANTIZABLE[m]}" for m in refused)
+        raise ValueError(f"--quantize {kind}: {'method' if len(refused) == 1 else 'methods'} {why}; methods that run "
+                         f"on a quantized base: {', '.join(QUANTIZABLE)}")  # fmt: skip
+    try:
+        quant.bitsandbytes()
+    except ImportError:
+        raise ValueError(f"--quantize {kind} needs bitsandbytes: {quant.INSTALL_HINT}") from None
+
+
+def method_defaults(settings) -> dict:
+    """The method's values for knobs left at None: learning rate; LoRA alpha = 2 x rank (the paper's
+    rank / alpha pairs, 8 / 16 and 32 / 64); GOAT's init and scaling. Knobs a method does not use
+    stay None (recorded as null in config.json)."""
+    defaults = {"lr": DEFAULT_LR[settings.method]}
+    if settings.method not in ("full", "head"):
+        defaults["lora_alpha"] = 2.0 * settings.rank
+    return {**defaults, **GOAT_PRESETS.get(settings.method, {})}
+
+
+def goat_config_for(method: str, settings, targets: list[str], head: list[str]) -> GoatConfig:
+    """The GoatConfig of a GOAT-family method from the run's (resolved) settings."""
+    return GoatConfig(
+        r=settings.rank,
+        num_experts=settings.experts,
+        top_k=settings.top_k,
+        routing=settings.routing,
+        top_p=settings.top_p,
+        init=settings.init,
+        scaling=settings.scaling,
+        lora_alpha=settings.lora_alpha,
+        eta=settings.eta,
+        rho=settings.rho,
+        init_cof=settings.init_cof,
+        per_expert_scaling=method == "goat_s",
+        dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=head or None,
+        aux_loss_coef=settings.aux_loss_coef,
+        quantize=settings.quantize,
+        seed=settings.seed,
+        base_model_name_or_path=settings.model,
+    )
+
+
+def prepare_model(method: str, model: nn.Module, settings, targets: list[str], head: list[str]) -> nn.Module:
+    """Adapt `model` for `method` (in place where possible) and return the model to train.
+    `settings`: the run's resolved RunSettings (rank, experts, top_k, lora_alpha, dropout, seed, ...)."""
+    check_method(method)
+    check_quantize(method, settings.quantize)
+    if method in GOAT_METHODS:
+        return get_goat_model(model, goat_config_for(method, settings, targets, head))
+    if method == "hydralora":
+        return get_hydralora_model(model, settings, targets, head)
+    if method in PEFT_METHODS:
+        return get_peft_baseline(method, model, settings, targets, head)
+    for param in model.parameters():
+        param.requires_grad_(method == "full")
+    for name in head:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+    return model
