@@ -35,7 +35,7 @@ LOSS_TOLERANCE, GRAD_TOLERANCE = 2e-2, 5e-2
 def _setup(smoke: bool):
     device = torch.device("cpu" if smoke else "cuda")
     name = "tiny-llama" if smoke else "llama2-7b-2layers"
-    base = bench._load_model(name, 0)
+    base = bench.load_model(name, 0)
     batch_size, length = (2, 16) if smoke else bench.MODEL_SHAPES[name]
     generator = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(3, base.config.vocab_size, (batch_size, length), generator=generator),
@@ -57,7 +57,7 @@ def kernels(smoke: bool) -> dict:
     activity = ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA
     figures = {}
     for method in ("lora", "goat"):
-        runner = bench._Runner(method, bench.build_method(method, base, args), batch, device, bf16=True)
+        runner = bench.Runner(method, bench.build_method(method, base, args), batch, device, bf16=True)
         for _ in range(3):
             runner.train_step()
         _sync(device)
@@ -107,8 +107,8 @@ def cudagraph(smoke: bool, steps: int = 4) -> dict:
     model = bench.build_method("goat", base, args)
     for layer in model.goat_layers():  # no experts' dropout: eager and compiled draw other masks for a seed
         layer.dropout = torch.nn.Identity()
-    eager = bench._Runner("goat", model, batch, device, bf16=True)
-    graphs = bench._Runner("goat", copy.deepcopy(eager.model), batch, device, bf16=True)
+    eager = bench.Runner("goat", model, batch, device, bf16=True)
+    graphs = bench.Runner("goat", copy.deepcopy(eager.model), batch, device, bf16=True)
     graphs.forward = torch.compile(graphs.model, mode=None if smoke else "reduce-overhead",
                                    backend="eager" if smoke else "inductor", fullgraph=True)  # fmt: skip
     reference, captured = _train(eager, steps), _train(graphs, steps)

@@ -4,6 +4,7 @@ the assertions are about what the benchmark measures and reports, never about ho
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -108,7 +109,7 @@ def test_json_is_written_atomically(tmp_path, monkeypatch):
 def _goat_and_public(model_name: str = "tiny-bert"):
     """goat and goat_public built from one base exactly as `goat bench --smoke` builds them."""
     args = parse(["--smoke"])
-    base = bench._load_model(model_name, args.seed)
+    base = bench.load_model(model_name, args.seed)
     goat, public = bench.build_method("goat", base, args), bench.build_method("goat_public", base, args)
     generator = torch.Generator().manual_seed(args.seed)
     batch = {
@@ -134,7 +135,7 @@ def test_public_layer_forward_computes_the_same_function_as_goat(model_name):
     balance loss and gradients for every lora_A, lora_B and router: it times the same function."""
     goat, public, batch = _goat_and_public(model_name)
     layers = list(public.goat_layers())
-    assert layers and all(isinstance(layer.forward, bench.functools.partial) for layer in layers)
+    assert layers and all(isinstance(layer.forward, functools.partial) for layer in layers)
     goat.eval()
     public.eval()
     logits, aux, grads = _step_grads(goat, batch)
@@ -199,7 +200,7 @@ def test_routing_variant_methods_are_timed_against_top_k(tmp_path, capsys):
 
 def test_routing_variant_methods_build_their_routing():
     args = parse(["--smoke", "--top-p", "0.4", "--top-k", "3"])
-    base = bench._load_model("tiny-bert", args.seed)
+    base = bench.load_model("tiny-bert", args.seed)
     for method, routing in (("goat", "top_k"), ("goat_top_p", "top_p"), ("goat_shared", "shared")):
         config = bench.build_method(method, base, args).goat_config
         assert (config.routing, config.top_p, config.top_k) == (routing, 0.4, 3)
@@ -258,7 +259,7 @@ def test_bf16_runs_every_step_under_bfloat16_autocast(tmp_path, capsys, monkeypa
     """--bf16: each method's forward runs inside bfloat16 autocast (as goat train --bf16) while its
     trainable weights stay float32; the table and the JSON say so."""
     seen = []  # (method, autocast on, its dtype, dtypes of the trainable weights) per forward
-    build = bench._Runner.__init__
+    build = bench.Runner.__init__
 
     def recording_init(runner, method, model, *args, **kwargs):
         build(runner, method, model, *args, **kwargs)
@@ -271,7 +272,7 @@ def test_bf16_runs_every_step_under_bfloat16_autocast(tmp_path, capsys, monkeypa
 
         runner.forward = recording_forward
 
-    monkeypatch.setattr(bench._Runner, "__init__", recording_init)
+    monkeypatch.setattr(bench.Runner, "__init__", recording_init)
     out = tmp_path / "figures.json"
     argv = ["--smoke", "--models", "tiny-llama", "--methods", "lora", "goat", "--bf16", "--json", str(out)]
     assert bench.run_bench(parse(argv)) == 0
