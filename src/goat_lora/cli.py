@@ -83,7 +83,7 @@ class LibraryOutput(logging.Handler):
         """Write the records so far to FOLDER/library.log and say so in one line (nothing when none)."""
         if not self.records or not os.path.isdir(folder):
             return
-        from .config import atomic_write_text
+        from .files import atomic_write_text
 
         path = os.path.join(folder, self.FILE)
         atomic_write_text(path, "".join(f"{line}\n" for line in self.records))

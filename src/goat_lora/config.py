@@ -10,10 +10,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+from .files import atomic_write_text
 
 
 class InitMode(str, Enum):
@@ -276,44 +277,3 @@ class GoatConfig:
 
 # Keys written next to the config for tools that read adapter_config.json (PEFT-style metadata).
 _METADATA_KEYS = {"peft_type", "goat_lora_version", "task_type", "layers", "weights_sha256", "base_quantization"}
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file in the same folder, then rename it over `path`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a temporary file in the same folder, then rename it over `path`."""
-    atomic_write_files({path: data})
-
-
-def atomic_write_files(contents: dict[str | os.PathLike, bytes]) -> None:
-    """Write several files as one step as far as a filesystem allows: every file goes to a temporary
-    name first (a failure there, such as a full disk, changes nothing), then each is renamed over its
-    path, in the given order."""
-    staged: list[tuple[str, str]] = []
-    try:
-        for path, data in contents.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-            staged.append((tmp, str(path)))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

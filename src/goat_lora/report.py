@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from .tasks.base import better  # noqa: E402
 
 

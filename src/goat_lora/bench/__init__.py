@@ -204,7 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
             print(flush=True)
         result = {"meta": meta, "models": models}
     if args.json:
-        from ..config import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(f"figures written to {args.json}")

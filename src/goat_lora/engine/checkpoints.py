@@ -18,7 +18,7 @@ import json
 import os
 import re
 
-from ..config import atomic_write_text
+from ..files import atomic_write_text
 from .folders import run_staging_folders
 
 RESUME_FILE = "goat_resume.json"

@@ -2,7 +2,7 @@
 
 A run (or evaluation) is built in a hidden sibling of its own, `.NAME.<random>.partial`, and renamed
 to NAME only when every file in it is written; each file is itself written to a temporary name and
-renamed (`config.atomic_write_*`). Two runs started with the same --output therefore never share a
+renamed (`files.atomic_write_*`). Two runs started with the same --output therefore never share a
 folder, and publishing refuses (one line) when NAME appeared while the run trained, unless the run
 was asked to overwrite: no run reports a folder it did not write whole. Anything Python sees going
 wrong (an exception, Ctrl-C, SIGTERM) removes the staging folder; a hard kill (SIGKILL) leaves it
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from ..config import atomic_write_text
+from ..files import atomic_write_text
 
 
 def staging_path(output: str) -> str:

@@ -31,7 +31,7 @@ from ..methods import (
     recording_expert_load,
     reset_expert_load,
 )
-from ..config import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..report import method_label, router_statistics
 from ..settings import RunSettings
 from ..tasks import get_task

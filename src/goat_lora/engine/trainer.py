@@ -203,7 +203,7 @@ class BestEpoch(TrainerCallback):
         if self.folder is not None and state.is_world_process_zero:
             import safetensors.torch
 
-            from ..config import atomic_write_bytes
+            from ..files import atomic_write_bytes
 
             meta = {"epoch": str(self.epoch), "value": str(self.value), "loss": str(self.loss), "step": str(state.global_step)}
             atomic_write_bytes(os.path.join(self.folder, self.FILE), safetensors.torch.save(self.state, metadata=meta))
