@@ -11,10 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-LOCK=${LOCK-requirements/lock.txt}
+lock_file=${LOCK-requirements/lock.txt}  # LOCK= (empty): no constraints
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q install)
-[[ -n "$LOCK" ]] && PIP+=(-c "$LOCK")
+[[ -n "$lock_file" ]] && PIP+=(-c "$lock_file")
 quiet() { grep -v "^WARNING: Location" || true; }
 
 # the optional extras too, torch still pinned: lm-evaluation-harness (goat eval --harness), TRL

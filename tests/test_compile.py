@@ -284,21 +284,12 @@ def test_cuda_graph_runs_pad_batches_to_a_few_shapes(monkeypatch):
 def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graphs(tiny_task, tmp_path):  # noqa: F811
     """`goat train --compile` over texts of 1 to 30 words: no graph break, and a bounded number of graphs
     (the padded lengths and the last, smaller batch), not one per length."""
-    import csv
-    import random
+    from test_scaleout import write_reviews
 
     from goat_lora.cli import main
 
     model_dir, _ = tiny_task
-    from test_scaleout import WORDS
-
-    rng = random.Random(0)
-    data = tmp_path / "mixed.csv"
-    with open(data, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        for _ in range(60):
-            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))), rng.choice(["pos", "neg"])])
+    data = write_reviews(tmp_path / "mixed.csv", lambda rng: rng.randint(1, 30))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     before_graphs, before_breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())

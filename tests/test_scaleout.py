@@ -38,14 +38,18 @@ def tiny_task(tmp_path_factory):
     """(model folder, csv path): tiny random BERT (no dropout) + word tokenizer, 60 six-word reviews."""
     root = tmp_path_factory.mktemp("scaleout")
     model_dir = save_word_bert(root / "bert", WORDS)
-    rng = random.Random(0)
-    data = root / "reviews.csv"
-    with open(data, "w", newline="") as fh:
+    return str(model_dir), write_reviews(root / "reviews.csv", lambda rng: 6)
+
+
+def write_reviews(path, words_per_review, rows: int = 60, seed: int = 0) -> str:
+    """A csv of `rows` seeded reviews of WORDS, pos / neg; `words_per_review(rng)` says how long each is."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["text", "label"])
-        for _ in range(60):
-            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(6)), rng.choice(["pos", "neg"])])
-    return str(model_dir), str(data)
+        for _ in range(rows):
+            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(words_per_review(rng))), rng.choice(["pos", "neg"])])
+    return str(path)
 
 
 def _flags(model_dir: str, data: str) -> list[str]:
