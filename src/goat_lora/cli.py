@@ -42,7 +42,7 @@ class LibraryOutput(logging.Handler):
     transformers, peft, bitsandbytes and kernels print notes at import or load time whose wording
     changes from version to version. With --verbose each record goes to stderr as it arrives.
     After a command that wrote a folder, the records are kept there as library.log and one line
-    says how many there were; nothing is dropped unseen."""
+    says how many there were; after one that wrote none, one line says how many were not shown."""
 
     FILE = "library.log"
 
@@ -89,6 +89,12 @@ class LibraryOutput(logging.Handler):
         atomic_write_text(path, "".join(f"{line}\n" for line in self.records))
         print(f"note: {len(self.records)} library warning(s) kept in {path} (--verbose prints them as they come)")
         self.records = []
+
+    def mention_the_rest(self) -> None:
+        """After a command that wrote no folder (inspect, bench): one line on how many records there were."""
+        if self.records:
+            print(f"note: {len(self.records)} library warning(s) not shown (--verbose prints them)")
+            self.records = []
 
 
 _LIBRARY_OUTPUT = LibraryOutput()
@@ -477,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:  # not the main thread
             pass
     try:
-        return ns.func(ns)
+        status = ns.func(ns)
+        _LIBRARY_OUTPUT.mention_the_rest()
+        return status
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"goat {ns.command}: error: {message}", file=sys.stderr)
