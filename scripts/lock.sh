@@ -46,7 +46,9 @@ fi
 started=$(date +%s)
 VENV="$work/venv" LOCK="$constraints" bash scripts/install.sh
 install_s=$(( $(date +%s) - started ))
-"$work/venv/bin/python" -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$/torch==\1/' > "$work/freeze.txt"
+# --all: setuptools too (tensorboard and others need it at run time); pip itself is the venv's own
+"$work/venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^pip==' \
+  | sed 's/^torch==\([0-9.]*\)+cpu$/torch==\1/' > "$work/freeze.txt"
 
 set +e
 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider 2>&1 | tee "$work/suite.log" | tail -n 25
