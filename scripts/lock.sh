@@ -46,7 +46,7 @@ fi
 started=$(date +%s)
 VENV="$work/venv" LOCK="$constraints" bash scripts/install.sh
 install_s=$(( $(date +%s) - started ))
-# --all: setuptools too (tensorboard and others need it at run time); pip itself is the venv's own
+# --all: setuptools too (torch, tensorboard and pytablewriter require it); pip itself is the venv's own
 "$work/venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^pip==' \
   | sed 's/^torch==\([0-9.]*\)+cpu$/torch==\1/' > "$work/freeze.txt"
 
