@@ -241,3 +241,18 @@ def test_interrupted_is_the_last_line_after_the_progress_bar(tiny, tmp_path):
     last = result.stderr.replace("\r", "\n").rstrip("\n").split("\n")[-1]
     assert last == "goat train: interrupted", result.stderr[-500:]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_resume_state_keeps_the_settings_as_given(tiny, tmp_path, monkeypatch):
+    """`goat train` checks its settings and data before the model loads, but what --resume rebuilds from
+    is still the settings as the user gave them, before any default is filled in."""
+    import goat_lora.engine.run as run
+
+    saved = {}
+    real = run.write_resume_state
+    monkeypatch.setattr(run, "write_resume_state", lambda staging, requested, *a: (saved.update(requested),
+                                                                                   real(staging, requested, *a)))  # fmt: skip
+    argv = ["train", "--model", tiny["bert"], "--data", tiny["data"], "--output", str(tmp_path / "run"),
+            *[flag for flag in TINY if flag not in ("--save-steps", "0")], "--save-steps", "100"]  # fmt: skip
+    assert main(argv) == 0
+    assert saved["lr"] is None and saved["metric"] is None  # left for the method's and the task's defaults

@@ -177,11 +177,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
         metrics = resume(ns.resume, overwrite=ns.overwrite)
     else:
-        # settings, data and --output are checked before the model, peft or bitsandbytes load
-        settings, _, data = preflight(settings_from(ns), ns.output, ns.overwrite)
+        # settings, data and --output are checked before the model, peft or bitsandbytes load; train() gets the
+        # settings as given (what --resume rebuilds from) and the data loaded here
+        requested = settings_from(ns)
+        _, _, data = preflight(requested, ns.output, ns.overwrite)
         from .engine import train
 
-        metrics = train(settings, ns.output, overwrite=ns.overwrite, data=data)
+        metrics = train(requested, ns.output, overwrite=ns.overwrite, data=data)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: rank 0 reports (and wrote the folder)
         return 0
     from .engine import summary_line
