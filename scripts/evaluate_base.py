@@ -19,7 +19,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from goat_lora.cli import add_knob_arguments, settings_from
+    from goat_lora.cli import add_knob_arguments, given_knobs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_knob_arguments(parser, "train")
@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from goat_lora.engine.folders import write_json, write_jsonl
-    from goat_lora.engine import resolve_settings
+    from goat_lora.engine import resolve_run
     from goat_lora.engine.run import check_finite_weights
     from goat_lora.tasks.base import Evaluation
 
     start = time.time()
-    settings, task = resolve_settings(settings_from(ns))
+    run = resolve_run(flags=given_knobs(ns))
+    settings, task = run.settings, run.task
     data = task.load_data(settings)
     parts = task.build(settings, data.meta)
     check_finite_weights(parts.model, settings.model)

@@ -138,7 +138,7 @@ def test_print_config_resolves_without_loading_a_model(capsys, monkeypatch):
         monkeypatch.setattr(hf, name, refuse)
     assert main(["train", "--task", "regression", "--rank", "16", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["task"] == "regression" and printed["rank"] == 16 and printed["lora_alpha"] == 32.0
+    assert printed["task"] == "regression" and printed["r"] == 16 and printed["lora_alpha"] == 32.0
     assert printed["data"] == "tate" and printed["metric"] == "pearson" and printed["lr"] == 3e-4
 
 
@@ -149,4 +149,111 @@ def test_config_file_then_flags(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"args": {"rank": 4, "experts": 4, "epochs": 3}}))
     assert main(["train", "--config", str(tmp_path / "c.json"), "--epochs", "2", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert (printed["rank"], printed["experts"], printed["epochs"]) == (4, 4, 2)
+    assert (printed["r"], printed["num_experts"], printed["epochs"]) == (4, 4, 2)
+
+
+# ---- one vocabulary for a run and its adapter -----------------------------------------------------
+def test_the_adapter_knobs_are_goat_config_fields_with_its_defaults():
+    """A run's adapter knobs carry GoatConfig's names; their defaults are GoatConfig's, except the ones
+    the method chooses (None until resolved)."""
+    import dataclasses
+
+    from goat_lora.config import GoatConfig
+    from goat_lora.settings import RunSettings, adapter_knobs, knob_fields
+
+    goat = {f.name: f.default for f in dataclasses.fields(GoatConfig)}
+    knobs = adapter_knobs()
+    assert {"r", "num_experts", "top_k", "routing", "dropout", "lora_alpha", "scaling", "init", "eta", "rho",
+            "init_cof", "aux_loss_coef", "quantize", "seed"} <= set(knobs)  # fmt: skip
+    chosen_by_the_method = {"lora_alpha", "scaling", "init"}
+    for name in knobs:
+        assert name in goat
+        assert knob_fields()[name].default == (None if name in chosen_by_the_method else goat[name]), name
+    assert "rank" not in RunSettings().to_dict() and "experts" not in RunSettings().to_dict()
+
+
+def test_a_goat_run_builds_its_adapter_config_from_every_knob_by_name():
+    """No hand copy: change any adapter knob of a resolved run and the built GoatConfig changes with it."""
+    from goat_lora.engine import resolve_run
+    from goat_lora.methods import goat_config_for
+    from goat_lora.settings import RunSettings, adapter_knobs
+
+    base = resolve_run(RunSettings(r=8, num_experts=4, top_k=2)).settings
+    changed = {"r": 16, "num_experts": 8, "top_k": 1, "routing": "shared", "top_p": 0.5, "dropout": 0.1,
+               "lora_alpha": 7.0, "scaling": "rslora", "init": "minor", "eta": 0.5, "rho": 4.0, "init_cof": 0.3,
+               "aux_loss_coef": 0.02, "quantize": "nf4", "seed": 5}  # fmt: skip
+    assert set(changed) == set(adapter_knobs()), "a new adapter knob needs a value here"
+    for name, value in changed.items():
+        config = goat_config_for("goat", base.replace(**{name: value}), ["q"], [])
+        assert getattr(config, name) == value, name
+    assert goat_config_for("goat_s", base, ["q"], []).per_expert_scaling is True
+
+
+def test_adapter_rules_come_from_goat_config_in_the_flags_words():
+    """The rank / experts / top-k rules live in GoatConfig.validate; a run reports them as flags."""
+    from goat_lora.engine import resolve_run
+    from goat_lora.settings import RunSettings
+
+    with pytest.raises(ValueError, match=r"^--rank 6 must be divisible by --experts 4"):
+        resolve_run(RunSettings(r=6, num_experts=4))
+    with pytest.raises(ValueError, match=r"^--top-k 4 with --routing 'shared' must be between 1 and"):
+        resolve_run(RunSettings(r=8, num_experts=4, top_k=4, routing="shared"))
+    with pytest.raises(ValueError, match=r"^--dropout 1.0 must be in \[0, 1\)"):
+        resolve_run(RunSettings(method="lora", dropout=1.0))  # other adapters: their knobs by the same rules
+    assert resolve_run(RunSettings(method="lora", r=12, num_experts=8)).settings.r == 12  # one LoRA: any rank
+    resolve_config = open(os.path.join(PACKAGE, "engine", "resolve.py"), encoding="utf-8").read()
+    assert "divisible" not in resolve_config and "top_k >" not in resolve_config
+
+
+def test_precedence_knob_default_family_method_config_recipe_flags(tmp_path):
+    """knob default < task family < method < --config < --recipe < flags, applied by one function."""
+    from goat_lora.engine import resolve_run
+    from goat_lora.settings import RunSettings
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"args": {"epochs": 3, "lr": 5e-4, "max_length": 40}}))
+    plain = resolve_run().settings
+    assert (plain.epochs, plain.lr, plain.eval_batch_size) == (1, 3e-4, 64)  # family, method, knob default
+    from_config = resolve_run(config=str(config)).settings
+    assert (from_config.epochs, from_config.lr, from_config.max_length) == (3, 5e-4, 40)  # config over both
+    recipe = resolve_run(config=str(config), flags={"recipe": "paper-glue", "data_config": "mrpc"}).settings
+    assert (recipe.epochs, recipe.lr, recipe.max_length) == (10, 1e-4, 128)  # the recipe over the config
+    flags = resolve_run(config=str(config), flags={"recipe": "paper-glue", "data_config": "mrpc", "epochs": 2}).settings
+    assert (flags.epochs, flags.lr) == (2, 1e-4)  # flags over everything
+    assert resolve_run(RunSettings(method="molora")).settings.scaling == "alpha"  # the method's preset
+    assert resolve_run(RunSettings(method="molora", scaling="goat")).settings.scaling == "goat"
+
+
+def test_the_family_and_the_method_fill_only_knobs_that_default_to_none():
+    """So a knob with a default is never silently changed by them: the order above holds for every knob."""
+    from goat_lora.methods import METHODS, method_defaults
+    from goat_lora.settings import RunSettings, knob_fields
+    from goat_lora.tasks import TASKS, get_task
+
+    filled = set()
+    for task in TASKS:
+        filled |= set(get_task(task).defaults(RunSettings(task=task)))
+    for method in METHODS:
+        filled |= set(method_defaults(RunSettings(method=method)))
+    assert filled and all(knob_fields()[name].default is None for name in filled), filled
+
+
+def test_no_function_of_the_engine_takes_more_than_six_parameters():
+    for name in sorted(os.listdir(os.path.join(PACKAGE, "engine"))):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(PACKAGE, "engine", name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
+                count = len([p for p in params if p.arg not in ("self", "cls")])
+                assert count <= 6, f"engine/{name}: {node.name} takes {count} parameters"
+
+
+def test_settings_saved_with_the_old_names_still_load():
+    """config.json "args" and --config files written before the rename: rank -> r, experts -> num_experts."""
+    from goat_lora.settings import RunSettings
+
+    old = RunSettings.from_dict({"rank": 4, "experts": 2, "top_k": 1}, "test")
+    assert (old.r, old.num_experts, old.top_k) == (4, 2, 1)

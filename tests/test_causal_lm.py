@@ -68,7 +68,7 @@ def test_reloaded_adapter_generates_the_same_tokens(tiny_run):
     """The trained model's greedy samples (in metrics.json) = the adapter reloaded onto a fresh base."""
     with open(os.path.join(tiny_run, "metrics.json")) as fh:
         samples = json.load(fh)["samples"]
-    model, parts, _, _ = load_run(tiny_run)
+    model, parts, _ = load_run(tiny_run)
     tokenizer = parts.tokenizer
     again = generate_text(model, tokenizer, [s["prompt"] for s in samples])
     assert [s["token_ids"] for s in again] == [s["token_ids"] for s in samples]

@@ -262,11 +262,11 @@ def test_cuda_graph_runs_pad_batches_to_a_few_shapes(monkeypatch):
     from goat_lora.tasks.causal_lm import CausalLMCollator
     from goat_lora.tasks.text import TextCollator
 
-    assert resolve.resolve_settings(RunSettings(compile=True))[0].pad_to_multiple is None  # CPU: no CUDA graphs
+    assert resolve.resolve_run(RunSettings(compile=True)).settings.pad_to_multiple is None  # CPU: no CUDA graphs
     monkeypatch.setattr(resolve, "_cuda", lambda: True)
-    assert resolve.resolve_settings(RunSettings(compile=True))[0].pad_to_multiple == 64
-    assert resolve.resolve_settings(RunSettings(compile=True, compile_mode="default"))[0].pad_to_multiple is None
-    assert resolve.resolve_settings(RunSettings(compile=True, pad_to_multiple=8))[0].pad_to_multiple == 8
+    assert resolve.resolve_run(RunSettings(compile=True)).settings.pad_to_multiple == 64
+    assert resolve.resolve_run(RunSettings(compile=True, compile_mode="default")).settings.pad_to_multiple is None
+    assert resolve.resolve_run(RunSettings(compile=True, pad_to_multiple=8)).settings.pad_to_multiple == 8
     tokenizer = load_tokenizer("minilm")
     lengths = set()
     for words in (1, 5, 30, 70, 150, 400):

@@ -151,7 +151,7 @@ def test_regression_rows_with_an_empty_label_are_counted_in_the_note_and_metrics
 
 @pytest.mark.parametrize("family", ["classification", "regression", "qa", "causal-lm", "image-classification"])
 def test_every_family_records_the_rows_it_leaves_out(family, tmp_path):
-    from goat_lora.engine import resolve_settings
+    from goat_lora.engine import resolve_run
     from goat_lora.settings import RunSettings
 
     n = 30
@@ -174,7 +174,8 @@ def test_every_family_records_the_rows_it_leaves_out(family, tmp_path):
     path = tmp_path / "data.csv"
     frame.to_csv(path, index=False)
     extra = {"image_column": "image"} if family == "image-classification" else {}
-    settings, task = resolve_settings(RunSettings(task=family, data=str(path), **extra))
+    run = resolve_run(RunSettings(task=family, data=str(path), **extra))
+    settings, task = run.settings, run.task
     data = task.load_data(settings)
     assert data.info["dropped_rows"] == [{"source": str(path), "rows": 2, "why": f"empty cells in {column!r} (2)"}] or (
         family == "causal-lm" and data.info["dropped_rows"][0]["rows"] == 2)  # fmt: skip

@@ -79,16 +79,16 @@ def test_recipes_fill_the_papers_values_and_flags_win(capsys):
         return json.loads(capsys.readouterr().out)
 
     glue = printed("--recipe", "paper-glue", "--data-config", "mrpc")
-    assert {k: glue[k] for k in ("recipe", "rank", "lora_alpha", "lr", "epochs", "max_length", "lr_scheduler",
+    assert {k: glue[k] for k in ("recipe", "r", "lora_alpha", "lr", "epochs", "max_length", "lr_scheduler",
                                  "warmup_ratio", "scaling", "aux_loss_coef")} == {
-        "recipe": "paper-glue", "rank": 32, "lora_alpha": 64.0, "lr": 1e-4, "epochs": 10, "max_length": 128,
+        "recipe": "paper-glue", "r": 32, "lora_alpha": 64.0, "lr": 1e-4, "epochs": 10, "max_length": 128,
         "lr_scheduler": "cosine", "warmup_ratio": 0.03, "scaling": "goat", "aux_loss_coef": 1e-3}  # fmt: skip
     assert glue["batch_size"] * glue["gradient_accumulation_steps"] == 256
     public = printed("--recipe", "public-glue", "--data-config", "mrpc")
     assert (public["scaling"], public["aux_loss_coef"]) == ("alpha", 0.0)  # what the public GLUE script ran
     assert printed("--recipe", "public-glue", "--data-config", "mrpc", "--lr", "3e-4", "--scaling", "goat")["lr"] == 3e-4
     math = RECIPES["paper-math"]  # the qa and image families resolve them the same way (tests/test_task_*.py)
-    assert (math["task"], math["rank"], math["lr"], math["epochs"], math["answer_type"]) == ("qa", 8, 2e-5, 5, "number")
+    assert (math["task"], math["r"], math["lr"], math["epochs"], math["answer_type"]) == ("qa", 8, 2e-5, 5, "number")
     assert math["batch_size"] * math["gradient_accumulation_steps"] == 32
     assert RECIPES["paper-commonsense"]["eta"] == 0.1 and RECIPES["public-math"]["scaling"] == "alpha"
     assert RECIPES["paper-image"]["batch_size"] * RECIPES["paper-image"]["gradient_accumulation_steps"] == 512

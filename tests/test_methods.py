@@ -24,7 +24,7 @@ from goat_lora.settings import RunSettings
 
 def spec(method: str = "goat", **knobs) -> RunSettings:
     """Settings as the engine resolves them: the method's defaults (lr, alpha, init, scaling) filled in."""
-    settings = RunSettings(method=method, **{"rank": 4, "experts": 2, "top_k": 1, "dropout": 0.0, **knobs})
+    settings = RunSettings(method=method, **{"r": 4, "num_experts": 2, "top_k": 1, "dropout": 0.0, **knobs})
     return settings.replace(**{k: v for k, v in method_defaults(settings).items() if getattr(settings, k) is None})
 
 
@@ -129,7 +129,7 @@ def test_svd_initialised_baselines_start_at_the_pretrained_convolution_net(metho
 
     model, reference = _PointwiseConvNet(), _PointwiseConvNet()
     pixels = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(1))
-    prepared = prepare_model(method, model, spec(method, rank=2), ["expand", "project"], ["classifier"])
+    prepared = prepare_model(method, model, spec(method, r=2), ["expand", "project"], ["classifier"])
     prepared.eval()
     with torch.no_grad():
         torch.testing.assert_close(prepared(pixel_values=pixels), reference(pixel_values=pixels), atol=1e-5, rtol=1e-5)

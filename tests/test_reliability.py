@@ -157,11 +157,11 @@ def call(fn, *args, **kwargs):
 
 
 def lib_load_task(path: str, task: str = "classification", **knobs):
-    from goat_lora.engine import resolve_settings
+    from goat_lora.engine import resolve_run
     from goat_lora.settings import RunSettings
     from goat_lora.tasks import get_task
 
-    return lambda: get_task(task).load_data(resolve_settings(RunSettings(task=task, data=path, **knobs))[0])
+    return lambda: get_task(task).load_data(resolve_run(RunSettings(task=task, data=path, **knobs)).settings)
 
 
 def lib_from_pretrained(base: str, run: str):

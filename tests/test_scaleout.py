@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from conftest import save_word_bert
-from goat_lora.engine import resolve_settings, train
+from goat_lora.engine import Writing, resolve_run, train
 from goat_lora.settings import RunSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def _flags(model_dir: str, data: str) -> list[str]:
 
 
 def _args(model_dir: str, data: str, **overrides) -> RunSettings:
-    args = RunSettings(data=data, model=model_dir, train_size=32, test_size=8, rank=4, experts=2, top_k=1, dropout=0.0,
+    args = RunSettings(data=data, model=model_dir, train_size=32, test_size=8, r=4, num_experts=2, top_k=1, dropout=0.0,
                        shuffle=False, logging_steps=1, epochs=1, lr=1e-2, batch_size=8, save_steps=0,
                        max_length=32)  # fmt: skip
     return dataclasses.replace(args, **overrides)
@@ -89,7 +89,7 @@ def one_process(tiny_task, tmp_path_factory):
     """The 1-process reference: global batch 8, default reporter (TensorBoard)."""
     model_dir, data = tiny_task
     out = str(tmp_path_factory.mktemp("one") / "run")
-    train(_args(model_dir, data), out, quiet=True)
+    train(_args(model_dir, data), out, writing=Writing(quiet=True))
     return out
 
 
@@ -168,7 +168,7 @@ def test_report_to_wandb_when_installed(tiny_task, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb").mkdir()
     out = str(tmp_path / "run")
-    train(_args(*tiny_task, report_to="tensorboard,wandb"), out, quiet=True)
+    train(_args(*tiny_task, report_to="tensorboard,wandb"), out, writing=Writing(quiet=True))
     assert glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "*.wandb"))
     assert glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
 
@@ -180,7 +180,7 @@ def test_bf16_trains_with_float32_adapters(tiny_task, one_process, tmp_path):
 
     model_dir, data = tiny_task
     out = str(tmp_path / "run")
-    metrics = train(_args(model_dir, data, bf16=True, report_to="none"), out, quiet=True)
+    metrics = train(_args(model_dir, data, bf16=True, report_to="none"), out, writing=Writing(quiet=True))
     reference = _metrics(one_process)["train_loss"]
     losses = [h["loss"] for h in metrics["train_loss"]]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -213,7 +213,7 @@ def _router_grads_of_one_step(monkeypatch, model_dir, data, out, **overrides):
     monkeypatch.setattr(train_module, "ExpertLoadCallback", Capture)
     args = _args(model_dir, data, train_size=8, report_to="none", eval_each_epoch=False, **overrides)
     args = dataclasses.replace(args, warmup_ratio=0.0)
-    train(args, out, quiet=True, save_weights=False, plots=False)
+    train(args, out, writing=Writing(quiet=True, save_weights=False, plots=False))
     return seen
 
 
@@ -365,10 +365,10 @@ def test_deepspeed_zero2_config(tiny_task, tmp_path):
 
 def test_deepspeed_flag_checks_its_config_and_package(tiny_task, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_settings(RunSettings(deepspeed=str(tmp_path / "missing.json")))
+        resolve_run(RunSettings(deepspeed=str(tmp_path / "missing.json")))
     if not _has_deepspeed():
         with pytest.raises(ValueError, match="deepspeed is not installed"):
-            resolve_settings(RunSettings(deepspeed=os.path.join(REPO, "configs", "ds_zero2.json")))
+            resolve_run(RunSettings(deepspeed=os.path.join(REPO, "configs", "ds_zero2.json")))
 
 
 def test_shipped_configs_parse():

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from goat_lora.engine import resolve_settings
+from goat_lora.engine import resolve_run
 from goat_lora.settings import RunSettings
 from goat_lora.tasks import get_task
 from goat_lora.tasks.classification import class_metrics
@@ -20,7 +20,7 @@ TASK = get_task("classification")
 
 
 def settings(data: str, **knobs) -> RunSettings:
-    return resolve_settings(RunSettings(data=data, **knobs))[0]
+    return resolve_run(RunSettings(data=data, **knobs)).settings
 
 
 def _rows(n=40):

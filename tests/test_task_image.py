@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from goat_lora.cli import main
-from goat_lora.engine import resolve_settings
+from goat_lora.engine import resolve_run
 from goat_lora.settings import RunSettings
 from goat_lora.tasks import get_task
 from goat_lora.tasks.image import (
@@ -49,7 +49,7 @@ def image_folder(root: Path, per_class: int = 6, classes=tuple(COLOURS), seed: i
 
 
 def settings(data: str, **knobs) -> RunSettings:
-    return resolve_settings(RunSettings(task="image-classification", data=data, **knobs))[0]
+    return resolve_run(RunSettings(task="image-classification", data=data, **knobs)).settings
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from goat_lora.engine import resolve_settings
+from goat_lora.engine import resolve_run
 from goat_lora.settings import RunSettings
 from goat_lora.tasks import get_task
 from goat_lora.tasks.regression import StandardisedLabels, regression_metrics
@@ -17,7 +17,7 @@ TASK = get_task("regression")
 
 
 def settings(data: str, **knobs) -> RunSettings:
-    return resolve_settings(RunSettings(task="regression", data=data, **knobs))[0]
+    return resolve_run(RunSettings(task="regression", data=data, **knobs)).settings
 
 
 def _ranks(values):

@@ -134,17 +134,6 @@ def given_knobs(ns: argparse.Namespace) -> dict:
     return {name: value for name, value in vars(ns).items() if name in knob_fields()}
 
 
-def settings_from(ns: argparse.Namespace, **fixed):
-    """RunSettings: --config FILE (when given) as the base, then --recipe's values, then the flags
-    given, then `fixed`."""
-    from .engine import read_config_file
-    from .settings import RunSettings
-
-    base = read_config_file(ns.config) if getattr(ns, "config", None) else RunSettings()
-    given = given_knobs(ns)
-    return base.with_recipe(given.pop("recipe", None), **given, **fixed)
-
-
 def _at_least_one(text: str) -> int:
     """argparse type of a count that must be >= 1 (its message becomes "argument --seeds: ...")."""
     try:
@@ -162,11 +151,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     With no arguments: the shipped MiniLM on the shipped Fine Foods reviews, GOAT with the paper's
     defaults (r 8, 8 experts, top-2, s = sqrt(3 n / d)), about 3 minutes on 2 idle CPU cores."""
-    from .engine import preflight, resolve_settings
+    from .engine import preflight, resolve_run
 
     if ns.print_config:
-        settings, _ = resolve_settings(settings_from(ns))
-        print(json.dumps(settings.to_dict(), indent=2))
+        print(json.dumps(resolve_run(flags=given_knobs(ns), config=ns.config).settings.to_dict(), indent=2))
         return 0
     if getattr(ns, "recipe", None):
         from .recipes import recipe_note
@@ -176,14 +164,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         from .engine import resume
 
         metrics = resume(ns.resume, overwrite=ns.overwrite)
-    else:
-        # settings, data and --output are checked before the model, peft or bitsandbytes load; train() gets the
-        # settings as given (what --resume rebuilds from) and the data loaded here
-        requested = settings_from(ns)
-        _, _, data = preflight(requested, ns.output, ns.overwrite)
-        from .engine import train
+    else:  # settings, data and --output are checked before the model, peft or bitsandbytes load
+        run = resolve_run(flags=given_knobs(ns), config=ns.config)
+        data = preflight(run, ns.output, ns.overwrite)
+        from .engine import Writing, train
 
-        metrics = train(requested, ns.output, overwrite=ns.overwrite, data=data)
+        metrics = train(run, ns.output, data=data, writing=Writing(overwrite=ns.overwrite))
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: rank 0 reports (and wrote the folder)
         return 0
     from .engine import summary_line
@@ -238,8 +224,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     per seed for every method. report.md / report.json / compare.png: mean ± std and 95% CI over
     seeds, GOAT's paired difference and win / tie / loss, the lr and epoch each seed chose, and a flag
     on methods that never beat the best constant prediction."""
-    from .methods import DEFAULT_LR_GRID, METHODS, check_method
-    from .engine.resolve import plan_entries, preflight
+    from .methods import METHODS
+    from .engine.resolve import Comparison, given_settings, plan_entries, preflight, resolve_run
     from .report import markdown_table
 
     methods = ns.methods if ns.methods is not None else ([] if ns.vary else list(METHODS))
@@ -259,30 +245,29 @@ def cmd_compare(ns: argparse.Namespace) -> int:
             raise ValueError(f"--lr-grid {item!r} must look like METHOD=LR,LR (e.g. goat=1e-3,3e-3)") from None
         if not grid[name]:
             raise ValueError(f"--lr-grid {item!r} gives no learning rate")
-    base = settings_from(ns, save_steps=0)  # no checkpoints inside a comparison
+    base = given_settings(flags={**given_knobs(ns), "save_steps": 0}, config=ns.config)  # no checkpoints inside
     seeds = list(range(base.seed, base.seed + ns.seeds))
     output = ns.output or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-compare")
     if ns.resume and not ns.output:
         raise ValueError("--resume needs the interrupted comparison's --output")
-    settings = {
+    comparison = Comparison(entries, seeds, grid, ns.budget)
+    comparison.record = {
         "command": "goat " + " ".join(sys.argv[1:]) if ns.command_line is None else ns.command_line,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "rows": [e.label for e in entries],
         "seeds": seeds,
-        "lr_grid": {e.label: grid.get(e.label) or grid.get(e.method) or list(DEFAULT_LR_GRID[check_method(e.method)])
-                    for e in entries},  # fmt: skip
+        "lr_grid": {e.label: comparison.grid(e) for e in entries},
         "data": base.data,
         "model": base.model,
         "quantize": base.quantize,
         "given": given_knobs(ns),
     }
     # the first row's settings, the data and --output are checked before any model or peft loads
-    preflight(base.replace(method=entries[0].method, **entries[0].overrides), output, ns.overwrite)
+    preflight(resolve_run(base.replace(method=entries[0].method, **entries[0].overrides)), output, ns.overwrite)
     from .engine import compare
 
-    summary = compare(entries, base, output, seeds=seeds, lr_grid=grid, budget=ns.budget, overwrite=ns.overwrite,
-                      settings=settings, resume=ns.resume)  # fmt: skip
+    summary = compare(comparison, base, output, overwrite=ns.overwrite, resume=ns.resume)
     with open(os.path.join(output, "report.json"), encoding="utf-8") as fh:
         report = json.load(fh)
     saved = report["settings"]
@@ -311,12 +296,12 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         return 0
     from . import functional as F
     from . import hf
-    from .config import GoatConfig
     from .inject import find_target_modules
     from .layer import layer_shape
-    from .settings import RunSettings
+    from .engine import resolve_run
+    from .methods import goat_config_for
 
-    settings = RunSettings().replace(**given_knobs(ns))
+    settings = resolve_run(flags=given_knobs(ns)).settings
     if settings.model and hf.is_efficientnet_lite0(settings.model):
         model, head = hf.load_image_classifier(settings.model, 10), ["classifier"]
         targets = hf.image_target_modules(model)
@@ -334,8 +319,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             raise ValueError(f"model {settings.model!r} could not be loaded: {errors[0]}")
         head = hf.default_modules_to_save(model)
         targets = None
-    config = GoatConfig(r=settings.rank, num_experts=settings.experts, top_k=settings.top_k, modules_to_save=head or None,
-                        target_modules=targets or "all-linear")  # fmt: skip
+    config = goat_config_for("goat", settings, targets or "all-linear", head)
     names = find_target_modules(model, config)
     added = 0
     print(f"{'layer':<60} {'out x in':>12} {'s':>8}")

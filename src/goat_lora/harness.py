@@ -61,11 +61,11 @@ def harness_eval(run_dir: str, output: str | None = None, *, overrides: dict, ov
     from .engine import load_run
     from .engine.folders import building_run_folder, check_output, write_json
 
-    model, parts, settings, _ = load_run(run_dir)
+    model, parts, run = load_run(run_dir)
     import torch
 
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # as evaluate_run; HFLM uses model.device
-    settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None and k != "data"}).validate()
+    settings = run.settings.replace(**{k: v for k, v in overrides.items() if v is not None and k != "data"}).validate()
     get_head = getattr(model, "get_output_embeddings", None)
     if parts.tokenizer is None or not callable(get_head) or get_head() is None:
         raise ValueError(f"--harness scores language models (a decoder with its tokenizer); run {run_dir!r} holds a "

@@ -18,26 +18,26 @@ from __future__ import annotations
 # GOAT's init and scaling are left to the method (goat: segment heads, s = sqrt(3 eta n / d)), so that
 # `--recipe paper-glue --method molora` is still MoLoRA; the public recipes set scaling explicitly.
 COMMON = {
-    "experts": 8, "top_k": 2, "dropout": 0.05, "rho": 10.0, "weight_decay": 0.0, "lr_scheduler": "cosine",
+    "num_experts": 8, "top_k": 2, "dropout": 0.05, "rho": 10.0, "weight_decay": 0.0, "lr_scheduler": "cosine",
     "warmup_ratio": 0.03, "max_grad_norm": 1.0, "seed": 0, "aux_loss_coef": 1e-3, "eta": 1.0,
 }  # fmt: skip
 
 PAPER = {
     "paper-glue": {
-        "task": "classification", "model": "FacebookAI/roberta-large", "data": "glue", "rank": 32, "lora_alpha": 64.0,
+        "task": "classification", "model": "FacebookAI/roberta-large", "data": "glue", "r": 32, "lora_alpha": 64.0,
         "lr": 1e-4, "batch_size": 32, "gradient_accumulation_steps": 8, "epochs": 10, "max_length": 128,
     },
     "paper-image": {
-        "task": "image-classification", "model": "openai/clip-vit-base-patch32", "rank": 8, "lora_alpha": 16.0,
+        "task": "image-classification", "model": "openai/clip-vit-base-patch32", "r": 8, "lora_alpha": 16.0,
         "lr": 1e-4, "batch_size": 64, "gradient_accumulation_steps": 8,
     },
     "paper-commonsense": {
-        "task": "qa", "model": "meta-llama/Llama-2-7b-hf", "rank": 32, "lora_alpha": 64.0, "lr": 1e-4, "eta": 0.1,
+        "task": "qa", "model": "meta-llama/Llama-2-7b-hf", "r": 32, "lora_alpha": 64.0, "lr": 1e-4, "eta": 0.1,
         "batch_size": 2, "gradient_accumulation_steps": 8, "epochs": 1, "answer_type": "choice",
         "prompt_template": "alpaca", "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
     },
     "paper-math": {
-        "task": "qa", "model": "meta-llama/Llama-2-7b-hf", "rank": 8, "lora_alpha": 16.0, "lr": 2e-5,
+        "task": "qa", "model": "meta-llama/Llama-2-7b-hf", "r": 8, "lora_alpha": 16.0, "lr": 2e-5,
         "batch_size": 4, "gradient_accumulation_steps": 8, "epochs": 5, "answer_type": "number",
         "prompt_template": "alpaca",
     },

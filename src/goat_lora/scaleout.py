@@ -50,9 +50,6 @@ def _tensorboard_available() -> bool:
 def validate(args) -> None:
     """Checks of the scale-out fields of the run's settings (called when they are resolved)."""
     parse_report_to(getattr(args, "report_to", "tensorboard"))
-    dropout = getattr(args, "dropout", 0.05)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"--dropout {dropout} must be in [0, 1)")
     deepspeed = getattr(args, "deepspeed", None)
     quantize = getattr(args, "quantize", None)
     if quantize and (deepspeed or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):

@@ -2,12 +2,17 @@
 
 `RunSettings` is the single declaration: each field carries its default, its help text and the
 commands it belongs to. The command line (`cli.py`) is built from these fields, `config.json`
-records them under the same names (`lr`, `rank`, `lora_alpha`, `epochs`, ...), `goat train --config`
+records them under the same names (`lr`, `r`, `lora_alpha`, `epochs`, ...), `goat train --config`
 reads them back, and `--print-config` prints them. Nothing here imports torch.
 
+The adapter's knobs (`r`, `num_experts`, `top_k`, `routing`, `dropout`, `lora_alpha`, `scaling`, ...) are
+GoatConfig's fields under GoatConfig's names and defaults: a GOAT run's adapter config is built from
+them by name (methods.goat_config_for), and GoatConfig.validate is the one home of their rules. The
+command line spells two of them differently (`--rank` for r, `--experts` for num_experts: FLAG_ALIASES).
+
 A default of None means "chosen later": by the task family (epochs, batch size, model, data, ...),
-by the method (learning rate, GOAT init and scaling) or by a recipe. `engine.resolve_settings` fills
-them in; config.json records the resolved values.
+by the method (learning rate, GOAT init and scaling) or by a recipe. `engine.resolve` fills them in,
+in the one order below; config.json records the resolved values.
 
 Precedence, lowest first: the field's default < the task's defaults < the method's preset <
 `--config FILE` < `--recipe NAME` < flags given on the command line.
@@ -17,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import InitMode, QuantizeKind, RoutingMode, ScalingMode
+from .config import GoatConfig, InitMode, QuantizeKind, RoutingMode, ScalingMode
 from .recipes import RECIPES
 
 TRAIN, COMPARE, EVAL, INSPECT = "train", "compare", "eval", "inspect"
@@ -53,13 +59,26 @@ REPORTERS_HELP = "tensorboard (event files in RUN/tensorboard), wandb, both comm
 
 
 def knob(default: Any, help: str, *, commands: tuple[str, ...] = RUN, choices: tuple | None = None,
-         minimum: float | None = None, exclusive_minimum: bool = False, metavar: str | None = None) -> Any:  # fmt: skip
+         minimum: float | None = None, exclusive_minimum: bool = False, metavar: str | None = None,
+         adapter: bool = False) -> Any:  # fmt: skip
     """A RunSettings field: its default and everything the command line and validation need."""
     metadata = {"help": help, "commands": commands, "choices": choices, "minimum": minimum,
-                "exclusive_minimum": exclusive_minimum, "metavar": metavar}  # fmt: skip
+                "exclusive_minimum": exclusive_minimum, "metavar": metavar, "adapter": adapter}  # fmt: skip
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+_GOAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GoatConfig)}
+_NO_DEFAULT = object()
+
+
+def adapter_knob(name: str, help: str, *, default: Any = _NO_DEFAULT, **command_line) -> Any:
+    """A RunSettings field that is GoatConfig's field `name`: same name, GoatConfig's default (or None
+    where the method chooses it), GoatConfig.validate's rules (so no minimum here)."""
+    if name not in _GOAT_DEFAULTS:
+        raise AssertionError(f"GoatConfig has no field {name!r}")
+    return knob(_GOAT_DEFAULTS[name] if default is _NO_DEFAULT else default, help, adapter=True, **command_line)
 
 
 @dataclass
@@ -118,32 +137,35 @@ class RunSettings:
     target_modules: list[str] | None = knob(
         None, "layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head; "
         "EfficientNet: its 1x1 convolutions)", metavar="NAME")  # fmt: skip
-    rank: int = knob(8, "total LoRA rank r (GOAT: over all experts)", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
-    experts: int = knob(8, "number of experts E", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
-    top_k: int = knob(2, "experts per token k", minimum=1, commands=(TRAIN, COMPARE, INSPECT))
-    routing: str = knob("top_k", "how GOAT's tokens pick experts: top_k (the paper's default), top_p (the fewest most "
-                        "probable experts reaching --top-p), shared (expert 0 always on beside the top-k of the "
-                        "others); the residual follows the mode", choices=ROUTINGS)  # fmt: skip
-    top_p: float = knob(0.25, "--routing top_p: the probability mass a token's experts must reach, in (0, 1]",
-                        minimum=0.0, exclusive_minimum=True)  # fmt: skip
-    dropout: float = knob(0.05, "the adapters' dropout", minimum=0.0)
-    lora_alpha: float | None = knob(None, "LoRA alpha (LoRA family: scale alpha / r; GOAT: with --scaling alpha or "
-                                    "rslora); default 2 x rank, the paper's pairs 8 / 16 and 32 / 64",
-                                    minimum=0.0, exclusive_minimum=True)  # fmt: skip
-    scaling: str | None = knob(None, "GOAT's scale s: goat = sqrt(3 eta n / d) (paper, Theorem 3.5), alpha = "
-                               "lora_alpha / d (what the public scripts ran), rslora = lora_alpha / sqrt(d); "
-                               "default: the method's (goat; molora: alpha)", choices=SCALINGS)  # fmt: skip
-    init: str | None = knob(None, "which singular components GOAT's experts start from: goat (segment heads), "
-                            "goat_mini (segment tails), principal, minor, random, zero (MoLoRA); default: the "
-                            "method's", choices=INITS)  # fmt: skip
-    eta: float = knob(1.0, "eta in s = sqrt(3 eta n / d): full fine-tuning's learning rate over LoRA's",
-                      minimum=0.0, exclusive_minimum=True)  # fmt: skip
-    rho: float = knob(10.0, "prior shrink rho: s B_j A_j = U_j S_j V_j^T / rho", minimum=0.0, exclusive_minimum=True)
-    init_cof: float | None = knob(None, "residual coefficient c in W_res = c s sum_j B_j A_j (default 1/E, which "
-                                  "keeps the start at the pretrained model)")  # fmt: skip
-    aux_loss_coef: float = knob(1e-3, "load-balancing loss coefficient", minimum=0.0)
-    quantize: str | None = knob(
-        None, "quantize the frozen base with bitsandbytes (pip install goat-lora[quant]): nf4 or fp4 (4-bit, double "
+    # The adapter's knobs carry GoatConfig's names and defaults (declared there); `--rank` and `--experts`
+    # are the command line's spellings of r and num_experts (FLAG_ALIASES). Their rules are GoatConfig's.
+    r: int = adapter_knob("r", "total LoRA rank r (GOAT: over all experts)", commands=(TRAIN, COMPARE, INSPECT))
+    num_experts: int = adapter_knob("num_experts", "number of experts E", commands=(TRAIN, COMPARE, INSPECT))
+    top_k: int = adapter_knob("top_k", "experts per token k", commands=(TRAIN, COMPARE, INSPECT))
+    routing: str = adapter_knob(
+        "routing", "how GOAT's tokens pick experts: top_k (the paper's default), top_p (the fewest most probable "
+        "experts reaching --top-p), shared (expert 0 always on beside the top-k of the others); the residual follows "
+        "the mode", choices=ROUTINGS)  # fmt: skip
+    top_p: float = adapter_knob("top_p", "--routing top_p: the probability mass a token's experts must reach, in (0, 1]")
+    dropout: float = adapter_knob("dropout", "the adapters' dropout, in [0, 1)")
+    lora_alpha: float | None = adapter_knob(
+        "lora_alpha", "LoRA alpha (LoRA family: scale alpha / r; GOAT: with --scaling alpha or rslora); default 2 x "
+        "rank, the paper's pairs 8 / 16 and 32 / 64", default=None)  # fmt: skip
+    scaling: str | None = adapter_knob(
+        "scaling", "GOAT's scale s: goat = sqrt(3 eta n / d) (paper, Theorem 3.5), alpha = lora_alpha / d (what the "
+        "public scripts ran), rslora = lora_alpha / sqrt(d); default: the method's (goat; molora: alpha)",
+        default=None, choices=SCALINGS)  # fmt: skip
+    init: str | None = adapter_knob(
+        "init", "which singular components GOAT's experts start from: goat (segment heads), goat_mini (segment "
+        "tails), principal, minor, random, zero (MoLoRA); default: the method's", default=None, choices=INITS)  # fmt: skip
+    eta: float = adapter_knob("eta", "eta in s = sqrt(3 eta n / d): full fine-tuning's learning rate over LoRA's")
+    rho: float = adapter_knob("rho", "prior shrink rho: s B_j A_j = U_j S_j V_j^T / rho")
+    init_cof: float | None = adapter_knob(
+        "init_cof", "residual coefficient c in W_res = c s sum_j B_j A_j (default 1/E, which keeps the start at the "
+        "pretrained model)")  # fmt: skip
+    aux_loss_coef: float = adapter_knob("aux_loss_coef", "load-balancing loss coefficient")
+    quantize: str | None = adapter_knob(
+        "quantize", "quantize the frozen base with bitsandbytes (pip install goat-lora[quant]): nf4 or fp4 (4-bit, double "
         "quantization: QLoRA's recipe) or int8; GOAT computes its experts from W0 in float32, then quantizes W0 - W_res "
         "(QPiSSA's order); lora, rslora, dora, pissa run as QLoRA, QrsLoRA, QDoRA, QPiSSA; adapters, routers and the "
         "head stay float32", choices=QUANTIZE_KINDS)  # fmt: skip
@@ -162,7 +184,7 @@ class RunSettings:
     warmup_ratio: float = knob(0.06, "fraction of the steps with a linear learning-rate warm-up", minimum=0.0)
     weight_decay: float = knob(0.0, "AdamW weight decay", minimum=0.0)
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0: none)", minimum=0.0)
-    seed: int = knob(0, "seed for splits, initialisation and data order")
+    seed: int = adapter_knob("seed", "seed for splits, initialisation and data order")
     logging_steps: int = knob(10, "log the training loss every N steps", minimum=1)
     eval_each_epoch: bool = knob(True, "the validation metric after every epoch")
     select: str = knob("best-epoch", "which epoch's model is tested and saved: best-epoch (the best validation "
@@ -222,18 +244,10 @@ class RunSettings:
     def replace(self, **changes) -> "RunSettings":
         return dataclasses.replace(self, **changes)
 
-    def with_recipe(self, name: str | None, **overrides) -> "RunSettings":
-        """These settings with recipe `name`'s values filled in (goat_lora.recipes), then `overrides`
-        (the flags given); config.json records the recipe's name."""
-        if name is None:
-            return self.replace(**overrides)
-        from .recipes import recipe_values
-
-        return self.replace(**recipe_values(name), recipe=name).replace(**overrides)
-
     # ---- validation ---------------------------------------------------------------------------------
     def validate(self) -> "RunSettings":
-        """One-line ValueErrors naming the flag, the value and what is allowed; returns self."""
+        """One-line ValueErrors naming the flag, the value and what is allowed; returns self. The adapter's
+        knobs are checked by GoatConfig.validate when the run is resolved (methods.check_adapter)."""
         for name, spec in knob_fields().items():
             value = getattr(self, name)
             if value is None:
@@ -246,10 +260,6 @@ class RunSettings:
                 if not math.isfinite(value) or value < minimum or (meta["exclusive_minimum"] and value == minimum):
                     relation = ">" if meta["exclusive_minimum"] else ">="
                     raise ValueError(f"{flag(name)} {value} must be {relation} {minimum:g}")
-        if not self.dropout < 1.0:
-            raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
-        if self.top_p > 1.0:
-            raise ValueError(f"--top-p {self.top_p} must be in (0, 1]")
         if self.warmup_ratio >= 1.0:
             raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
         return self
@@ -260,9 +270,36 @@ def knob_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(RunSettings)}
 
 
+def adapter_knobs() -> tuple[str, ...]:
+    """The RunSettings fields that are GoatConfig fields of the same name."""
+    return tuple(name for name, spec in knob_fields().items() if spec.metadata["adapter"])
+
+
+# The command line's spellings of two adapter knobs (the flags users know; config.json says r, num_experts)
+FLAG_ALIASES = {"r": "rank", "num_experts": "experts"}
+# Settings written before the adapter knobs took GoatConfig's names (goat-lora <= 0.2: config.json "args")
+LEGACY_NAMES = {alias: name for name, alias in FLAG_ALIASES.items()}
+
+
 def flag(name: str) -> str:
-    """The command-line flag of a field: top_k -> --top-k."""
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a field: top_k -> --top-k, r -> --rank."""
+    return "--" + FLAG_ALIASES.get(name, name).replace("_", "-")
+
+
+def knob_name(text: str) -> str | None:
+    """The field a name written by a user stands for (top-k, top_k, rank, r -> top_k, top_k, r, r); None if none."""
+    name = text.strip().lstrip("-").replace("-", "_")
+    name = LEGACY_NAMES.get(name, name)
+    return name if name in knob_fields() else None
+
+
+def in_flag_terms(message: str) -> str:
+    """A GoatConfig error in the command line's words: "GoatConfig.r=6 must be divisible by num_experts=4"
+    -> "--rank 6 must be divisible by --experts 4"."""
+    message = message.replace("GoatConfig.", "")
+    for name in sorted(adapter_knobs(), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.-]){name}=", flag(name) + " ", message)
+    return message
 
 
 _HINTS: dict[str, Any] = {}
@@ -309,9 +346,10 @@ def value_fits(spec: dataclasses.Field, value: Any) -> bool:
 
 # ---- settings saved by older versions ----------------------------------------------------------------
 def upgrade_legacy(values: dict) -> dict:
-    """Settings written by goat-lora 0.1.0 (config.json "args") in today's names: an image run was
-    task "classification" on fashion-mnist; now it is the image-classification family."""
-    values = dict(values)
+    """Settings written by older versions (config.json "args", --config files) in today's names: the
+    adapter knobs were `rank` and `experts` (now GoatConfig's r and num_experts); in goat-lora 0.1.0 an
+    image run was task "classification" on fashion-mnist, now the image-classification family."""
+    values = {LEGACY_NAMES.get(name, name): value for name, value in values.items()}  # rank -> r, experts -> num_experts
     if values.get("task") == "classification" and str(values.get("data")).lower().replace("_", "-") in (
         "fashion-mnist", "fashionmnist"):  # fmt: skip
         values["task"] = "image-classification"

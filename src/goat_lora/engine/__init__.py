@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "compare": "comparison", "evaluate_run": "run", "load_run": "run", "preflight": "resolve",
-    "read_config_file": "resolve", "resolve_settings": "resolve", "resume": "run", "summary_line": "run", "train": "run",
+    "Comparison": "resolve", "compare": "comparison", "evaluate_run": "run", "load_run": "run", "Writing": "run",
+    "given_settings": "resolve", "preflight": "resolve", "read_config_file": "resolve", "resolve_run": "resolve",
+    "Run": "resolve", "resume": "run", "summary_line": "run", "train": "run",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

@@ -27,11 +27,11 @@ import os
 import shutil
 import time
 
-from ..methods import DEFAULT_LR_GRID, GOAT_METHODS, check_method, check_quantize, count_parameters, prepare_model
+from ..methods import GOAT_METHODS, check_quantize, count_parameters, prepare_model
 from ..settings import RunSettings
 from .folders import check_output, publish, staging_folder, staging_path, write_json
-from .resolve import Entry, resolve_settings
-from .run import train
+from .resolve import Comparison, Entry, resolve_run
+from .run import Writing, train
 
 COMPARE_PLAN = "compare_plan.json"
 BUDGETS = ("params", "rank")
@@ -46,27 +46,27 @@ def trainable_count(parts, settings: RunSettings, method: str, rank: int) -> int
     MiLoRA's by LoRA's): the count does not depend on them."""
     proxy = {"goat": "molora", "goat_mini": "molora", "goat_s": "molora", "pissa": "lora", "milora": "lora"}.get(method, method)
     # alpha, init and scale change no count; fixed values keep every proxy buildable
-    trial = settings.replace(method=proxy, rank=rank, lora_alpha=2.0 * rank, init="zero", scaling="alpha")
+    trial = settings.replace(method=proxy, r=rank, lora_alpha=2.0 * rank, init="zero", scaling="alpha")
     model = prepare_model(proxy, copy.deepcopy(parts.model), trial, parts.targets, parts.head)
     return count_parameters(model)[0]
 
 
 def param_budget(entries: list[Entry], settings: RunSettings, task, meta: dict, budget: str) -> dict[str, dict]:
     """label -> {"rank", "trainable_params", "exempt", "within_budget"}: under budget "params" every
-    adapter's rank is the one whose trainable count is nearest GOAT's at settings.rank (counts are
-    linear in the rank, so two counts give the line); GOAT-family rows keep settings.rank."""
+    adapter's rank is the one whose trainable count is nearest GOAT's at settings.r (counts are
+    linear in the rank, so two counts give the line); GOAT-family rows keep settings.r."""
     if budget not in BUDGETS:
         raise ValueError(f"--budget {budget!r} is not allowed; choose one of {', '.join(BUDGETS)}")
     parts = task.build(settings, meta)
-    target = trainable_count(parts, settings, "goat", settings.rank)
+    target = trainable_count(parts, settings, "goat", settings.r)
     plan = {}
     for entry in entries:
         entry_settings = settings.replace(**entry.overrides)
         if entry.method in EXEMPT:
-            count = trainable_count(parts, entry_settings, entry.method, entry_settings.rank)
+            count = trainable_count(parts, entry_settings, entry.method, entry_settings.r)
             plan[entry.label] = {"rank": None, "trainable_params": count, "exempt": True, "within_budget": None}
             continue
-        rank = entry_settings.rank
+        rank = entry_settings.r
         if budget == "params" and entry.method not in GOAT_METHODS:
             one, two = (trainable_count(parts, entry_settings, entry.method, r) for r in (1, 2))
             slope = max(two - one, 1)
@@ -80,36 +80,41 @@ def param_budget(entries: list[Entry], settings: RunSettings, task, meta: dict, 
 
 
 # ---- the comparison -----------------------------------------------------------------------------
-def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list[int],
-            lr_grid: dict[str, list[float]] | None = None, budget: str = "params", overwrite: bool = False,
-            settings: dict | None = None, log=print, resume: bool = False) -> dict:  # fmt: skip
+def compare(comparison: Comparison, base: RunSettings, output: str, *, overwrite: bool = False,
+            resume: bool = False, log=print) -> dict:  # fmt: skip
+    """Run the comparison on `base` (the settings as given: engine.given_settings), each row resolved
+    with its method, rank, learning rate and seed; write the report folder; return the summary."""
     from ..report import write_compare_report
 
+    entries, seeds, budget = comparison.entries, comparison.seeds, comparison.budget
     check_quantize([e.method for e in entries], base.quantize)  # names every method without a quantized route
     check_output(output, overwrite)
-    grids = {e.label: list((lr_grid or {}).get(e.label) or (lr_grid or {}).get(e.method) or DEFAULT_LR_GRID[e.method])
-             for e in entries}  # fmt: skip
-    first, task = resolve_settings(base.replace(method=entries[0].method, **entries[0].overrides))
-    data_by_seed = {seeds[0]: task.load_data(first.replace(seed=seeds[0]))}
-    ranks = param_budget(entries, first, task, data_by_seed[seeds[0]].meta, budget)
+    grids = {e.label: comparison.grid(e) for e in entries}
+
+    def row(entry: Entry, **changes) -> RunSettings:
+        return base.replace(method=entry.method, **changes, **entry.overrides)
+
+    first = resolve_run(row(entries[0]))
+    data_by_seed = {seeds[0]: first.task.load_data(first.settings.replace(seed=seeds[0]))}
+    ranks = param_budget(entries, first.settings, first.task, data_by_seed[seeds[0]].meta, budget)
     plan = {"entries": [e.__dict__ for e in entries], "seeds": list(seeds), "base": base.to_dict(), "lr_grid": grids,
             "budget": budget}  # fmt: skip
     for entry in entries:  # every row's settings checked before the first run starts
         for lr in grids[entry.label]:
-            resolve_settings(base.replace(method=entry.method, rank=ranks[entry.label]["rank"] or base.rank, lr=lr,
-                                          **entry.overrides))  # fmt: skip
+            resolve_run(row(entry, r=ranks[entry.label]["rank"] or base.r, lr=lr))
     staging = _compare_staging(output, plan, resume)
     results: list[dict] = []
+    quiet = Writing(quiet=True, save_weights=False, plots=False)
     try:
         total, done = sum(len(g) for g in grids.values()) * len(seeds), 0
         for entry in entries:
-            rank = ranks[entry.label]["rank"] or base.rank
+            rank = ranks[entry.label]["rank"] or base.r
             for lr in grids[entry.label]:
                 for seed in seeds:
-                    args, _ = resolve_settings(base.replace(method=entry.method, rank=rank, lr=lr, seed=seed,
-                                                            **entry.overrides))  # fmt: skip
+                    run = resolve_run(row(entry, r=rank, lr=lr, seed=seed))
+                    args = run.settings
                     if seed not in data_by_seed:  # the same seeded splits (and data order) for every method
-                        data_by_seed[seed] = task.load_data(args)
+                        data_by_seed[seed] = run.task.load_data(args)
                     name = f"{entry.label}-lr{lr:g}-seed{seed}".replace("[", "_").replace("]", "").replace("=", "-")
                     run_dir = os.path.join(staging, "runs", name)
                     finished = os.path.join(run_dir, "metrics.json")
@@ -117,24 +122,27 @@ def compare(entries: list[Entry], base: RunSettings, output: str, *, seeds: list
                         with open(finished, encoding="utf-8") as fh:
                             metrics = json.load(fh)
                     else:
-                        metrics = train(args, run_dir, quiet=True, save_weights=False, plots=False, data=data_by_seed[seed])
+                        metrics = train(run, run_dir, data=data_by_seed[seed], writing=quiet)
                     done += 1
-                    row = {k: metrics.get(k) for k in ("method", "trainable_params", "trainable_percent", "step_time_s",
-                                                        "peak_memory_mb", "wall_time_s", "router", "selected_epoch")}  # fmt: skip
-                    row.update(label=entry.label, rank=rank if entry.method not in EXEMPT else None, lr=lr, seed=seed,
-                               validation=metrics.get(f"validation_{args.metric}"), test=metrics.get(f"test_{args.metric}"),
-                               test_metrics={k[5:]: v for k, v in metrics.items() if k.startswith("test_")},
-                               run=f"runs/{name}")  # fmt: skip
-                    results.append(row)
+                    row_result = {k: metrics.get(k) for k in ("method", "trainable_params", "trainable_percent",
+                                                              "step_time_s", "peak_memory_mb", "wall_time_s", "router",
+                                                              "selected_epoch")}  # fmt: skip
+                    row_result.update(label=entry.label, rank=rank if entry.method not in EXEMPT else None, lr=lr,
+                                      seed=seed, validation=metrics.get(f"validation_{args.metric}"),
+                                      test=metrics.get(f"test_{args.metric}"),
+                                      test_metrics={k[5:]: v for k, v in metrics.items() if k.startswith("test_")},
+                                      run=f"runs/{name}")  # fmt: skip
+                    results.append(row_result)
                     log(f"[{done}/{total}] {entry.label:<22} lr={lr:<7g} seed={seed}  validation {args.metric} "
-                        f"{_fmt(row['validation'])}  test {_fmt(row['test'])}  epoch {row['selected_epoch']}  "
-                        f"({row['wall_time_s']:.0f} s)")  # fmt: skip
+                        f"{_fmt(row_result['validation'])}  test {_fmt(row_result['test'])}  epoch "
+                        f"{row_result['selected_epoch']}  ({row_result['wall_time_s']:.0f} s)")  # fmt: skip
                     # a partial report after every run: a long comparison can be read while it runs
                     write_json(os.path.join(staging, "results.partial.json"), {"runs": results})
-        report_settings = {**(settings or {}), "task": task.name, "data": first.data, "model": first.model,
-                           "metric": first.metric, "budget": budget, "epochs": first.epochs,
-                           "select": first.select, "baseline_name": task.baseline_name,
-                           "lower_is_better": first.metric in task.lower_is_better,
+        task, chosen = first.task, first.settings
+        report_settings = {**comparison.record, "task": task.name, "data": chosen.data, "model": chosen.model,
+                           "metric": chosen.metric, "budget": budget, "epochs": chosen.epochs,
+                           "select": chosen.select, "baseline_name": task.baseline_name,
+                           "lower_is_better": chosen.metric in task.lower_is_better,
                            "reference": "goat" if "goat" in grids else entries[0].label, "ranks": ranks}  # fmt: skip
         summary = write_compare_report(staging, results, report_settings, task.constant_baseline(data_by_seed[seeds[0]]))
         for name in ("results.partial.json", COMPARE_PLAN):

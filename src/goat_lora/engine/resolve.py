@@ -1,9 +1,10 @@
-"""A run's settings resolved and its inputs checked, before anything heavy is imported.
+"""A run resolved once, before anything heavy is imported: what the engine passes on.
 
-    resolve_settings(settings)               fill the knobs left at None (task defaults, method presets), validate
-    read_config_file(path)                   the settings of `--config FILE`
-    preflight(settings, output, overwrite)   resolved settings, the task and its data, the output checked
-    plan_entries(methods, vary)              the rows of `goat compare` (methods, then GOAT variants)
+    resolve_run(settings | flags, config)        every knob filled in, in the one order of precedence, and checked -> Run
+    given_settings(settings | flags, config)     its first half: what the user gave (--config, --recipe, flags)
+    read_config_file(path)              the settings of `--config FILE`
+    preflight(run, output, overwrite)   the task's data loaded and --output checked, before any model loads
+    plan_entries(methods, vary)         the rows of `goat compare` (methods, then GOAT variants); Comparison
 
 This module imports the settings, the task families and the method registry only (no Trainer, no peft,
 no bitsandbytes): a missing data file, a bad column or an unusable --output is refused in one line
@@ -16,23 +17,61 @@ from dataclasses import dataclass, field
 
 from .. import scaleout
 from ..hf import check_model_name
-from ..methods import GOAT_METHODS, check_method, check_quantize, method_defaults
-from ..settings import CUDA_GRAPH_PAD_MULTIPLE, RunSettings, compile_mode, field_type, knob_fields
+from ..methods import DEFAULT_LR_GRID, check_adapter, check_method, check_quantize, method_defaults
+from ..recipes import recipe_values
+from ..settings import (
+    CUDA_GRAPH_PAD_MULTIPLE,
+    RunSettings,
+    compile_mode,
+    field_type,
+    in_flag_terms,
+    knob_fields,
+    knob_name,
+)
 from ..tasks import get_task
 from ..tasks.base import Task, TaskData
 from .folders import check_output, read_json
 
 
-def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
-    """(settings with every None filled in, the task): the task's defaults, then the method's
-    (learning rate, GOAT init and scaling, LoRA alpha) and the task's first metric; then every
-    check, one line each."""
-    settings.validate()
-    task = get_task(settings.task)
-    check_method(settings.method)
-    values = settings.to_dict()
-    for key, value in [*task.defaults(settings).items(), *method_defaults(settings).items()]:
-        if values.get(key) is None:
+@dataclass(frozen=True)
+class Run:
+    """A resolved run: what every function of the engine takes."""
+
+    settings: RunSettings  # every knob filled in and checked
+    task: Task  # the task family of settings.task
+    given: RunSettings  # before the family's and the method's defaults: what --resume rebuilds from
+
+
+def given_settings(settings: RunSettings | None = None, *, flags: dict | None = None,
+                   config: str | None = None) -> RunSettings:  # fmt: skip
+    """What the user gave, highest last: `settings` (or the settings of --config FILE), then the values of
+    --recipe (named in `flags`), then the other `flags`. Knobs nobody gave keep their default or None."""
+    if settings is not None and config is not None:
+        raise TypeError("give settings or a config file, not both")
+    given = read_config_file(config) if config else (settings or RunSettings())
+    flags = dict(flags or {})
+    recipe = flags.pop("recipe", None)
+    if recipe is not None:
+        given = given.replace(**recipe_values(recipe), recipe=recipe)
+    return given.replace(**flags).validate()
+
+
+def resolve_run(settings: RunSettings | None = None, *, flags: dict | None = None, config: str | None = None) -> Run:
+    """The run, resolved in the one order of precedence, lowest first:
+
+        knob default < task family < method < --config FILE (or `settings`) < --recipe < flags
+
+    The family (model, data, epochs, batch size, ...) and the method (learning rate, LoRA alpha, GOAT's
+    init and scaling) fill only knobs whose default is None and that nobody gave. Then every check,
+    one line each: knob types and ranges, the method, the adapter's rules (GoatConfig.validate),
+    the quantized route, scale-out."""
+    given = given_settings(settings, flags=flags, config=config)
+    task = get_task(given.task)
+    check_method(given.method)
+    values = given.to_dict()
+    chosen = {**task.defaults(given), **method_defaults(given)}  # the method's win over the family's
+    for key, value in chosen.items():
+        if values[key] is None:
             values[key] = value
     if values["metric"] is None:
         values["metric"] = task.metrics[0]
@@ -43,15 +82,12 @@ def resolve_settings(settings: RunSettings) -> tuple[RunSettings, Task]:
         values["pad_to_multiple"] = CUDA_GRAPH_PAD_MULTIPLE
     resolved = RunSettings(**values).validate()
     check_quantize(resolved.method, resolved.quantize)  # a method without a quantized route, or no bitsandbytes
-    if resolved.method in GOAT_METHODS:  # HydraLoRA's experts share one A of the full rank: any rank will do
-        if resolved.rank % resolved.experts:
-            raise ValueError(f"--rank {resolved.rank} must be divisible by --experts {resolved.experts}")
-        routed = resolved.experts - (resolved.routing == "shared")
-        if resolved.top_k > routed:
-            raise ValueError(f"--top-k {resolved.top_k} must be <= --experts {resolved.experts}"
-                             + (" - 1 with --routing shared (one expert is shared)" if routed < resolved.experts else ""))  # fmt: skip
+    try:
+        check_adapter(resolved)
+    except ValueError as err:  # GoatConfig names its fields; a run names its flags
+        raise ValueError(in_flag_terms(str(err))) from None
     scaleout.validate(resolved)
-    return resolved, task
+    return Run(resolved, task, given)
 
 
 def _cuda() -> bool:
@@ -68,14 +104,13 @@ def read_config_file(path: str) -> RunSettings:
     return RunSettings.from_dict(saved, f"config {path!r}")
 
 
-def preflight(settings: RunSettings, output: str | None = None, overwrite: bool = False) -> tuple[RunSettings, Task, TaskData]:
-    """(resolved settings, task, the task's data): every check that needs no model, in the order a
-    run meets them; engine.run.train(..., data=data) then trains on the data loaded here."""
-    settings, task = resolve_settings(settings)
-    check_model_name(settings.model)
+def preflight(run: Run, output: str | None = None, overwrite: bool = False) -> TaskData:
+    """The run's data, after every check that needs no model, in the order a run meets them;
+    engine.run.train(run, ..., data=data) then trains on the data loaded here."""
+    check_model_name(run.settings.model)
     if output is not None:
         check_output(output, overwrite)
-    return settings, task, task.load_data(settings)
+    return run.task.load_data(run.settings)
 
 
 # ---- the rows of a comparison ----------------------------------------------------------------------
@@ -86,6 +121,21 @@ class Entry:
     label: str
     method: str
     overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    """What `goat compare` runs: its rows, seeds, learning-rate grids and budget rule, and what the report
+    records of how it was asked for (the command, date, machine)."""
+
+    entries: list[Entry]
+    seeds: list[int]
+    lr_grid: dict[str, list[float]] = field(default_factory=dict)  # label or method -> rates; default DEFAULT_LR_GRID
+    budget: str = "params"
+    record: dict = field(default_factory=dict)
+
+    def grid(self, entry: Entry) -> list[float]:
+        return list(self.lr_grid.get(entry.label) or self.lr_grid.get(entry.method) or DEFAULT_LR_GRID[entry.method])
 
 
 def plan_entries(methods: list[str], vary: str | None) -> list[Entry]:
@@ -104,13 +154,12 @@ def plan_entries(methods: list[str], vary: str | None) -> list[Entry]:
 
 def parse_vary(text: str) -> tuple[str, list]:
     """"init=goat,principal" -> ("init", ["goat", "principal"]), each value read as the knob's type."""
-    name, _, values = text.partition("=")
-    name = name.strip().replace("-", "_")
-    fields = knob_fields()
-    if name not in fields or not values:
+    written, _, values = text.partition("=")
+    name = knob_name(written)  # the flag's spelling works too: rank -> r
+    if name is None or not values:
         raise ValueError(f"--vary {text!r} must look like FIELD=V1,V2 with FIELD a setting (e.g. init, scaling, top_k, "
                          "aux_loss_coef, routing)")  # fmt: skip
-    base, _ = field_type(fields[name])
+    base, _ = field_type(knob_fields()[name])
     parsed = []
     for value in (v.strip() for v in values.split(",") if v.strip()):
         try:

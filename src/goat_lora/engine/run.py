@@ -1,7 +1,7 @@
 """One run, for any task family: settings -> data -> model -> Trainer -> test metrics -> run folder.
 
-    (engine.resolve: resolve_settings, preflight: the settings and data, checked before any model loads)
-    train(settings, output)      train, evaluate on test, write the run folder; return metrics.json's dict
+    (engine.resolve: resolve -> Run, preflight: the settings and data, checked before any model loads)
+    train(run, output)           train, evaluate on test, write the run folder; return metrics.json's dict
     resume(run)                  continue a killed run from its newest complete checkpoint
     load_run(run_dir)            the trained model of a run folder, rebuilt on a fresh base
     evaluate_run(run_dir, ...)   `goat eval`: reload a run, evaluate it, write metrics.json
@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -35,12 +36,13 @@ from ..files import atomic_write_bytes
 from ..report import method_label, router_statistics
 from ..settings import RunSettings
 from ..tasks import get_task
-from ..tasks.base import Evaluation, ModelParts, Task, data_note
+from ..tasks.base import Evaluation, ModelParts, Task, TaskData, data_note
 from .folders import building_run_folder, check_output, default_output, read_json, write_json, write_jsonl
 from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
-from .resolve import resolve_settings
+from .resolve import Run, resolve_run
 from .trainer import (
     BestEpoch,
+    GoatTrainer,
     ExpertLoadCallback,
     close_progress,
     goat_model,
@@ -53,13 +55,38 @@ from .trainer import (
 CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE = "config.json", "metrics.json", "predictions.jsonl"
 
 
+@dataclass(frozen=True)
+class Writing:
+    """How a training run writes its folder."""
+
+    overwrite: bool = False  # replace an existing --output
+    quiet: bool = False  # no progress bar (goat compare's runs)
+    save_weights: bool = True  # adapter/ (goat compare's runs keep their metrics only)
+    plots: bool = True  # loss.png and expert_load.png
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training run under way: the resolved run, its data, the prepared model, its staging folder."""
+
+    run: Run
+    data: TaskData
+    parts: ModelParts
+    model: torch.nn.Module
+    staging: str
+    counts: tuple[int, int]  # (trainable, total) parameters as prepared
+    started: float  # time.time() when train() began: the run's wall time counts from it
+    main_process: bool  # rank 0 (or the only process): the one that writes the run folder
+
+
 # ---- models -------------------------------------------------------------------------------------
-def build_model(task: Task, settings: RunSettings, meta: dict) -> tuple[ModelParts, torch.nn.Module]:
-    """(the task's parts, its base model prepared for settings.method)."""
+def build_model(run: Run, meta: dict) -> tuple[ModelParts, torch.nn.Module]:
+    """(the task's parts, its base model prepared for the run's method)."""
     from transformers import set_seed
 
+    settings = run.settings
     set_seed(settings.seed)
-    parts = task.build(settings, meta)
+    parts = run.task.build(settings, meta)
     check_finite_weights(parts.model, settings.model)
     return parts, prepare_model(settings.method, parts.model, settings, parts.targets, parts.head)
 
@@ -94,20 +121,21 @@ def evaluate_split(task: Task, model, split, parts: ModelParts, settings: RunSet
 
 
 # ---- training -----------------------------------------------------------------------------------
-def train(settings: RunSettings, output: str | None = None, *, overwrite: bool = False, quiet: bool = False,
-          save_weights: bool = True, plots: bool = True, data=None, resume_checkpoint: str | None = None) -> dict:  # fmt: skip
+def train(run: Run | RunSettings, output: str | None = None, *, data: TaskData | None = None,
+          writing: Writing = Writing(), resume_checkpoint: str | None = None) -> dict:  # fmt: skip
     """Train, evaluate on test, write the run folder; return the metrics (also in metrics.json).
-    `data`: the task's data, already loaded (goat compare shares it between methods).
-    `resume_checkpoint`: continue from a checkpoint in the run's staging folder (engine.checkpoints)."""
+    `run`: resolved (engine.resolve), or settings that are resolved here. `data`: the task's data,
+    already loaded (preflight; goat compare shares it between methods). `resume_checkpoint`: continue
+    from a checkpoint in the run's staging folder (engine.checkpoints)."""
     started = time.time()
-    requested = settings.to_dict()  # before defaults are filled in: what --resume rebuilds from
-    settings, task = resolve_settings(settings)
+    run = run if isinstance(run, Run) else resolve_run(run)
+    settings = run.settings
     output = output or default_output(settings.method)
-    check_output(output, overwrite)
-    data = data if data is not None else task.load_data(settings)
-    parts, model = build_model(task, settings, data.meta)
-    trainable, total = count_parameters(model)
-    if trainable == 0:
+    check_output(output, writing.overwrite)
+    data = data if data is not None else run.task.load_data(settings)
+    parts, model = build_model(run, data.meta)
+    counts = count_parameters(model)
+    if counts[0] == 0:
         raise ValueError("no trainable parameters")
 
     # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
@@ -115,33 +143,35 @@ def train(settings: RunSettings, output: str | None = None, *, overwrite: bool =
     staging = None
     if resume_checkpoint is not None and main_process:  # staging/.trainer/checkpoint-N
         staging = os.path.dirname(os.path.dirname(os.path.abspath(resume_checkpoint)))
-    with building_run_folder(output, main_process, staging, replace=overwrite) as staging:
+    with building_run_folder(output, main_process, staging, replace=writing.overwrite) as staging:
         if settings.save_steps and main_process:
-            write_resume_state(staging, requested, output, overwrite)
-        metrics = _train_in(staging, task, settings, data, parts, model, quiet, started, resume_checkpoint,
-                            main_process, save_weights, plots, (trainable, total))  # fmt: skip
+            write_resume_state(staging, run.given.to_dict(), output, writing.overwrite)
+        job = Job(run, data, parts, model, staging, counts, started, main_process)
+        metrics = _train_in(job, resume_checkpoint, writing)
     metrics["output"] = os.path.abspath(output)
     return metrics
 
 
-def _train_in(staging, task, settings, data, parts, model, quiet, started, checkpoint, main_process, save_weights,
-              plots, counts) -> dict:  # fmt: skip
+def _train_in(job: Job, checkpoint: str | None, writing: Writing) -> dict:
+    """Train `job` in its staging folder, test its selected epoch, and (main process) write the folder."""
+    settings, task, data, model = job.run.settings, job.run.task, job.data, job.model
     reset_peak_memory()
     start = time.time()
     callback = ExpertLoadCallback(model)
     validating = settings.eval_each_epoch and len(data.validation) > 0
-    training_args = training_arguments(settings, staging, quiet, eval_strategy="epoch" if validating else "no")
+    training_args = training_arguments(settings, job.staging, writing.quiet,
+                                       eval_strategy="epoch" if validating else "no")  # fmt: skip
     device = training_args.device
 
     def validate() -> dict:
-        return evaluate_split(task, model, data.validation, parts, settings, device)[0].metrics
+        return evaluate_split(task, model, data.validation, job.parts, settings, device)[0].metrics
 
     best = BestEpoch(model, settings.metric, settings.metric in task.lower_is_better,
-                     os.path.join(staging, TRAINER_DIR) if settings.save_steps else None)  # fmt: skip
+                     os.path.join(job.staging, TRAINER_DIR) if settings.save_steps else None)  # fmt: skip
     if checkpoint is not None:
         best.resume(int(checkpoint.rsplit("-", 1)[-1]))
-    trainer = make_trainer(model, training_args, settings, staging, [callback, best], quiet,
-                           data_collator=parts.collator, train_dataset=data.train,
+    trainer = make_trainer(model, training_args, settings, job.staging, [callback, best],
+                           data_collator=job.parts.collator, train_dataset=data.train,
                            eval_dataset=data.validation if validating else None, goat_validate=validate)  # fmt: skip
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -150,19 +180,25 @@ def _train_in(staging, task, settings, data, parts, model, quiet, started, check
     train_time = time.time() - start
     if settings.select == "best-epoch":
         best.restore()  # test and save the epoch with the best validation metric
-    test, load = evaluate_split(task, model, data.test, parts, settings, device)
-    metrics = run_metrics(task, settings, data, trainer, callback, test, load, counts, train_time, time.time() - started)
+    test, load = evaluate_split(task, model, data.test, job.parts, settings, device)
+    metrics = run_metrics(job, trainer, callback, test, load, train_time)
     selected = settings.select == "best-epoch" and best.state is not None
     metrics["best_epoch"] = best.epoch  # the epoch with the best validation metric (None without validation)
     metrics["selected_epoch"] = best.epoch if selected else trainer.state.epoch  # the epoch tested and saved
     if selected:  # the validation value of the tested model, which goat compare ranks learning rates by
         metrics[f"validation_{settings.metric}"] = best.value
     scaleout.gather_full_parameters(model)  # FSDP2: full tensors before rank 0 saves (every rank takes part)
-    shutil.rmtree(os.path.join(staging, TRAINER_DIR), ignore_errors=True)
-    if not main_process:
-        return metrics
-    if save_weights:
-        save_method_weights(model, settings.method, os.path.join(staging, "adapter"))
+    shutil.rmtree(os.path.join(job.staging, TRAINER_DIR), ignore_errors=True)
+    if job.main_process:
+        write_run_folder(job, metrics, test, writing)
+    return metrics
+
+
+def write_run_folder(job: Job, metrics: dict, test: Evaluation, writing: Writing) -> None:
+    """config.json, metrics.json, predictions.jsonl, the adapter and the plots, into the staging folder."""
+    settings, data = job.run.settings, job.data
+    if writing.save_weights:
+        save_method_weights(job.model, settings.method, os.path.join(job.staging, "adapter"))
     config = {
         "args": settings.to_dict(),
         "task_meta": data.meta,
@@ -170,22 +206,24 @@ def _train_in(staging, task, settings, data, parts, model, quiet, started, check
         "data_info": data.info,
         "sizes": metrics["sizes"],
         "rerun": "goat train --config config.json",
-        "goat_config": _goat_config_dict(model),
+        "goat_config": _goat_config_dict(job.model),
         "versions": versions(),
     }
-    write_json(os.path.join(staging, CONFIG_FILE), config)
-    write_json(os.path.join(staging, METRICS_FILE), metrics)
+    write_json(os.path.join(job.staging, CONFIG_FILE), config)
+    write_json(os.path.join(job.staging, METRICS_FILE), metrics)
     if test.rows is not None:
-        write_jsonl(os.path.join(staging, PREDICTIONS_FILE), test.rows)
-    if plots:
+        write_jsonl(os.path.join(job.staging, PREDICTIONS_FILE), test.rows)
+    if writing.plots:
         from ..report import write_run_plots
 
-        write_run_plots(staging)
-    return metrics
+        write_run_plots(job.staging)
 
 
-def run_metrics(task, settings, data, trainer, callback, test: Evaluation, load, counts, train_time, wall_time) -> dict:
-    trainable, total = counts
+def run_metrics(job: Job, trainer: GoatTrainer, callback: ExpertLoadCallback, test: Evaluation, load: dict,
+                train_time: float) -> dict:  # fmt: skip
+    """metrics.json's dict: the test metrics first, then validation, training, the experts' load, cost."""
+    settings, task, data = job.run.settings, job.run.task, job.data
+    trainable, total = job.counts
     history = trainer.state.log_history
     train_loss = [
         {k: h[k] for k in ("step", "epoch", "loss", "aux_loss", "expert_balance", "learning_rate") if k in h}
@@ -216,7 +254,7 @@ def run_metrics(task, settings, data, trainer, callback, test: Evaluation, load,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
         "train_time_s": train_time,  # the Trainer's loop, per-epoch validation included
-        "wall_time_s": wall_time,  # data and model loading, initialisation, training, test evaluation
+        "wall_time_s": time.time() - job.started,  # loading the data and model, initialisation, training, test
         "step_time_s": sum(steps) / len(steps) if steps else None,
         "steps": trainer.state.global_step,
         "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
@@ -245,20 +283,20 @@ def versions() -> dict:
 def resume(run: str, *, overwrite: bool = False, quiet: bool = False) -> dict:
     """Continue a killed `goat train` run from its newest complete checkpoint; returns its metrics."""
     state, _, checkpoint, state_path = find_resumable(run)
-    settings = RunSettings.from_dict(state["args"], f"--resume {run!r}: {state_path!r}")
-    return train(settings, state["output"], overwrite=overwrite or bool(state.get("overwrite")), quiet=quiet,
-                 resume_checkpoint=checkpoint)  # fmt: skip
+    given = RunSettings.from_dict(state["args"], f"--resume {run!r}: {state_path!r}")
+    writing = Writing(overwrite=overwrite or bool(state.get("overwrite")), quiet=quiet)
+    return train(resolve_run(given), state["output"], writing=writing, resume_checkpoint=checkpoint)
 
 
 # ---- reloading and evaluating a run -------------------------------------------------------------
-def load_run(run_dir: str) -> tuple[torch.nn.Module, ModelParts, RunSettings, Task]:
-    """(model with the run's trained weights, its parts, settings, task) from a run folder, any family,
-    also folders written by goat-lora 0.1.0."""
+def load_run(run_dir: str) -> tuple[torch.nn.Module, ModelParts, Run]:
+    """(model with the run's trained weights, its parts, the run resolved from its config.json) from a
+    run folder, any family, also folders written by earlier versions (goat-lora 0.1.0 included)."""
     import safetensors.torch
 
     saved = read_json(os.path.join(run_dir, CONFIG_FILE), f"{run_dir!r} is not a run folder:")
-    settings = RunSettings.from_dict(saved.get("args"), f"{os.path.join(run_dir, CONFIG_FILE)!r}")
-    settings, task = resolve_settings(settings)
+    run = resolve_run(RunSettings.from_dict(saved.get("args"), f"{os.path.join(run_dir, CONFIG_FILE)!r}"))
+    settings, task = run.settings, run.task
     meta = saved.get("task_meta") or {"label_names": saved.get("label_names")}
     adapter = os.path.join(run_dir, "adapter")
     if settings.method in GOAT_METHODS:
@@ -270,7 +308,7 @@ def load_run(run_dir: str) -> tuple[torch.nn.Module, ModelParts, RunSettings, Ta
         parts = task.build(settings, meta)
         model = GoatModel.from_pretrained(parts.model, adapter)
     else:
-        parts, model = build_model(task, settings, meta)
+        parts, model = build_model(run, meta)
         weights = os.path.join(adapter, "method_state.safetensors")
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"run weights {weights!r} are missing")
@@ -283,7 +321,7 @@ def load_run(run_dir: str) -> tuple[torch.nn.Module, ModelParts, RunSettings, Ta
             raise ValueError(f"run weights {weights!r} do not fit the model: unknown tensors {sorted(missing)[:3]}")
         model.load_state_dict(state, strict=False)
     model.eval()
-    return model, parts, settings, task
+    return model, parts, run
 
 
 def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | None = None,
@@ -292,10 +330,11 @@ def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | N
     overrides["data"] (a built-in data set, a file or a hub name, with the run's classes); write
     metrics.json (the run's metric names), predictions.jsonl where the task has them, and
     expert_load.png to `output` (default RUN_DIR/eval-<time>)."""
-    model, parts, settings, task = load_run(run_dir)
+    model, parts, run = load_run(run_dir)
+    task = run.task
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     source = overrides.pop("data", None)
-    settings = settings.replace(**overrides).validate()
+    settings = run.settings.replace(**overrides).validate()
     output = output or os.path.join(run_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output(output, overwrite)
     start = time.time()

@@ -287,13 +287,14 @@ def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> Tr
     )
 
 
-def make_trainer(model, training_args: TrainingArguments, settings, staging: str, callbacks: list, quiet: bool,
+def make_trainer(model, training_args: TrainingArguments, settings, staging: str, callbacks: list,
                  **trainer_kwargs) -> GoatTrainer:  # fmt: skip
-    """A GoatTrainer with the given callbacks, the console progress (none when `quiet`) and the
-    scale-out ones (TensorBoard into RUN/tensorboard), and the run's shuffling."""
+    """A GoatTrainer with the given callbacks, the console progress (none when the arguments are quiet:
+    training_arguments(quiet=True) disables tqdm) and the scale-out ones (TensorBoard into
+    RUN/tensorboard), and the run's shuffling."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    console = [] if quiet else [ConsoleProgress()]
+    console = [] if training_args.disable_tqdm else [ConsoleProgress()]
     trainer = GoatTrainer(model=model, args=training_args, goat_shuffle=settings.shuffle,
                           callbacks=[*callbacks, *console, *scaleout.callbacks(settings, staging)], **trainer_kwargs)  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # the raw dictionaries; ConsoleProgress shows them readably

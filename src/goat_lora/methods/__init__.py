@@ -11,6 +11,7 @@ from .registry import (
     NOT_QUANTIZABLE,
     PEFT_METHODS,
     QUANTIZABLE,
+    check_adapter,
     check_method,
     check_quantize,
     count_parameters,
@@ -21,6 +22,6 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_LR", "DEFAULT_LR_GRID", "GOAT_METHODS", "GOAT_PRESETS", "METHODS", "NOT_QUANTIZABLE", "PEFT_METHODS",
-    "QUANTIZABLE", "check_method", "check_quantize", "count_parameters", "expert_load", "goat_config_for",
+    "QUANTIZABLE", "check_adapter", "check_method", "check_quantize", "count_parameters", "expert_load", "goat_config_for",
     "method_defaults", "prepare_model", "recording_expert_load", "reset_expert_load",
 ]  # fmt: skip

@@ -71,7 +71,7 @@ def get_hydralora_model(model: nn.Module, settings, targets: list[str], head: li
         param.requires_grad_(False)
     for index, name in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
-        layer = HydraLoraLayer(model.get_submodule(name), settings.rank, settings.experts, settings.lora_alpha,
+        layer = HydraLoraLayer(model.get_submodule(name), settings.r, settings.num_experts, settings.lora_alpha,
                                settings.dropout, generator)  # fmt: skip
         layer.base_layer.requires_grad_(False)
         replace_module(model, name, layer)

@@ -19,7 +19,7 @@ def get_peft_baseline(method: str, model: nn.Module, settings, targets: list[str
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=settings.rank,
+        r=settings.r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,

@@ -23,6 +23,7 @@ from torch import nn
 from .. import quant
 from ..config import GoatConfig
 from ..model import count_parameters, get_goat_model  # noqa: F401  (count_parameters: for every method)
+from ..settings import adapter_knobs
 from .hydralora import get_hydralora_model
 from .peft_methods import get_peft_baseline
 
@@ -101,33 +102,30 @@ def method_defaults(settings) -> dict:
     stay None (recorded as null in config.json)."""
     defaults = {"lr": DEFAULT_LR[settings.method]}
     if settings.method not in ("full", "head"):
-        defaults["lora_alpha"] = 2.0 * settings.rank
+        defaults["lora_alpha"] = 2.0 * settings.r
     return {**defaults, **GOAT_PRESETS.get(settings.method, {})}
 
 
 def goat_config_for(method: str, settings, targets: list[str], head: list[str]) -> GoatConfig:
-    """The GoatConfig of a GOAT-family method from the run's (resolved) settings."""
-    return GoatConfig(
-        r=settings.rank,
-        num_experts=settings.experts,
-        top_k=settings.top_k,
-        routing=settings.routing,
-        top_p=settings.top_p,
-        init=settings.init,
-        scaling=settings.scaling,
-        lora_alpha=settings.lora_alpha,
-        eta=settings.eta,
-        rho=settings.rho,
-        init_cof=settings.init_cof,
-        per_expert_scaling=method == "goat_s",
-        dropout=settings.dropout,
-        target_modules=targets,
-        modules_to_save=head or None,
-        aux_loss_coef=settings.aux_loss_coef,
-        quantize=settings.quantize,
-        seed=settings.seed,
-        base_model_name_or_path=settings.model,
-    )
+    """The GoatConfig of a GOAT-family method: the run's adapter knobs by name (they are GoatConfig's
+    fields), the layers the task adapts and trains in full, and GOAT-s's per-expert scales."""
+    knobs = {name: getattr(settings, name) for name in adapter_knobs()}
+    return GoatConfig(**knobs, per_expert_scaling=method == "goat_s", target_modules=targets,
+                      modules_to_save=head or None, base_model_name_or_path=settings.model)  # fmt: skip
+
+
+def check_adapter(settings) -> None:
+    """The adapter's rules, from their one home (GoatConfig.validate), for a resolved run: a GOAT method's
+    config as it will be built; any other adapter as one expert of rank r (its r, dropout, alpha and
+    quantization are checked; experts and routing are not its knobs). One-line ValueErrors."""
+    method, experts = settings.method, settings.num_experts
+    if method in ("full", "head"):
+        return
+    if method not in GOAT_METHODS:  # experts, routing, init and GOAT's scaling are not its knobs
+        settings = settings.replace(num_experts=1, top_k=1, routing="top_k", init="zero", scaling="alpha")
+    goat_config_for(settings.method, settings, ["*"], [])
+    if method == "hydralora" and experts < 1:  # its own experts: one B each
+        raise ValueError(f"GoatConfig.num_experts={experts} must be >= 1")
 
 
 def prepare_model(method: str, model: nn.Module, settings, targets: list[str], head: list[str]) -> nn.Module:
