@@ -24,9 +24,9 @@ import sys
 import pytest
 import torch
 
-from conftest import save_word_bert
 from goat_lora.engine import resolve_settings, train
 from goat_lora.settings import RunSettings
+from goat_lora.testing import save_word_bert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "bad", "great", "awful", "tasty", "stale", "fresh", "cheap",
