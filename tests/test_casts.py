@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama, token_batch
 
 from goat_lora import GoatConfig, get_goat_model
+from goat_lora.testing import tiny_llama, token_batch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

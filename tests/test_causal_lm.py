@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 
-from conftest import save_tiny_decoder
 from goat_lora.engine import load_run
 from goat_lora.tasks.causal_lm import CausalLMCollator, instructions_path, read_texts
 from goat_lora.tasks.decoders import generate_greedy
+from goat_lora.testing import save_tiny_decoder
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens=24):

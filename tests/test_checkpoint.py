@@ -9,12 +9,13 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODEL_CASES, model_output, tiny_gpt2, tiny_llama
+from conftest import MODEL_CASES, model_output
 
 import goat_lora.inject
 import goat_lora.svd
 from goat_lora import GoatConfig, GoatModel, get_goat_model
 from goat_lora.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from goat_lora.testing import tiny_gpt2, tiny_llama
 
 
 def trained_model(case_id: str, dtype=torch.float32):
@@ -292,7 +293,7 @@ def test_save_is_atomic_and_overwrites(tmp_path):
 
 
 def test_modules_to_save_of_another_shape_are_refused_before_touching_the_base(tmp_path):
-    from conftest import tiny_bert
+    from goat_lora.testing import tiny_bert
 
     model, _, _ = trained_model("bert-cls-modules_to_save")  # classifier: 3 labels
     model.save_pretrained(tmp_path)

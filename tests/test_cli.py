@@ -119,13 +119,9 @@ def test_package_exports_match_all():
 
 def test_inspect_an_image_model(tmp_path, capsys):
     """goat inspect takes any checkpoint: here a tiny ViT image classifier (not a text classifier)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
+    from goat_lora.testing import tiny_vit
 
-    config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                       intermediate_size=64, num_labels=3)  # fmt: skip
-    torch.manual_seed(0)
-    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    tiny_vit(layers=1, heads=4, num_labels=3).save_pretrained(tmp_path / "vit")
     assert main(["inspect", "--model", str(tmp_path / "vit"), "--rank", "4", "--experts", "2"]) == 0
     out = capsys.readouterr().out
     assert "vit.layers.0.attention.q_proj" in out and "6 layers" in out and "classifier" not in out.split("layers;")[0]

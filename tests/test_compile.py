@@ -18,10 +18,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_mlp, token_batch
 from test_scaleout import _flags, one_process, tiny_task  # noqa: F401  (module fixtures reused)
 
 from goat_lora import GoatConfig, get_goat_model
+from goat_lora.testing import tiny_llama, tiny_mlp, token_batch
 
 
 def _mlp():

@@ -79,14 +79,10 @@ def test_without_sync_each_process_sees_only_its_tokens():
 
 
 def _router_grads(checkpointing: dict | None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from goat_lora.testing import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    model = get_goat_model(LlamaForCausalLM(config), GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0))
+    base = tiny_llama(intermediate_size=48, max_position_embeddings=2048, pad_token_id=None).train()
+    model = get_goat_model(base, GoatConfig(r=4, num_experts=4, top_k=2, dropout=0.0))
     model.train()
     if checkpointing is not None:
         model.activation_checkpointing_enable(checkpointing)

@@ -14,10 +14,11 @@ import sys
 
 import pytest
 import torch
-from conftest import MODEL_CASES, model_output, save_tiny_decoder, tiny_llama, token_batch
+from conftest import MODEL_CASES, model_output
 
 from goat_lora import GoatConfig, GoatLayer, GoatModel, get_goat_model
 from goat_lora.layer import base_weight_2d
+from goat_lora.testing import save_tiny_decoder, tiny_llama, token_batch
 
 EXAMPLE_TASKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "harness")
 
@@ -198,7 +199,7 @@ def test_disable_adapter_as_a_frozen_reference_in_a_training_step():
 
 
 def test_disable_adapter_uses_the_original_modules_to_save_and_nests():
-    from conftest import tiny_bert
+    from goat_lora.testing import tiny_bert
 
     batch = token_batch()
     original = tiny_bert()
@@ -282,7 +283,7 @@ def test_an_optimizer_keeps_its_parameters_across_switches():
 
 
 def test_save_selected_adapters_in_peft_layout_and_modules_to_save_per_adapter(tmp_path):
-    from conftest import tiny_bert
+    from goat_lora.testing import tiny_bert
 
     batch = token_batch()
     original = tiny_bert()

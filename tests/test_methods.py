@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_bert, token_batch
 from goat_lora.methods import (
     DEFAULT_LR_GRID,
     METHODS,
@@ -20,6 +19,7 @@ from goat_lora.methods.hydralora import HydraLoraLayer
 from goat_lora.config import GoatConfig
 from goat_lora.inject import find_target_modules
 from goat_lora.settings import RunSettings
+from goat_lora.testing import tiny_bert, token_batch
 
 
 def spec(method: str = "goat", **knobs) -> RunSettings:

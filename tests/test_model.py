@@ -10,12 +10,13 @@ import inspect
 
 import pytest
 import torch
-from conftest import MODEL_CASES, model_output, tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
+from conftest import MODEL_CASES, model_output
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from goat_lora import GoatConfig, GoatLayer, GoatModel, get_goat_model
 from goat_lora.layer import base_weight_2d
+from goat_lora.testing import tiny_convnet, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
 
 CASE_IDS = list(MODEL_CASES)
 
@@ -352,7 +353,7 @@ def test_gradient_checkpointing_records_routing_once():
 
 
 def test_all_linear_skips_top_level_classifier_and_score_heads_only():
-    from conftest import tiny_gpt2_classifier
+    from goat_lora.testing import tiny_gpt2_classifier
 
     gpt2 = get_goat_model(tiny_gpt2_classifier(), GoatConfig(r=4, num_experts=2))  # no modules_to_save
     assert "score" not in gpt2.goat_layer_names and len(gpt2.goat_layer_names) == 8

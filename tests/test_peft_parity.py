@@ -16,10 +16,11 @@ import torch
 
 peft = pytest.importorskip("peft", reason="peft is needed for the PiSSA cross-check")
 
-from conftest import model_output, tiny_gpt2, tiny_llama, tiny_mlp, token_batch
+from conftest import model_output
 
 from goat_lora import GoatConfig, get_goat_model
 from goat_lora.layer import base_weight_2d
+from goat_lora.testing import tiny_gpt2, tiny_llama, tiny_mlp, token_batch
 
 CASES = {
     "llama-linear": (tiny_llama, ["q_proj", "v_proj", "down_proj"], False, lambda: token_batch()),

@@ -21,10 +21,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyMLP, save_word_bert, tiny_convnet, tiny_llama
 from goat_lora import GoatConfig, GoatModel, get_goat_model
 from goat_lora import quant
 from goat_lora.layer import GoatLayer, base_weight_2d
+from goat_lora.testing import TinyMLP, save_word_bert, tiny_convnet, tiny_llama
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed (pip install goat-lora[quant])")  # fmt: skip

@@ -40,15 +40,9 @@ TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--train-siz
 
 def save_tiny_bert(folder: Path, seed: int, nan_at: str | None = None) -> str:
     """A 2-layer BERT (hidden 32) with the MiniLM tokenizer's vocabulary, saved to `folder`."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from goat_lora.testing import minilm_vocab_bert
 
-    from goat_lora.hf import minilm_path
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
+    model, tokenizer = minilm_vocab_bert(seed)
     if nan_at is not None:
         with torch.no_grad():
             model.get_submodule(nan_at).weight[0, 0] = float("nan")

@@ -24,9 +24,9 @@ import sys
 import pytest
 import torch
 
-from conftest import save_word_bert
 from goat_lora.engine import Writing, resolve_run, train
 from goat_lora.settings import RunSettings
+from goat_lora.testing import save_word_bert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["good", "bad", "great", "awful", "tasty", "stale", "fresh", "cheap",
@@ -243,12 +243,9 @@ def test_reentrant_checkpointing_cannot_be_asked_for():
 
 
 def _fsdp_base():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from goat_lora.testing import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    return LlamaForCausalLM(config)
+    return tiny_llama(intermediate_size=48, max_position_embeddings=2048, pad_token_id=None).train()
 
 
 def _fsdp_model():

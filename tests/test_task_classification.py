@@ -213,7 +213,7 @@ def test_metric_flag_is_checked_against_the_task():
 def test_a_fresh_classification_head_is_float32_even_from_a_bfloat16_checkpoint(tmp_path):
     """Defect (b): transformers 5 loads a checkpoint in its own dtype; training bf16 weights without
     autocast or loss scaling is not safe, so the task loads float32 (--bf16 autocasts instead)."""
-    from conftest import tiny_bert
+    from goat_lora.testing import tiny_bert
 
     tiny_bert().to(torch.bfloat16).save_pretrained(tmp_path / "bf16-bert")
     from goat_lora.hf import minilm_path

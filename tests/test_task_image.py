@@ -72,13 +72,12 @@ def table(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory) -> str:
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTImageProcessor
+
+    from goat_lora import testing
 
     path = tmp_path_factory.mktemp("vit")
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)  # fmt: skip
-    ViTForImageClassification(config).save_pretrained(path)
+    testing.tiny_vit().save_pretrained(path)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
     return str(path)
 

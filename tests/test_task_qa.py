@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
-from conftest import save_tiny_decoder
 from goat_lora.tasks import qa, quiz
 from goat_lora.tasks.base import Split
+from goat_lora.testing import save_tiny_decoder
 
 # ---- answer extraction ------------------------------------------------------------------------------
 EXTRACTION = [

@@ -137,17 +137,11 @@ def test_compare_resume_without_an_interrupted_comparison_is_an_error(tmp_path, 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory) -> str:
     """A 2-layer BERT (hidden 32) with the MiniLM tokenizer's vocabulary, saved to disk."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from goat_lora.hf import minilm_path
+    from goat_lora.testing import minilm_vocab_bert
 
     folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model, tokenizer = minilm_vocab_bert(seed=0)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

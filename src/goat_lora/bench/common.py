@@ -50,21 +50,13 @@ LLAMA7B_LAYER = (  # (name, out, in) of one LLaMA-2-7B decoder layer's adapted m
 
 
 def tiny_model(name: str, seed: int, width: int = 32) -> nn.Module:
-    """A seeded random sequence classifier a few layers deep, `width` wide (for --smoke and the test suite)."""
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    """A seeded random sequence classifier (2 layers, 2 heads, vocabulary 128, 2 labels), `width` wide, in
+    train mode (for --smoke and the test suite)."""
+    from ..testing import tiny_bert, tiny_llama_classifier
 
-    torch.manual_seed(seed)
     if name == "tiny-bert":
-        config = BertConfig(
-            vocab_size=128, hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=2 * width, max_position_embeddings=64, num_labels=2,
-        )
-        return BertForSequenceClassification(config)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=width, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=2 * width, max_position_embeddings=64, num_labels=2, pad_token_id=0,
-    )
-    return LlamaForSequenceClassification(config)
+        return tiny_bert(seed, width, vocab_size=128, num_attention_heads=2, num_labels=2).train()
+    return tiny_llama_classifier(seed, width, vocab_size=128, num_attention_heads=2, num_key_value_heads=1).train()
 
 
 def architecture_config(name: str):
