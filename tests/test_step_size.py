@@ -1,4 +1,4 @@
-"""The step-size relation of issue 26 (item 2), held by the suite at a tiny size (goat_lora.bench.step_size).
+"""The step-size relation of GOAT under AdamW, held by the suite at a tiny size (goat_lora.bench.step_size).
 
 Under AdamW every trained entry moves by about lr per step, so GOAT's first-order update of the equivalent
 weight, c s sum_j (dB_j A0_j + B0_j dA_j) with A0, B0 ~ 1 / sqrt(s), grows like sqrt(s) lr and its

@@ -1,5 +1,5 @@
-r"""How far N AdamW steps move one adapted layer, as a function of GOAT's scale s and the learning rate
-(issue 26, acceptance 2).  ``python -m goat_lora.bench.step_size --json OUT.json`` prints the tables.
+r"""How far N AdamW steps move one adapted layer, as a function of GOAT's scale s and the learning rate.
+``python -m goat_lora.bench.step_size --json OUT.json`` prints the tables.
 
 The claim under test.  Adam moves every parameter by about lr per step whatever its gradient's size
 (its first step is exactly -lr * sign(g)).  GOAT's factors start at A_j, B_j ~ sqrt(S_j / (s rho)), so
@@ -334,7 +334,7 @@ def study(args: argparse.Namespace) -> dict:
                         theory_s = row["s"]
     rows = median_table(records)
     return {
-        "what": "size of the update of one adapted layer after N AdamW steps, against s and lr (issue 26, item 2)",
+        "what": "size of the update of one adapted layer after N AdamW steps, against s and lr",
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''} ".strip() + f", torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)",
