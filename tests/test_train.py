@@ -255,7 +255,7 @@ def test_compare_with_an_equal_parameter_budget_and_a_goat_variant(tmp_path, tin
     out = tmp_path / "cmp"
     argv = ["compare", "--model", tiny_bert_dir, "--data", str(path), "--text-column", "sentence1", "--methods", "goat",
             "lora", "hydralora", "dora", "head", "--vary", "init=principal", "--seeds", "2", "--lrs", "1e-3",
-            "--rank", "4", "--experts", "2", "--report-to", "none", "--output", str(out), *TINY]  # fmt: skip
+            "--lr-grid", "goat[init=principal]=3e-3", "--rank", "4", "--experts", "2", "--report-to", "none", "--output", str(out), *TINY]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     rows, ranks = report["methods"], report["settings"]["ranks"]
@@ -265,7 +265,8 @@ def test_compare_with_an_equal_parameter_budget_and_a_goat_variant(tmp_path, tin
         assert ranks[label]["within_budget"] is True
     assert rows["goat"]["trainable_params"] == target and ranks["head"]["exempt"] and rows["head"]["rank"] is None
     assert rows["lora"]["rank"] != 4  # GOAT's routers cost parameters: LoRA gets a larger rank to match
-    config = json.loads((out / "runs" / "goat_init-principal-lr0.001-seed0" / "config.json").read_text())
+    assert report["settings"]["lr_grid"]["goat[init=principal]"] == [3e-3]  # a row label's own grid
+    config = json.loads((out / "runs" / "goat_init-principal-lr0.003-seed0" / "config.json").read_text())
     assert config["args"]["init"] == "principal" and config["args"]["method"] == "goat"
     # the same seeded splits for every row
     sizes = {json.loads(p.read_text())["sizes"]["test"] for p in (out / "runs").glob("*seed1/metrics.json")}

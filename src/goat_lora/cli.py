@@ -236,7 +236,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     elif "lr" in vars(ns):
         grid = {e.label: [ns.lr] for e in entries}
     for item in ns.lr_grid or []:
-        name, _, values = item.partition("=")
+        name, _, values = item.rpartition("=")  # a row label holds "=" too: goat[scaling=alpha]=1e-3,3e-3
         if name not in {e.label for e in entries} | set(METHODS):
             raise ValueError(f"--lr-grid {item!r}: {name!r} is neither a compared method nor a row label")
         try:
