@@ -49,9 +49,9 @@ def _lora_config(settings, targets: list[str], head: list[str], **extra):
 
 
 def get_kasa_model(model: nn.Module, settings, targets: list[str], head: list[str]):
+    check_peft_support("kasa")  # before the import, which would fail with a less helpful message
     from peft import KasaConfig, get_peft_model
 
-    check_peft_support("kasa")
     _linear_only("kasa", model, targets)
     torch.manual_seed(settings.seed)  # peft draws lora_A and lora_diag from the global generator
     return get_peft_model(model, _lora_config(settings, targets, head, kasa_config=KasaConfig()))
@@ -81,9 +81,9 @@ def get_loraga_model(model: nn.Module, settings, targets: list[str], head: list[
     """LoRA-GA through peft. `batches`: the training batches the gradient is averaged over; None builds
     the structure only (peft then starts A, B as LoRA does), for counting parameters or for reloading a
     run whose tensors, changed base weights included, come from its folder."""
+    check_peft_support("lora_ga")
     from peft import LoraGAConfig, get_peft_model, preprocess_loraga
 
-    check_peft_support("lora_ga")
     _linear_only("lora_ga", model, targets)
     config = _lora_config(settings, targets, head, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
     cost = None
