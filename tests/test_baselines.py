@@ -182,3 +182,17 @@ def test_compare_gives_kasa_and_lora_ga_goat_parameter_budget(tmp_path, reviews,
     for label in ("kasa", "lora_ga"):
         assert ranks[label]["within_budget"] is True and abs(ranks[label]["trainable_params"] - target) <= 0.1 * target
     assert json.loads((out / "runs" / "lora_ga-lr0.001-seed0" / "metrics.json").read_text())["lora_ga_init"]["batches"] >= 1
+
+
+@pytest.mark.parametrize("method", ["kasa", "lora_ga", "mixlora"])
+def test_the_new_methods_adapt_the_same_layers_as_lora(method):
+    from peft.tuners.lora import LoraLayer
+
+    def adapted(prepared):
+        return {name.removeprefix("base_model.model.") for name, m in prepared.named_modules()
+                if isinstance(m, (LoraLayer, MixLoraExperts))}  # fmt: skip
+
+    lora, other = tiny_bert(), tiny_bert()
+    targets = _targets(lora)
+    expected = adapted(prepare_model("lora", lora, spec("lora"), targets, ["classifier"]))
+    assert expected == set(targets) and adapted(prepare_model(method, other, spec(method), targets, ["classifier"])) == expected
