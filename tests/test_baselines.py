@@ -56,6 +56,8 @@ def test_train_save_then_eval_reloads_the_same_model(tmp_path, reviews, tiny_ber
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for name in ("accuracy", "macro_f1", "loss"):
         assert again[f"test_{name}"] == pytest.approx(metrics[f"test_{name}"], rel=1e-6, abs=1e-7), name
+    logged = metrics["train_loss"]  # the trainer adds MixLoRA's balance loss and KaSA's regularisers, and logs them
+    assert logged and all(("aux_loss" in row) == (method != "lora_ga") for row in logged)
     if method == "lora_ga":  # the gradient estimate: the knob's batches, timed apart from training
         cost = metrics["lora_ga_init"]
         assert cost["batches"] == 2 and cost["examples"] == 16 and 0 < cost["gradient_s"] <= cost["seconds"]
