@@ -9,17 +9,18 @@ import json
 
 import pandas as pd
 import pytest
+import test_train
 import torch
-
 from conftest import tiny_bert, token_batch
+
 from goat_lora.cli import main
 from goat_lora.config import GoatConfig
 from goat_lora.inject import find_target_modules
 from goat_lora.methods import method_defaults, method_loss, prepare_model
 from goat_lora.methods.mixlora import MixLoraExperts, MixLoraRouter, find_ffn_blocks
 from goat_lora.settings import RunSettings
-from test_train import tiny_bert_dir  # noqa: F401  (the fixture: a 2-layer BERT with MiniLM's tokenizer, on disk)
 
+tiny_bert_dir = test_train.tiny_bert_dir  # the fixture: a 2-layer BERT with MiniLM's tokenizer, on disk
 TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--logging-steps", "1", "--report-to", "none"]
 
 
@@ -35,7 +36,11 @@ def _targets(model):
 @pytest.fixture
 def reviews(tmp_path):
     words = {"great": ["tasty", "lovely", "great", "perfect"], "other": ["stale", "awful", "bland", "broken"]}
-    rows = [{"review": f"{words[lab][i % 4]} snack number {i}", "score": lab} for i in range(40) for lab in ("great", "other")]
+    rows = [
+        {"review": f"{words[lab][i % 4]} snack number {i}", "score": lab}
+        for i in range(40)
+        for lab in ("great", "other")
+    ]
     path = tmp_path / "reviews.jsonl"
     pd.DataFrame(rows).to_json(path, orient="records", lines=True)
     return str(path)
@@ -97,7 +102,9 @@ def _ffn_reference(layer, x, router, experts_in, experts_out):
         for w, j in zip(weights, top.indices.tolist()):
             sl = slice(j * r, (j + 1) * r)
             W1 = experts_in.base_layer.weight + experts_in.scaling * experts_in.lora_B[:, sl] @ experts_in.lora_A[sl]
-            W2 = experts_out.base_layer.weight + experts_out.scaling * experts_out.lora_B[:, sl] @ experts_out.lora_A[sl]
+            W2 = (
+                experts_out.base_layer.weight + experts_out.scaling * experts_out.lora_B[:, sl] @ experts_out.lora_A[sl]
+            )
             hidden = torch.nn.functional.gelu(W1 @ x[t] + experts_in.base_layer.bias)
             total = total + w * (W2 @ hidden + experts_out.base_layer.bias)
         out.append(total)
@@ -183,7 +190,10 @@ def test_compare_gives_kasa_and_lora_ga_goat_parameter_budget(tmp_path, reviews,
     target = ranks["_goat_target"]["trainable_params"]
     for label in ("kasa", "lora_ga"):
         assert ranks[label]["within_budget"] is True and abs(ranks[label]["trainable_params"] - target) <= 0.1 * target
-    assert json.loads((out / "runs" / "lora_ga-lr0.001-seed0" / "metrics.json").read_text())["lora_ga_init"]["batches"] >= 1
+    assert (
+        json.loads((out / "runs" / "lora_ga-lr0.001-seed0" / "metrics.json").read_text())["lora_ga_init"]["batches"]
+        >= 1
+    )
 
 
 @pytest.mark.parametrize("method", ["kasa", "lora_ga", "mixlora"])
@@ -197,4 +207,7 @@ def test_the_new_methods_adapt_the_same_layers_as_lora(method):
     lora, other = tiny_bert(), tiny_bert()
     targets = _targets(lora)
     expected = adapted(prepare_model("lora", lora, spec("lora"), targets, ["classifier"]))
-    assert expected == set(targets) and adapted(prepare_model(method, other, spec(method), targets, ["classifier"])) == expected
+    assert (
+        expected == set(targets)
+        and adapted(prepare_model(method, other, spec(method), targets, ["classifier"])) == expected
+    )

@@ -26,7 +26,7 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_LR", "DEFAULT_LR_GRID", "GOAT_METHODS", "GOAT_PRESETS", "METHODS", "NOT_QUANTIZABLE", "PEFT_METHODS",
-    "QUANTIZABLE", "check_adapter", "check_method", "check_quantize", "count_parameters", "expert_load", "goat_config_for",
-    "method_defaults", "prepare_model", "recording_expert_load", "reset_expert_load",
-    "method_loss", "data_dependent_state", "init_cost", "loraga_batches", "PEFT_VARIANTS",
+    "PEFT_VARIANTS", "QUANTIZABLE", "check_adapter", "check_method", "check_quantize", "count_parameters",
+    "data_dependent_state", "expert_load", "goat_config_for", "init_cost", "loraga_batches", "method_defaults",
+    "method_loss", "prepare_model", "recording_expert_load", "reset_expert_load",
 ]  # fmt: skip

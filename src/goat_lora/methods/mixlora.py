@@ -53,7 +53,9 @@ class MixLoraRouter(nn.Module):
         nn.init.kaiming_uniform_(self.gate.weight, a=math.sqrt(5), generator=generator)
         self.top_k = top_k
         self.experts = self.weights = self.stats = None  # this forward's (T, k) choice, (T, k) w, RoutingStats
-        self.register_buffer("slot_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer(
+            "slot_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False
+        )
 
     def forward(self, tokens: torch.Tensor) -> None:  # tokens (T, n)
         routing = route(self.gate(tokens), self.top_k)  # probs, used, weights: (T, E)
@@ -83,17 +85,22 @@ class MixLoraExperts(nn.Module):
                  alpha: float, dropout: float, generator):  # fmt: skip
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"MixLoRA adapts nn.Linear FFN layers only, not {type(base_layer).__name__}")
+            # ValueError: the command line's one-line refusal (exit 2), as for the other methods' layers
+            raise ValueError(f"MixLoRA adapts nn.Linear FFN layers only, not {type(base_layer).__name__}")  # noqa: TRY004
         num_experts, device = router.gate.out_features, base_layer.weight.device
         self.base_layer, self.routes, self.mixes = base_layer, routes, mixes
         self._router = (router,)  # shared by the block's layers; a submodule of the layer that routes only
         if routes:
             self.router = router
         self.rank, self.num_experts, self.scaling = rank, num_experts, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(num_experts * rank, base_layer.in_features, device=device))  # [A_1; ...; A_E]
+        self.lora_A = nn.Parameter(
+            torch.empty(num_experts * rank, base_layer.in_features, device=device)
+        )  # [A_1; ...; A_E]
         for j in range(num_experts):
             nn.init.kaiming_uniform_(self.lora_A[j * rank : (j + 1) * rank], a=math.sqrt(5), generator=generator)
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, num_experts * rank, device=device))  # [B_1 ... B_E]
+        self.lora_B = nn.Parameter(
+            torch.zeros(base_layer.out_features, num_experts * rank, device=device)
+        )  # [B_1 ... B_E]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _experts_delta(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
