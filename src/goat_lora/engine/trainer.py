@@ -1,6 +1,7 @@
 """The transformers Trainer, with GOAT's balance loss where a reader can see it.
 
     loss = task_loss + goat_config.aux_loss_coef * model.aux_loss()        (GoatTrainer.compute_loss)
+    loss = task_loss + methods.method_loss(model)[0]     the others: MixLoRA's balance loss, KaSA's regularisers
 
 `GoatTrainer.evaluate` runs the task's own evaluation (accuracy, correlation, exact match of a
 generated answer, ...) on the validation split when the Trainer schedules one, so every family is
