@@ -211,3 +211,33 @@ def test_the_new_methods_adapt_the_same_layers_as_lora(method):
         expected == set(targets)
         and adapted(prepare_model(method, other, spec(method), targets, ["classifier"])) == expected
     )
+
+
+def test_mixlora_on_a_llama_block_routes_gate_and_up_together():
+    """Llama's FFN, down(silu(gate(x)) * up(x)): gate_proj routes, up_proj follows the same choice, and
+    down_proj mixes; the model starts at the pretrained one and trains."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny_llama():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    batch = token_batch()
+    with torch.no_grad():
+        expected = tiny_llama()(**batch).logits
+    model = tiny_llama()
+    targets = find_target_modules(model, GoatConfig(target_modules="all-linear"))
+    blocks = find_ffn_blocks(targets)
+    assert blocks[0] == (["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], "model.layers.0.mlp.down_proj")
+    prepared = prepare_model("mixlora", model, spec("mixlora"), targets, [])
+    mlp = prepared.base_model.model.model.layers[0].mlp
+    assert mlp.gate_proj.routes and not mlp.up_proj.routes and mlp.down_proj.mixes
+    assert mlp.up_proj._router[0] is mlp.gate_proj.router and not hasattr(mlp.up_proj, "router")
+    prepared.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(**batch).logits, expected, atol=2e-5, rtol=1e-4)
+    prepared.train()
+    prepared(**batch, labels=batch["input_ids"]).loss.backward()
+    assert mlp.up_proj.lora_A.grad is not None and mlp.gate_proj.router.gate.weight.grad is not None
