@@ -241,3 +241,14 @@ def test_mixlora_on_a_llama_block_routes_gate_and_up_together():
     prepared.train()
     prepared(**batch, labels=batch["input_ids"]).loss.backward()
     assert mlp.up_proj.lora_A.grad is not None and mlp.gate_proj.router.gate.weight.grad is not None
+
+
+def test_mixlora_counts_each_token_once_under_activation_checkpointing():
+    """Checkpointing re-runs the block's forward inside backward; the experts' load must count it once."""
+    model = tiny_bert()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepared = prepare_model("mixlora", model, spec("mixlora"), _targets(tiny_bert()), ["classifier"])
+    prepared.train()
+    prepared(**token_batch(), labels=torch.tensor([0, 2])).loss.backward()
+    routers = [m for m in prepared.modules() if isinstance(m, MixLoraRouter)]
+    assert [float(r.slot_counts.sum()) for r in routers] == [2 * 7 * 2] * 2  # tokens x top_k, per block

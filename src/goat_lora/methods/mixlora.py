@@ -22,6 +22,7 @@ from torch import nn
 
 from ..functional import load_balance_loss, route, routing_stats
 from ..inject import replace_module
+from ..layer import in_backward_recompute
 
 # (the FFN's input layers, its output layer), as name suffixes inside one block
 FFN_LAYOUTS = (
@@ -61,6 +62,8 @@ class MixLoraRouter(nn.Module):
         routing = route(self.gate(tokens), self.top_k)  # probs, used, weights: (T, E)
         self.experts = routing.probs.topk(self.top_k, dim=-1).indices  # (T, k): the experts route() kept
         self.weights = routing.weights.gather(-1, self.experts)  # (T, k), sum 1 per token
+        if in_backward_recompute():  # activation checkpointing's second forward: record the routing once
+            return
         self.stats = routing_stats(routing)
         self.slot_counts += self.stats.counts.detach().double()
 
