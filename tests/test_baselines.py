@@ -9,9 +9,7 @@ import json
 
 import pandas as pd
 import pytest
-import test_train
 import torch
-from conftest import tiny_bert, token_batch
 
 from goat_lora.cli import main
 from goat_lora.config import GoatConfig
@@ -19,18 +17,28 @@ from goat_lora.inject import find_target_modules
 from goat_lora.methods import method_defaults, method_loss, prepare_model
 from goat_lora.methods.mixlora import MixLoraExperts, MixLoraRouter, find_ffn_blocks
 from goat_lora.settings import RunSettings
+from goat_lora.testing import minilm_vocab_bert, tiny_bert, tiny_llama, token_batch
 
-tiny_bert_dir = test_train.tiny_bert_dir  # the fixture: a 2-layer BERT with MiniLM's tokenizer, on disk
 TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--logging-steps", "1", "--report-to", "none"]
 
 
 def spec(method: str, **knobs) -> RunSettings:
-    settings = RunSettings(method=method, **{"rank": 4, "experts": 3, "top_k": 2, "dropout": 0.0, **knobs})
+    settings = RunSettings(method=method, **{"r": 4, "num_experts": 3, "top_k": 2, "dropout": 0.0, **knobs})
     return settings.replace(**{k: v for k, v in method_defaults(settings).items() if getattr(settings, k) is None})
 
 
 def _targets(model):
     return find_target_modules(model, GoatConfig(target_modules="all-linear", modules_to_save=["classifier"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A 2-layer BERT (hidden 32) with the MiniLM tokenizer's vocabulary, saved to disk."""
+    folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
+    model, tokenizer = minilm_vocab_bert(seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture
@@ -75,7 +83,7 @@ def test_train_save_then_eval_reloads_the_same_model(tmp_path, reviews, tiny_ber
 def test_lora_ga_starts_from_the_gradient_and_at_the_pretrained_model():
     """With batches, peft's LoRA-GA puts the gradient's singular vectors in A (orthonormal rows) and a
     non-zero B, and subtracts s B0 A0 from the base weight: the first output is the pretrained one."""
-    batch = {**token_batch(), "labels": torch.tensor([0, 2])}
+    batch = {**token_batch(), "labels": torch.tensor([0, 1])}
     with torch.no_grad():
         expected = tiny_bert()(**batch).logits
     model = tiny_bert()
@@ -216,14 +224,6 @@ def test_the_new_methods_adapt_the_same_layers_as_lora(method):
 def test_mixlora_on_a_llama_block_routes_gate_and_up_together():
     """Llama's FFN, down(silu(gate(x)) * up(x)): gate_proj routes, up_proj follows the same choice, and
     down_proj mixes; the model starts at the pretrained one and trains."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def tiny_llama():
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
-        return LlamaForCausalLM(config)
-
     batch = token_batch()
     with torch.no_grad():
         expected = tiny_llama()(**batch).logits
@@ -249,6 +249,14 @@ def test_mixlora_counts_each_token_once_under_activation_checkpointing():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prepared = prepare_model("mixlora", model, spec("mixlora"), _targets(tiny_bert()), ["classifier"])
     prepared.train()
-    prepared(**token_batch(), labels=torch.tensor([0, 2])).loss.backward()
+    prepared(**token_batch(), labels=torch.tensor([0, 1])).loss.backward()
     routers = [m for m in prepared.modules() if isinstance(m, MixLoraRouter)]
     assert [float(r.slot_counts.sum()) for r in routers] == [2 * 7 * 2] * 2  # tokens x top_k, per block
+
+
+def test_mixlora_top_k_above_its_experts_is_refused_in_one_line(tmp_path, reviews, capsys):
+    argv = ["train", "--method", "mixlora", "--experts", "4", "--top-k", "5", "--data", reviews, "--text-column",
+            "review", "--label-column", "score", "--output", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--method mixlora: --top-k 5 must be between 1 and --experts 4" in err[0], err

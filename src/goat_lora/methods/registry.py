@@ -133,9 +133,11 @@ def check_adapter(settings) -> None:
     """The adapter's rules, from their one home (GoatConfig.validate), for a resolved run: a GOAT method's
     config as it will be built; any other adapter as one expert of rank r (its r, dropout, alpha and
     quantization are checked; experts and routing are not its knobs). One-line ValueErrors."""
-    method, experts = settings.method, settings.num_experts
+    method, experts, top_k = settings.method, settings.num_experts, settings.top_k
     if method in ("full", "head"):
         return
+    if method == "mixlora" and not 1 <= top_k <= experts:  # its own experts and router per FFN block
+        raise ValueError(f"--method mixlora: --top-k {top_k} must be between 1 and --experts {experts}")
     if method not in GOAT_METHODS:  # experts, routing, init and GOAT's scaling are not its knobs
         settings = settings.replace(num_experts=1, top_k=1, routing="top_k", init="zero", scaling="alpha")
     goat_config_for(settings.method, settings, ["*"], [])
