@@ -50,7 +50,7 @@ def test_every_method_trains_something_and_runs(method):
     assert method in DEFAULT_LR_GRID
 
 
-@pytest.mark.parametrize("method", ["goat", "goat_mini", "goat_s", "hydralora", "milora", "pissa", "lora"])
+@pytest.mark.parametrize("method", ["goat", "goat_mini", "goat_s", "hydralora", "mixlora", "milora", "pissa", "lora"])
 def test_starting_model_equals_the_pretrained_one(method):
     """Where the method promises it: the adapted model's first output equals the base model's.
     GOAT needs k = E with a uniform router for exact equality (see GOAT_SPEC)."""

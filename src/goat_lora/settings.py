@@ -130,13 +130,16 @@ class RunSettings:
     # ---- the model and the method -------------------------------------------------------------------
     recipe: str | None = knob(None, "fill in the hyper-parameters of one of the paper's runs (goat_lora/recipes.py): "
                               + ", ".join(RECIPE_NAMES) + "; flags given beside it win", choices=RECIPE_NAMES)  # fmt: skip
-    method: str = knob("goat", "goat, goat_mini, goat_s, molora, hydralora, lora, rslora, dora, pissa, milora, full, "
-                       "head", commands=(TRAIN,))  # fmt: skip
+    method: str = knob("goat", "goat, goat_mini, goat_s, molora, hydralora, mixlora, lora, rslora, dora, pissa, milora, "
+                       "kasa, lora_ga, full, head", commands=(TRAIN,))  # fmt: skip
     model: str | None = knob(None, "local path or hub name; default the task's shipped model (minilm; smollm2 for "
                              "qa / causal-lm; EfficientNet-Lite0 for images)", commands=(TRAIN, COMPARE, INSPECT))  # fmt: skip
     target_modules: list[str] | None = knob(
         None, "layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head; "
         "EfficientNet: its 1x1 convolutions)", metavar="NAME")  # fmt: skip
+    lora_ga_batches: int = knob(8, "--method lora_ga: training batches (of --batch-size, drawn with --seed) its "
+                                "gradient estimate averages over before training; its cost is reported apart "
+                                "(metrics.json lora_ga_init)", minimum=1)  # fmt: skip
     # The adapter's knobs carry GoatConfig's names and defaults (declared there); `--rank` and `--experts`
     # are the command line's spellings of r and num_experts (FLAG_ALIASES). Their rules are GoatConfig's.
     r: int = adapter_knob("r", "total LoRA rank r (GOAT: over all experts)", commands=(TRAIN, COMPARE, INSPECT))

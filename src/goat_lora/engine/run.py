@@ -27,7 +27,10 @@ from .. import __version__, scaleout
 from ..methods import (
     GOAT_METHODS,
     count_parameters,
+    data_dependent_state,
     expert_load,
+    init_cost,
+    loraga_batches,
     prepare_model,
     recording_expert_load,
     reset_expert_load,
@@ -80,15 +83,19 @@ class Job:
 
 
 # ---- models -------------------------------------------------------------------------------------
-def build_model(run: Run, meta: dict) -> tuple[ModelParts, torch.nn.Module]:
-    """(the task's parts, its base model prepared for the run's method)."""
+def build_model(run: Run, meta: dict, train_split=None) -> tuple[ModelParts, torch.nn.Module]:
+    """(the task's parts, its base model prepared for the run's method). `train_split`: the run's training
+    data, for a method whose start depends on it (LoRA-GA); None when a run folder is reloaded."""
     from transformers import set_seed
 
     settings = run.settings
     set_seed(settings.seed)
     parts = run.task.build(settings, meta)
     check_finite_weights(parts.model, settings.model)
-    return parts, prepare_model(settings.method, parts.model, settings, parts.targets, parts.head)
+    batches = None
+    if settings.method == "lora_ga" and train_split is not None:
+        batches = loraga_batches(settings, train_split, parts.collator)
+    return parts, prepare_model(settings.method, parts.model, settings, parts.targets, parts.head, batches)
 
 
 def check_finite_weights(model, name: str | None) -> None:
@@ -107,6 +114,7 @@ def save_method_weights(model, method: str, folder: str) -> None:
         model.save_pretrained(folder)
         return
     state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    state.update(data_dependent_state(model))  # LoRA-GA's base weights: a rebuild without the data lacks them
     atomic_write_bytes(os.path.join(folder, "method_state.safetensors"), safetensors.torch.save(state))
 
 
@@ -133,7 +141,7 @@ def train(run: Run | RunSettings, output: str | None = None, *, data: TaskData |
     output = output or default_output(settings.method)
     check_output(output, writing.overwrite)
     data = data if data is not None else run.task.load_data(settings)
-    parts, model = build_model(run, data.meta)
+    parts, model = build_model(run, data.meta, data.train)
     counts = count_parameters(model)
     if counts[0] == 0:
         raise ValueError("no trainable parameters")
@@ -182,6 +190,7 @@ def _train_in(job: Job, checkpoint: str | None, writing: Writing) -> dict:
         best.restore()  # test and save the epoch with the best validation metric
     test, load = evaluate_split(task, model, data.test, job.parts, settings, device)
     metrics = run_metrics(job, trainer, callback, test, load, train_time)
+    metrics.update(init_cost(model))  # LoRA-GA's gradient estimate, before training and outside train_time_s
     selected = settings.select == "best-epoch" and best.state is not None
     metrics["best_epoch"] = best.epoch  # the epoch with the best validation metric (None without validation)
     metrics["selected_epoch"] = best.epoch if selected else trainer.state.epoch  # the epoch tested and saved

@@ -1,6 +1,7 @@
 """The transformers Trainer, with GOAT's balance loss where a reader can see it.
 
     loss = task_loss + goat_config.aux_loss_coef * model.aux_loss()        (GoatTrainer.compute_loss)
+    loss = task_loss + methods.method_loss(model)[0]     the others: MixLoRA's balance loss, KaSA's regularisers
 
 `GoatTrainer.evaluate` runs the task's own evaluation (accuracy, correlation, exact match of a
 generated answer, ...) on the validation split when the Trainer schedules one, so every family is
@@ -19,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .. import scaleout
-from ..methods import expert_load, reset_expert_load
+from ..methods import expert_load, method_loss, reset_expert_load
 from ..report import router_statistics
 from ..settings import compile_mode
 from ..tasks.base import better
@@ -36,8 +37,10 @@ class GoatTrainer(Trainer):
     """transformers.Trainer that adds GOAT's load-balancing loss to the task loss and validates with
     the task's own metrics (`goat_validate`: a function returning {metric: value})."""
 
-    def __init__(self, *args, goat_validate: Callable[[], dict] | None = None, goat_shuffle: bool = True, **kwargs):
+    def __init__(self, *args, goat_validate: Callable[[], dict] | None = None, goat_shuffle: bool = True,
+                 goat_aux_loss_coef: float = 0.0, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.goat_aux_loss_coef = goat_aux_loss_coef  # MixLoRA's balance-loss weight (GOAT's is in its GoatConfig)
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean; let Trainer average
         self.goat_validate = goat_validate
         self.goat_shuffle = goat_shuffle  # False: sequential order (--no-shuffle)
@@ -56,6 +59,12 @@ class GoatTrainer(Trainer):
             loss = loss + goat.goat_config.aux_loss_coef * aux
             if model.training:
                 self._aux_sum += float(aux.detach())
+                self._aux_count += 1
+        elif (extra := method_loss(self.accelerator.unwrap_model(model, keep_torch_compile=False),
+                                   self.goat_aux_loss_coef)) is not None:  # MixLoRA's balance loss, KaSA's regularisers
+            loss = loss + extra[0]
+            if model.training:
+                self._aux_sum += float(extra[1].detach())
                 self._aux_count += 1
         return (loss, outputs) if return_outputs else loss
 
@@ -296,6 +305,7 @@ def make_trainer(model, training_args: TrainingArguments, settings, staging: str
 
     console = [] if training_args.disable_tqdm else [ConsoleProgress()]
     trainer = GoatTrainer(model=model, args=training_args, goat_shuffle=settings.shuffle,
+                          goat_aux_loss_coef=settings.aux_loss_coef,
                           callbacks=[*callbacks, *console, *scaleout.callbacks(settings, staging)], **trainer_kwargs)  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # the raw dictionaries; ConsoleProgress shows them readably
     trainer.remove_callback(ProgressCallback)

@@ -6,6 +6,9 @@ registry and load modules only; the methods themselves live beside them:
   hydralora                         methods.hydralora (shared A, one B per expert, dense softmax router)
   lora, rslora, dora, pissa, milora methods.peft_methods (peft's LoRA with its options; MiLoRA's init and
                                     PiSSA's on 1x1 convolutions written there, through svd.py)
+  kasa, lora_ga                     methods.peft_variants (peft's KasaConfig; LoraGAConfig + preprocess_loraga
+                                    on a few of the run's training batches, `batches` below)
+  mixlora                           methods.mixlora (routed LoRA experts per FFN block, peft's LoRA on attention)
   full, head                        every parameter / only the classification head trained
 
 Every method adapts the same layers (`targets`: all Linear layers of a transformer except the head,
@@ -25,17 +28,21 @@ from ..config import GoatConfig
 from ..model import count_parameters, get_goat_model  # noqa: F401  (count_parameters: for every method)
 from ..settings import adapter_knobs
 from .hydralora import get_hydralora_model
+from .mixlora import get_mixlora_model
 from .peft_methods import get_peft_baseline
+from .peft_variants import get_kasa_model, get_loraga_model
 
 GOAT_METHODS = ("goat", "goat_mini", "goat_s", "molora")
 PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "milora")
-METHODS = GOAT_METHODS + ("hydralora",) + PEFT_METHODS + ("full", "head")
+PEFT_VARIANTS = ("kasa", "lora_ga")  # peft's own configs, in peft >= 0.21 (peft_variants.PEFT_SUPPORT)
+METHODS = GOAT_METHODS + ("hydralora", "mixlora") + PEFT_METHODS + PEFT_VARIANTS + ("full", "head")
 
 # Learning rate when --lr is not given. GOAT's s = sqrt(3 n / d) makes its update behave like a
 # larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
 DEFAULT_LR = {
     "goat": 3e-4, "goat_mini": 3e-4, "goat_s": 3e-4, "molora": 1e-3, "hydralora": 1e-3,
     "lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "pissa": 5e-4, "milora": 1e-3, "full": 5e-5, "head": 3e-2,
+    "kasa": 1e-3, "lora_ga": 1e-3, "mixlora": 1e-3,
 }  # fmt: skip
 
 # What a GOAT-family method changes in GoatConfig when the flag is not given (--init, --scaling).
@@ -59,6 +66,11 @@ DEFAULT_LR_GRID = {
     "dora": (1e-3, 3e-3),
     "pissa": (3e-4, 1e-3),
     "milora": (1e-3, 3e-3),
+    # LoRA's grid for the LoRA variants and MoLoRA's for MixLoRA, until a comparison says otherwise
+    # (docs/results/new-baselines/)
+    "kasa": (1e-3, 3e-3),
+    "lora_ga": (1e-3, 3e-3),
+    "mixlora": (1e-3, 3e-3),
     "full": (1e-4, 3e-4),
     "head": (3e-2, 1e-1),  # a linear head on frozen features: at 3e-3 / 1e-2 it kept the majority class
 }
@@ -75,6 +87,9 @@ QUANTIZABLE = GOAT_METHODS + ("lora", "rslora", "dora", "pissa")
 NOT_QUANTIZABLE = {
     "milora": "its minor-component init rewrites the full-precision weight and has no quantized route here",
     "hydralora": "its layer has no quantized-base route here",
+    "mixlora": "its expert layers have no quantized-base route here",
+    "kasa": "peft's KaSA truncates the full-precision weight by an SVD and has no quantized route",
+    "lora_ga": "peft's LoRA-GA needs full-precision gradients of the base weights",
     "full": "a quantized weight cannot be trained",
     "head": "it adapts no layer, so there is no adapter to train on the quantized base",
 }
@@ -118,9 +133,11 @@ def check_adapter(settings) -> None:
     """The adapter's rules, from their one home (GoatConfig.validate), for a resolved run: a GOAT method's
     config as it will be built; any other adapter as one expert of rank r (its r, dropout, alpha and
     quantization are checked; experts and routing are not its knobs). One-line ValueErrors."""
-    method, experts = settings.method, settings.num_experts
+    method, experts, top_k = settings.method, settings.num_experts, settings.top_k
     if method in ("full", "head"):
         return
+    if method == "mixlora" and not 1 <= top_k <= experts:  # its own experts and router per FFN block
+        raise ValueError(f"--method mixlora: --top-k {top_k} must be between 1 and --experts {experts}")
     if method not in GOAT_METHODS:  # experts, routing, init and GOAT's scaling are not its knobs
         settings = settings.replace(num_experts=1, top_k=1, routing="top_k", init="zero", scaling="alpha")
     goat_config_for(settings.method, settings, ["*"], [])
@@ -128,9 +145,12 @@ def check_adapter(settings) -> None:
         raise ValueError(f"GoatConfig.num_experts={experts} must be >= 1")
 
 
-def prepare_model(method: str, model: nn.Module, settings, targets: list[str], head: list[str]) -> nn.Module:
+def prepare_model(method: str, model: nn.Module, settings, targets: list[str], head: list[str],
+                  batches: list[dict] | None = None) -> nn.Module:  # fmt: skip
     """Adapt `model` for `method` (in place where possible) and return the model to train.
-    `settings`: the run's resolved RunSettings (rank, experts, top_k, lora_alpha, dropout, seed, ...)."""
+    `settings`: the run's resolved RunSettings (rank, experts, top_k, lora_alpha, dropout, seed, ...).
+    `batches`: training batches for a method whose start depends on data (LoRA-GA); without them its
+    structure only is built (parameter counts, or a reloaded run whose tensors come from its folder)."""
     check_method(method)
     check_quantize(method, settings.quantize)
     if method in GOAT_METHODS:
@@ -139,6 +159,12 @@ def prepare_model(method: str, model: nn.Module, settings, targets: list[str], h
         return get_hydralora_model(model, settings, targets, head)
     if method in PEFT_METHODS:
         return get_peft_baseline(method, model, settings, targets, head)
+    if method == "kasa":
+        return get_kasa_model(model, settings, targets, head)
+    if method == "lora_ga":
+        return get_loraga_model(model, settings, targets, head, batches)
+    if method == "mixlora":
+        return get_mixlora_model(model, settings, targets, head)
     for param in model.parameters():
         param.requires_grad_(method == "full")
     for name in head:
