@@ -260,7 +260,7 @@ class GoatLayer(nn.Module):
         # Routing bookkeeping (not state): stats of the last forward, load since the last reset.
         self.token_mask: torch.Tensor | None = None  # set by GoatModel for the current forward
         self.last_stats: F.RoutingStats | None = None
-        self._token_counts: dict[tuple[int, torch.device], torch.Tensor] = {}  # see _token_count
+        self._token_count_cache: tuple[int, torch.Tensor] | None = None  # see _token_count
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
         # True inside GoatModel.disable_adapter(): the forward is the pretrained layer's, nothing is recorded
         self.adapter_disabled = False
@@ -388,15 +388,15 @@ class GoatLayer(nn.Module):
         return delta.reshape(like.shape)
 
     def _token_count(self, probs: torch.Tensor) -> torch.Tensor:
-        """T as a () float32 tensor on probs' device, filled once per batch size (one op less per layer and step;
-        nothing writes to it). Compiled, a fill in the graph (inductor fuses it)."""
+        """T as a () float32 tensor on probs' device, kept while the batch size stays the same (one op less per
+        layer and step; nothing writes to it). Compiled, a fill in the graph (inductor fuses it)."""
+        tokens = probs.shape[0]
         if torch.compiler.is_compiling():
-            return torch.full((), float(probs.shape[0]), device=probs.device)
-        count = self._token_counts.get((probs.shape[0], probs.device))
-        if count is None:
-            count = self._token_counts[(probs.shape[0], probs.device)] = torch.full((), float(probs.shape[0]),
-                                                                                    device=probs.device)  # fmt: skip
-        return count
+            return torch.full((), float(tokens), device=probs.device)
+        cached = self._token_count_cache
+        if cached is None or cached[0] != tokens or cached[1].device != probs.device:
+            cached = self._token_count_cache = (tokens, torch.full((), float(tokens), device=probs.device))
+        return cached[1]
 
     def _record(self, routing: F.Routing, x: torch.Tensor) -> None:
         if in_backward_recompute():
