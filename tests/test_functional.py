@@ -455,14 +455,14 @@ def test_routed_experts_equals_autograd_of_the_plain_formula(num_experts, top_k,
 @pytest.mark.parametrize("frozen", [("x",), ("G",), ("A", "B"), ("x", "G")])
 def test_routed_experts_computes_only_the_gradients_asked_for(frozen):
     inputs, scale, _ = _routed_inputs(4, 2, "top_k", False)
-    for name, t in zip("x G A B".split(), inputs):
+    for name, t in zip(["x", "G", "A", "B"], inputs):
         t.requires_grad_(name not in frozen)
     delta, routing = F.routed_experts(*inputs, scale, None, 2)
-    wanted = [t for name, t in zip("x G A B".split(), inputs) if name not in frozen]
+    wanted = [t for name, t in zip(["x", "G", "A", "B"], inputs) if name not in frozen]
     grads = torch.autograd.grad((delta.sum() + routing.probs.sum(0)[0]), wanted)
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     ref_delta, ref_probs = _plain_routed_experts(*ref_inputs, scale, None, 2, "top_k", 0.25)
-    ref_wanted = [t for name, t in zip("x G A B".split(), ref_inputs) if name not in frozen]
+    ref_wanted = [t for name, t in zip(["x", "G", "A", "B"], ref_inputs) if name not in frozen]
     for a, b in zip(grads, torch.autograd.grad(ref_delta.sum() + ref_probs.sum(0)[0], ref_wanted)):
         torch.testing.assert_close(a, b)
 
