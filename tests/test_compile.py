@@ -260,6 +260,7 @@ def test_compile_knob_passes_to_the_training_arguments(monkeypatch):
     assert os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "False"
     monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")  # CUDA graphs: the whole model, as checked on GPUs
     compile_arguments(dataclasses.replace(settings, compile_mode="reduce-overhead"))
+    compile_arguments(dataclasses.replace(settings, gradient_checkpointing=True))  # records re-run in backward
     assert "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION" not in os.environ
 
 
