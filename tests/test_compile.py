@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -207,14 +208,23 @@ def test_compiled_layer_saves_no_float_copy_of_the_dropped_input():
     assert compiled_floats == eager_floats and compiled_masks == eager_masks
 
 
-def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path):  # noqa: F811
-    """`goat train --compile` gives the eager run's per-step losses, balance losses and expert balance.
+def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path, monkeypatch):  # noqa: F811
+    """`goat train --compile` compiles the model regionally (each repeated block once, accelerate's
+    compile_regions) and gives the eager run's per-step losses, balance losses and expert balance.
     Backend eager (dynamo's graph run by eager kernels): the Trainer's path to the compiled model is
     what is tested here; AOTAutograd is tested above, and inductor's code generation takes minutes on
     this CPU."""
     import json
 
+    import accelerate.accelerator
+
     from goat_lora.cli import main
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", raising=False)
+    regions = []
+    compile_regions = accelerate.accelerator.compile_regions
+    monkeypatch.setattr(accelerate.accelerator, "compile_regions",
+                        lambda model, **kw: regions.append(type(model).__name__) or compile_regions(model, **kw))  # fmt: skip
 
     model_dir, data = tiny_task
     out = tmp_path / "run"
@@ -223,6 +233,7 @@ def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path):  # 
             "--compile-backend", "eager", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it did compile
+    assert regions == ["GoatModel"]  # regionally
     compiled = json.loads((out / "metrics.json").read_text())
     eager = json.loads(open(f"{one_process}/metrics.json").read())
     config = json.loads((out / "config.json").read_text())
@@ -234,13 +245,23 @@ def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path):  # 
     assert compiled["test_accuracy"] == eager["test_accuracy"]
 
 
-def test_compile_knob_passes_to_the_training_arguments():
+def test_compile_knob_passes_to_the_training_arguments(monkeypatch):
     from goat_lora.engine.trainer import compile_arguments
     from goat_lora.settings import RunSettings
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", raising=False)  # compile_arguments sets it
 
     assert compile_arguments(RunSettings()) == {}
     settings = dataclasses.replace(RunSettings(), compile=True, compile_backend="aot_eager")
     assert compile_arguments(settings) == {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    assert os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "True"  # accelerate's compile_regions
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "False")  # the user's choice is kept
+    compile_arguments(settings)
+    assert os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "False"
+    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")  # CUDA graphs: the whole model, as checked on GPUs
+    compile_arguments(dataclasses.replace(settings, compile_mode="reduce-overhead"))
+    compile_arguments(dataclasses.replace(settings, gradient_checkpointing=True))  # records re-run in backward
+    assert "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION" not in os.environ
 
 
 def test_compile_mode_is_cuda_graphs_on_cuda_and_the_default_elsewhere():
@@ -281,10 +302,12 @@ def test_cuda_graph_runs_pad_batches_to_a_few_shapes(monkeypatch):
     assert (padded["labels"][0, int(padded["attention_mask"].sum()):] == -100).all()
 
 
-def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graphs(tiny_task, tmp_path):  # noqa: F811
+def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graphs(tiny_task, tmp_path, monkeypatch):  # noqa: F811
     """`goat train --compile` over texts of 1 to 30 words: no graph break, and a bounded number of graphs
     (the padded lengths and the last, smaller batch), not one per length."""
     from test_scaleout import write_reviews
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", raising=False)  # --compile sets it
 
     from goat_lora.cli import main
 
@@ -298,4 +321,6 @@ def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graph
     assert main(argv) == 0
     graphs = counters["stats"]["unique_graphs"] - before_graphs
     assert sum(counters["graph_break"].values()) == before_breaks  # no graph break
-    assert 1 <= graphs <= 4, graphs  # lengths 16, 32, 40 (and dynamo's dynamic-shape graph), not one per length
+    # regionally compiled: each region (the repeated block, the parts around it) for lengths 16, 32, 40 and
+    # dynamo's dynamic-shape graph: 6 graphs here; one per length would be far more
+    assert 1 <= graphs <= 8, graphs

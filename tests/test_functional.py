@@ -377,6 +377,96 @@ def test_experts_delta_is_two_matmuls_whatever_the_number_of_experts(mode):
     assert sum(name in ("matmul", "__matmul__", "mm", "linear") for name in counts[16]) == 2
 
 
+def _plain_routed_experts(x, G, A, B, scale, keep, top_k, mode, top_p):
+    """route + experts_delta written out in x's dtype, for autograd to differentiate (the reference)."""
+    probs = torch.softmax(x @ G.T, dim=-1)
+    used = F.top_p_mask(probs, top_p) if mode == "top_p" else F.top_k_mask(probs, top_k)
+    kept = probs * used
+    weights = kept / kept.sum(-1, keepdim=True)
+    if mode == "shared":
+        weights = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=-1)
+    dropped = x if keep is None else x * keep
+    tokens, num_experts = weights.shape
+    hidden = (dropped @ A.T).view(tokens, num_experts, -1) * (weights * scale).unsqueeze(-1)
+    return hidden.view(tokens, -1) @ B.T, probs
+
+
+ROUTED_CASES = [  # (num_experts, top_k, d, mode, top_p, dropout)
+    (4, 2, 2, "top_k", 0.25, False), (8, 3, 1, "top_k", 0.25, True), (1, 1, 3, "top_k", 0.25, False),
+    (6, 1, 2, "top_p", 0.5, True), (4, 1, 1, "top_p", 1.0, False), (4, 2, 2, "shared", 0.25, True),
+    (2, 1, 2, "shared", 0.25, False),
+]  # fmt: skip
+
+
+def _routed_inputs(num_experts, d, mode, dropout, dtype=torch.float64, n=6, m=5, T=9):
+    g = torch.Generator().manual_seed(num_experts * 10 + d)
+    x = torch.randn(T, n, dtype=dtype, generator=g)
+    G = torch.randn(num_experts - (mode == "shared"), n, dtype=dtype, generator=g)
+    A = torch.randn(num_experts * d, n, dtype=dtype, generator=g)
+    B = torch.randn(m, num_experts * d, dtype=dtype, generator=g)
+    scale = torch.rand(num_experts, dtype=dtype, generator=g) + 0.5
+    keep = torch.rand(T, n, generator=g) > 0.3 if dropout else None
+    return [t.requires_grad_() for t in (x, G, A, B)], scale, keep
+
+
+@pytest.mark.parametrize("num_experts, top_k, d, mode, top_p, dropout", ROUTED_CASES)
+def test_routed_experts_backward_passes_gradcheck(num_experts, top_k, d, mode, top_p, dropout):
+    """The hand-written backward of routed_experts against finite differences in float64, through the delta
+    and through the probabilities (the balance loss's path) together."""
+    (x, G, A, B), scale, keep = _routed_inputs(num_experts, d, mode, dropout)
+
+    def outputs(x, G, A, B):
+        delta, routing = F.routed_experts(x, G, A, B, scale, keep, top_k, mode, top_p)
+        return delta, routing.probs
+
+    assert torch.autograd.gradcheck(outputs, (x, G, A, B))
+
+
+@pytest.mark.parametrize("num_experts, top_k, d, mode, top_p, dropout", ROUTED_CASES)
+@pytest.mark.parametrize("reach", ["both", "delta", "probs"])
+def test_routed_experts_equals_autograd_of_the_plain_formula(num_experts, top_k, d, mode, top_p, dropout, reach):
+    """Outputs, routing and gradients of routed_experts equal autograd's of route + experts_delta written out,
+    whichever outputs the loss uses (the experts' delta, the probabilities of the balance loss, or both)."""
+    inputs, scale, keep = _routed_inputs(num_experts, d, mode, dropout)
+    delta, routing = F.routed_experts(*inputs, scale, keep, top_k, mode, top_p)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_delta, ref_probs = _plain_routed_experts(*ref_inputs, scale, keep, top_k, mode, top_p)
+    torch.testing.assert_close(delta, ref_delta)
+    torch.testing.assert_close(routing.probs, ref_probs)
+    assert routing.used.shape == routing.weights.shape == (9, num_experts)
+    torch.testing.assert_close(routing.weights.sum(-1), torch.full((9,), 1.0 + (mode == "shared"), dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    grad_delta, grad_prob_sum = torch.randn(delta.shape, generator=g, dtype=torch.float64), torch.randn(
+        ref_probs.shape[-1], generator=g, dtype=torch.float64)  # fmt: skip
+
+    def loss(delta, probs):
+        parts = {"delta": (delta * grad_delta).sum(), "probs": (probs.sum(0) * grad_prob_sum).sum()}
+        return parts["delta"] + parts["probs"] if reach == "both" else parts[reach]
+
+    grads = torch.autograd.grad(loss(delta, routing.probs), inputs, allow_unused=True)
+    ref_grads = torch.autograd.grad(loss(ref_delta, ref_probs), ref_inputs, allow_unused=True)
+    for name, a, b in zip(("x", "router", "A", "B"), grads, ref_grads):
+        if b is None:
+            assert a is None or not a.any(), name
+        else:
+            torch.testing.assert_close(a, b, msg=f"{name} differs")
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("G",), ("A", "B"), ("x", "G")])
+def test_routed_experts_computes_only_the_gradients_asked_for(frozen):
+    inputs, scale, _ = _routed_inputs(4, 2, "top_k", False)
+    for name, t in zip(["x", "G", "A", "B"], inputs):
+        t.requires_grad_(name not in frozen)
+    delta, routing = F.routed_experts(*inputs, scale, None, 2)
+    wanted = [t for name, t in zip(["x", "G", "A", "B"], inputs) if name not in frozen]
+    grads = torch.autograd.grad((delta.sum() + routing.probs.sum(0)[0]), wanted)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_delta, ref_probs = _plain_routed_experts(*ref_inputs, scale, None, 2, "top_k", 0.25)
+    ref_wanted = [t for name, t in zip(["x", "G", "A", "B"], ref_inputs) if name not in frozen]
+    for a, b in zip(grads, torch.autograd.grad(ref_delta.sum() + ref_probs.sum(0)[0], ref_wanted)):
+        torch.testing.assert_close(a, b)
+
+
 # ---- 7. load-balancing loss -------------------------------------------------------------------------
 
 

@@ -285,6 +285,115 @@ def experts_delta(
     return scaled @ B.T  # (T, m)
 
 
+class _RoutedExperts(torch.autograd.Function):
+    r"""Router, routing and experts of one layer in one autograd node with the backward written out.
+
+    Forward, for tokens x (T, n) in the adapters' dtype, autocast off (the adapter is small: r/n of the
+    base's flops; in the adapters' float32 it needs no cast of A, B, the weights or the tokens):
+        p = softmax(x G^T)            (T, R)   float32 (float64 for float64 inputs)
+        u = keep(p)                   (T, R)   bool: top-k or top-p; no gradient
+        w = p u / sum(p u)            (T, R)   renormalised weights
+        c = [s_shared, w s_routed]    (T, E)   each expert's weight times its scale
+        h = (x * keep_drop) A^T       (T, r)
+        y = (h * (c ⊗ 1_d)) B^T       (T, m)
+    Backward, given dy and dp (p's gradient from the balance loss, through routing_stats):
+        dB = dy^T (h * c),  dh = (dy B) * c,  dc = sum_d (dy B) * h,  dA = dh^T (x * keep_drop)
+        dlogits = c dc - w t + p * (dp - <p, dp>),   t = sum_j c_j dc_j   (routed columns)
+    The last line is the chain through renormalisation and softmax in closed form: with
+    dL/dw_j = dc_j s_j, dL/dkept_j = (dc_j s_j - t) / sum(p u), and p_j u_j / sum(p u) = w_j, so
+    softmax's correction sum_i p_i (...) vanishes for the routing part (sum_j w_j = 1). Autograd of
+    the composite formula (route, experts_delta) takes about twice the ops for the same numbers;
+    tests/test_functional.py checks this against it and with gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, G, A, B, expert_scale, keep, top_k, mode, top_p):
+        ctx.set_materialize_grads(False)  # no zero gradients for the outputs without one (used, weights)
+        tokens, num_experts, total_rank = x.shape[0], expert_scale.shape[0], A.shape[0]
+        num_shared, rank = num_experts - G.shape[0], total_rank // num_experts  # d = rank
+        route_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            probs = torch.softmax(x @ G.T, dim=-1, dtype=route_dtype)  # (T, R)
+            used = top_p_mask(probs, top_p) if mode is RoutingMode.TOP_P else top_k_mask(probs, top_k)
+            kept = probs * used  # p where kept, else 0
+            weights = kept / kept.sum(dim=-1, keepdim=True)  # (T, R): w
+            coef = weights * expert_scale[num_shared:]  # (T, R): w_j s_j
+            if num_shared:  # shared experts: weight 1 for every token, outside the router
+                coef = torch.cat([expert_scale[:num_shared].expand(tokens, num_shared), coef], dim=-1)
+            hidden = (x if keep is None else x * keep) @ A.T  # (T, r)
+            coef = coef.to(hidden.dtype)
+            scaled = (hidden.view(tokens, num_experts, rank) * coef.unsqueeze(-1)).view(tokens, total_rank)
+            delta = scaled @ B.T  # (T, m)
+        ctx.save_for_backward(x, keep, G, A, B, probs, weights, coef, hidden, scaled)
+        if num_shared:  # the (T, E) views that Routing reports
+            ones = torch.ones_like(used[:, :num_shared])
+            used, weights = torch.cat([ones, used], dim=-1), torch.cat([ones.to(weights.dtype), weights], dim=-1)
+        ctx.mark_non_differentiable(used, weights)
+        return delta, probs, used, weights
+
+    @staticmethod
+    def backward(ctx, grad_delta, grad_probs, _used, _weights):
+        x, keep, G, A, B, probs, weights, coef, hidden, scaled = ctx.saved_tensors
+        need_x, need_G, need_A, need_B = ctx.needs_input_grad[:4]
+        tokens, total_rank = x.shape[0], A.shape[0]
+        num_experts = coef.shape[-1]
+        num_shared, rank = num_experts - G.shape[0], total_rank // num_experts
+        grad_x = grad_G = grad_A = grad_B = grad_logits = None
+        routed = slice(num_shared, None)  # the router's columns of (T, E)
+        with torch.autocast(x.device.type, enabled=False):
+            if grad_delta is not None:  # the experts' path (None when only the balance loss reached this layer)
+                grad_delta = grad_delta.to(B.dtype)
+                if need_B:
+                    grad_B = grad_delta.T @ scaled  # (m, r)
+                grad_scaled = (grad_delta @ B).view(tokens, num_experts, rank)  # (T, E, d)
+                grad_hidden = (grad_scaled * coef.unsqueeze(-1)).view(tokens, total_rank)  # (T, r)
+                if need_A:  # x * keep recomputed, not saved. Written keep * x: under torch.compile the forward and
+                    # backward are one graph, and CSE would merge an identical x * keep into the forward's, which
+                    # the partitioner would then save (a float copy of the input per layer)
+                    grad_A = grad_hidden.T @ (x if keep is None else keep * x)  # (r, n)
+                if need_x:
+                    grad_x = grad_hidden @ A if keep is None else (grad_hidden @ A) * keep  # (T, n)
+                if need_x or need_G:
+                    # dc_j = sum_d (dy B)_jd h_jd: T E dot products of length d, one batched matmul
+                    grad_coef = torch.bmm(grad_scaled.view(-1, 1, rank), hidden.view(-1, rank, 1))  # (T E, 1, 1)
+                    grad_coef = grad_coef.view(tokens, num_experts)[:, routed].to(probs.dtype)  # (T, R)
+                    coef = coef[:, routed].to(probs.dtype)
+                    dot = torch.bmm(coef.unsqueeze(1), grad_coef.unsqueeze(-1)).view(tokens, 1)  # t = sum_j c_j dc_j
+                    if grad_probs is None:  # c dc - w t
+                        grad_logits = torch.addcmul(coef * grad_coef, weights, dot, value=-1.0)
+                    else:  # the balance loss's path, a plain softmax backward, plus c dc - w t
+                        softmax_grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+                        grad_logits = torch.addcmul(torch.addcmul(softmax_grad, coef, grad_coef), weights, dot,
+                                                    value=-1.0)  # fmt: skip
+            elif grad_probs is not None and (need_x or need_G):
+                grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            if grad_logits is not None:
+                grad_logits = grad_logits.to(G.dtype)  # (T, R)
+                if need_G:
+                    grad_G = grad_logits.T @ x  # (R, n)
+                if need_x:
+                    grad_x = grad_logits @ G if grad_x is None else torch.addmm(grad_x.to(G.dtype), grad_logits, G)
+        return grad_x, grad_G, grad_A, grad_B, None, None, None, None, None
+
+
+def routed_experts(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    expert_scale: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    top_k: int = 2,
+    mode: str = "top_k",
+    top_p: float = 0.25,
+) -> tuple[torch.Tensor, Routing]:
+    r"""route(x G^T) and experts_delta in one step with a hand-written backward (_RoutedExperts): the
+    same numbers as the two composed, in about half the ops. x (T, n), G (R, n), A (r, n), B (m, r) in
+    one dtype; the delta (T, m) comes back in it, with the Routing (its weights carry no gradient)."""
+    delta, probs, used, weights = _RoutedExperts.apply(x, router_weight, A, B, expert_scale, keep, top_k,
+                                                       RoutingMode(mode), top_p)  # fmt: skip
+    return delta, Routing(probs, used, weights)
+
+
 def experts_delta_loop(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, expert_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -317,9 +426,12 @@ class RoutingStats(NamedTuple):
     num_tokens: torch.Tensor  # () T
 
 
-def routing_stats(routing: Routing, token_mask: torch.Tensor | None = None) -> RoutingStats:
+def routing_stats(
+    routing: Routing, token_mask: torch.Tensor | None = None, num_tokens: torch.Tensor | None = None
+) -> RoutingStats:
     """Sufficient statistics of one forward; `token_mask` (T,) bool drops padding tokens. Shared experts
-    (the first E - R columns of `used`) have no router probability and are left out."""
+    (the first E - R columns of `used`) have no router probability and are left out. `num_tokens`: a ()
+    float32 tensor holding T that the caller keeps (used without a mask, instead of a fill)."""
     probs, used = routing.probs, routing.used
     num_shared = used.shape[-1] - probs.shape[-1]
     used = used[:, num_shared:]  # (T, R)
@@ -329,7 +441,7 @@ def routing_stats(routing: Routing, token_mask: torch.Tensor | None = None) -> R
         probs = torch.where(token_mask[:, None], probs, 0.0)
         used = used & token_mask[:, None]
         num_tokens = token_mask.sum(dtype=torch.float32)
-    else:  # a fill on the device, not torch.tensor(..., device=...): that copy from the host waits for the GPU
+    elif num_tokens is None:  # a fill on the device, not torch.tensor(..., device=...): that waits for the GPU
         num_tokens = torch.full((), float(probs.shape[0]), device=probs.device)
     counts = used.sum(dim=0, dtype=torch.float32)  # (R,)
     return RoutingStats(probs.sum(dim=0), counts, num_tokens)

@@ -167,9 +167,20 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     count = math.prod(shape)
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
     lanes = words.view(torch.int16).view(-1, 4)  # three lanes uniform on [-2^15, 2^15), the top one on [0, 2^15)
-    thresholds = torch.full((4,), round(p * 65536) - 32768, dtype=torch.int16)
-    thresholds[_TOP_LANE] = round(p * 32768)
-    return (lanes >= thresholds).view(-1)[:count].view(shape)
+    return (lanes >= _lane_thresholds(p)).view(-1)[:count].view(shape)
+
+
+_LANE_THRESHOLDS: dict[float, torch.Tensor] = {}
+
+
+def _lane_thresholds(p: float) -> torch.Tensor:
+    """keep_mask's four int16 thresholds for drop probability p, built once per p (two ops less per layer
+    and step; nothing writes to them)."""
+    if p not in _LANE_THRESHOLDS:
+        thresholds = torch.full((4,), round(p * 65536) - 32768, dtype=torch.int16)
+        thresholds[_TOP_LANE] = round(p * 32768)
+        _LANE_THRESHOLDS[p] = thresholds
+    return _LANE_THRESHOLDS[p]
 
 
 class GoatLayer(nn.Module):
@@ -249,6 +260,7 @@ class GoatLayer(nn.Module):
         # Routing bookkeeping (not state): stats of the last forward, load since the last reset.
         self.token_mask: torch.Tensor | None = None  # set by GoatModel for the current forward
         self.last_stats: F.RoutingStats | None = None
+        self._token_count_cache: tuple[int, torch.Tensor] | None = None  # see _token_count
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
         # True inside GoatModel.disable_adapter(): the forward is the pretrained layer's, nothing is recorded
         self.adapter_disabled = False
@@ -329,18 +341,19 @@ class GoatLayer(nn.Module):
     def _adapted_forward(self, x: torch.Tensor, per_expert_loop: bool) -> torch.Tensor:
         result = self.base_layer(x)  # (W0 - W_res) x + b; W0 x + b when the residual is applied at run time
         tokens = self._to_tokens(x).to(self.lora_A.dtype)  # (T, n)
-        with torch.autocast(tokens.device.type, enabled=False):  # float32 logits, as softmax takes them: under
-            logits = self.router(tokens)  # bf16 autocast no cast of G, of x and of the logits back (T, R)
-        routing = F.route(logits, self.top_k, self.routing, self.top_p)
         keep, dropout_scale = self._experts_dropout(tokens)
         # dropout(x) = (x * keep) / (1 - p), and 1 / (1 - p) commutes with A_j and B_j: it is folded into
         # the per-expert scales (E numbers) instead of multiplying the (T, n) input forward and backward
-        expert_scale = self.expert_scale * dropout_scale
-        if per_expert_loop:
+        expert_scale = self.expert_scale if keep is None else self.expert_scale * dropout_scale
+        if per_expert_loop:  # the reference: routing, then a Python loop over experts, autograd throughout
+            with torch.autocast(tokens.device.type, enabled=False):  # float32 logits, as softmax takes them
+                logits = self.router(tokens)  # (T, R)
+            routing = F.route(logits, self.top_k, self.routing, self.top_p)
             kept = tokens if keep is None else tokens * keep
             delta = F.experts_delta_loop(kept, self.lora_A, self.lora_B, routing, expert_scale)
-        else:  # all experts in two matmuls
-            delta = F.experts_delta(tokens, self.lora_A, self.lora_B, routing.weights, expert_scale, keep)
+        else:  # router and all experts in one autograd node (three matmuls), in the adapters' dtype
+            delta, routing = F.routed_experts(tokens, self.router.weight, self.lora_A, self.lora_B, expert_scale,
+                                              keep, self.top_k, self.routing, self.top_p)  # fmt: skip
         if self.residual_at_runtime:  # - W_res x, on the undropped input: it belongs to the frozen base
             delta = delta - self.residual_forward(tokens)
         # inference (eval mode without autograd) records nothing; a training-mode forward without autograd
@@ -374,6 +387,17 @@ class GoatLayer(nn.Module):
             return delta.reshape(batch, height, width, self.out_features).movedim(-1, 1)
         return delta.reshape(like.shape)
 
+    def _token_count(self, probs: torch.Tensor) -> torch.Tensor:
+        """T as a () float32 tensor on probs' device, kept while the batch size stays the same (one op less per
+        layer and step; nothing writes to it). Compiled, a fill in the graph (inductor fuses it)."""
+        tokens = probs.shape[0]
+        if torch.compiler.is_compiling():
+            return torch.full((), float(tokens), device=probs.device)
+        cached = self._token_count_cache
+        if cached is None or cached[0] != tokens or cached[1].device != probs.device:
+            cached = self._token_count_cache = (tokens, torch.full((), float(tokens), device=probs.device))
+        return cached[1]
+
     def _record(self, routing: F.Routing, x: torch.Tensor) -> None:
         if in_backward_recompute():
             return
@@ -382,7 +406,7 @@ class GoatLayer(nn.Module):
             if tuple(self.token_mask.shape) == tuple(x.shape[:-1]):
                 mask = self.token_mask.reshape(-1).to(torch.bool)
         if mask is None or torch.compiler.is_compiling():
-            stats = F.routing_stats(routing, mask)
+            stats = F.routing_stats(routing, mask, self._token_count(routing.probs))
         else:
             # The masked sums save the mask for backward. Non-reentrant checkpointing requires its recompute
             # (which records nothing) to save as many tensors as the forward did: under hooks of our own the

@@ -251,10 +251,17 @@ def warmup_arguments(ratio: float, fields=None) -> dict:
 
 
 def compile_arguments(settings) -> dict:
-    """--compile: the Trainer (through accelerate) wraps the whole model in torch.compile. With
-    activation checkpointing, dynamo is told to record a checkpointed block's side effects (GOAT's
-    routing statistics and expert-load counts) once, in the forward: the compiled backward recomputes
-    tensors only, which is what eager GOAT does by skipping its record during the recompute."""
+    """--compile: the Trainer (through accelerate) compiles the model. Outside CUDA graphs regionally:
+    each repeated transformer block is compiled once and its code reused by the others (PyTorch's
+    "regional compilation" recipe, accelerate's compile_regions), the rest of the model apart; on
+    MiniLM this cut GOAT's compile time by a third (docs/benchmarks.md). The whole model with CUDA graphs
+    ("reduce-overhead", the default on CUDA), as the GPU checks capture it (regional capture is not
+    checked on a GPU yet), and with activation checkpointing: an eager checkpoint around a compiled
+    block would re-run the block's routing records in backward (docs/design.md).
+    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION set by the user is respected. With activation checkpointing, dynamo is told to record a checkpointed block's side
+    effects (GOAT's routing statistics and expert-load counts) once, in the forward: the compiled
+    backward recomputes tensors only, which is what eager GOAT does by skipping its record during the
+    recompute."""
     if not getattr(settings, "compile", False):
         return {}
     if settings.gradient_checkpointing:
@@ -263,6 +270,8 @@ def compile_arguments(settings) -> dict:
     mode = compile_mode(settings.compile_mode, torch.cuda.is_available())
     if mode is not None:
         arguments["torch_compile_mode"] = mode
+    if mode != "reduce-overhead" and not settings.gradient_checkpointing:  # read by accelerate's dynamo plugin
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "True")
     return arguments
 
 
