@@ -246,22 +246,27 @@ def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path, monk
 
 
 def test_compile_knob_passes_to_the_training_arguments(monkeypatch):
-    from goat_lora.engine.trainer import compile_arguments
+    from goat_lora.engine import trainer
     from goat_lora.settings import RunSettings
 
-    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", raising=False)  # compile_arguments sets it
-
-    assert compile_arguments(RunSettings()) == {}
+    variable = trainer.REGIONAL_VARIABLE
+    monkeypatch.setattr(trainer, "_USER_REGIONAL", None)  # as if the user had not set it
+    monkeypatch.delenv(variable, raising=False)
+    assert trainer.compile_arguments(RunSettings()) == {}
     settings = dataclasses.replace(RunSettings(), compile=True, compile_backend="aot_eager")
-    assert compile_arguments(settings) == {"torch_compile": True, "torch_compile_backend": "aot_eager"}
-    assert os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "True"  # accelerate's compile_regions
-    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "False")  # the user's choice is kept
-    compile_arguments(settings)
-    assert os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == "False"
-    monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION")  # CUDA graphs: the whole model, as checked on GPUs
-    compile_arguments(dataclasses.replace(settings, compile_mode="reduce-overhead"))
-    compile_arguments(dataclasses.replace(settings, gradient_checkpointing=True))  # records re-run in backward
-    assert "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION" not in os.environ
+    assert trainer.compile_arguments(settings) == {"torch_compile": True, "torch_compile_backend": "aot_eager"}
+    assert os.environ[variable] == "True"  # accelerate's compile_regions
+    # CUDA graphs: the whole model, as checked on GPUs; activation checkpointing: records re-run in backward.
+    # Each run sets it anew, so a regional run before does not carry over (goat compare runs many in a process).
+    trainer.compile_arguments(dataclasses.replace(settings, compile_mode="reduce-overhead"))
+    assert os.environ[variable] == "False"
+    trainer.compile_arguments(settings)
+    trainer.compile_arguments(dataclasses.replace(settings, gradient_checkpointing=True))
+    assert os.environ[variable] == "False"
+    monkeypatch.setattr(trainer, "_USER_REGIONAL", "False")  # the user's choice, set before the process began
+    monkeypatch.setenv(variable, "False")
+    trainer.compile_arguments(settings)
+    assert os.environ[variable] == "False"
 
 
 def test_compile_mode_is_cuda_graphs_on_cuda_and_the_default_elsewhere():

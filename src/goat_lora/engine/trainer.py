@@ -250,6 +250,10 @@ def warmup_arguments(ratio: float, fields=None) -> dict:
     return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
 
 
+REGIONAL_VARIABLE = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+_USER_REGIONAL = os.environ.get(REGIONAL_VARIABLE)  # the user's choice, if any, as the process started
+
+
 def compile_arguments(settings) -> dict:
     """--compile: the Trainer (through accelerate) compiles the model. Outside CUDA graphs regionally:
     each repeated transformer block is compiled once and its code reused by the others (PyTorch's
@@ -258,10 +262,10 @@ def compile_arguments(settings) -> dict:
     ("reduce-overhead", the default on CUDA), as the GPU checks capture it (regional capture is not
     checked on a GPU yet), and with activation checkpointing: an eager checkpoint around a compiled
     block would re-run the block's routing records in backward (docs/design.md).
-    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION set by the user is respected. With activation checkpointing, dynamo is told to record a checkpointed block's side
-    effects (GOAT's routing statistics and expert-load counts) once, in the forward: the compiled
-    backward recomputes tensors only, which is what eager GOAT does by skipping its record during the
-    recompute."""
+    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION set by the user is respected. With activation
+    checkpointing, dynamo is told to record a checkpointed block's side effects (GOAT's routing
+    statistics and expert-load counts) once, in the forward: the compiled backward recomputes tensors
+    only, which is what eager GOAT does by skipping its record during the recompute."""
     if not getattr(settings, "compile", False):
         return {}
     if settings.gradient_checkpointing:
@@ -270,8 +274,9 @@ def compile_arguments(settings) -> dict:
     mode = compile_mode(settings.compile_mode, torch.cuda.is_available())
     if mode is not None:
         arguments["torch_compile_mode"] = mode
-    if mode != "reduce-overhead" and not settings.gradient_checkpointing:  # read by accelerate's dynamo plugin
-        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "True")
+    if _USER_REGIONAL is None:  # read by accelerate's dynamo plugin; set for each run (a comparison runs many)
+        regional = mode != "reduce-overhead" and not settings.gradient_checkpointing
+        os.environ[REGIONAL_VARIABLE] = str(regional)
     return arguments
 
 
