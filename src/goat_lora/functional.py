@@ -299,11 +299,12 @@ class _RoutedExperts(torch.autograd.Function):
     Backward, given dy and dp (p's gradient from the balance loss, through routing_stats):
         dB = dy^T (h * c),  dh = (dy B) * c,  dc = sum_d (dy B) * h,  dA = dh^T (x * keep_drop)
         dlogits = c dc - w t + p * (dp - <p, dp>),   t = sum_j c_j dc_j   (routed columns)
-    The last line is the chain through renormalisation and softmax in closed form: with
+        dG = dlogits^T x,  dx = (dh A) * keep_drop + dlogits G
+    The dlogits line is the chain through renormalisation and softmax in closed form: with
     dL/dw_j = dc_j s_j, dL/dkept_j = (dc_j s_j - t) / sum(p u), and p_j u_j / sum(p u) = w_j, so
     softmax's correction sum_i p_i (...) vanishes for the routing part (sum_j w_j = 1). Autograd of
-    the composite formula (route, experts_delta) takes about twice the ops for the same numbers;
-    tests/test_functional.py checks this against it and with gradcheck."""
+    the composite formula (route, experts_delta) takes more ops for the same numbers (docs/benchmarks.md
+    counts a whole step); tests/test_functional.py checks this against it and with gradcheck."""
 
     @staticmethod
     def forward(ctx, x, G, A, B, expert_scale, keep, top_k, mode, top_p):
