@@ -29,7 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="a causal LM: smollm2 (shipped), a local path or hub name")
     parser.add_argument("--steps", type=int, default=10, help="optimisation steps (default 10)")
-    parser.add_argument("--output", default="runs/trl-sft", help="TRL's output folder; the adapter goes to OUTPUT/adapter")
+    parser.add_argument(
+        "--output", default="runs/trl-sft", help="TRL's output folder; the adapter goes to OUTPUT/adapter"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the shipped model and data need no hub
@@ -38,12 +40,19 @@ def main() -> None:
     with open(instructions_path(), encoding="utf-8") as fh:
         texts = [json.loads(line)["text"] for line in fh]
     config = SFTConfig(
-        output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=4, learning_rate=3e-4,
-        max_length=128, logging_steps=1, save_strategy="no", report_to="none",
+        output_dir=args.output,
+        max_steps=args.steps,
+        per_device_train_batch_size=4,
+        learning_rate=3e-4,
+        max_length=128,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
         bf16=False,  # TRL's default is bfloat16 autocast, also on a CPU; float32 keeps the reference exact
-    )  # fmt: skip
-    trainer = GoatSFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer)  # fmt: skip
+    )
+    trainer = GoatSFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer
+    )
     trainer.train()
     model.save_pretrained(os.path.join(args.output, "adapter"))
 

@@ -38,8 +38,11 @@ def main() -> None:
             R = (Ur[:, sl] * Sr[sl]) @ Vr[:, sl].T
             worst_err = max(worst_err, float((A - R).norm() / R.norm()))
         gaps = (Sr[:-1] - Sr[1:]).abs().min() if len(Sr) > 1 else 0
-        print(f"{m}x{n}: gram on GPU {gram_s:.2f}s | max principal angle {worst_angle:.4f} deg | "
-              f"max rel err {worst_err:.2e} | S ref first/last {float(Sr[0]):.4f}/{float(Sr[-1]):.4f} min gap {float(gaps):.2e}")
+        print(
+            f"{m}x{n}: gram on GPU {gram_s:.2f}s | max principal angle {worst_angle:.4f} deg | "
+            f"max rel err {worst_err:.2e} | S ref first/last {float(Sr[0]):.4f}/{float(Sr[-1]):.4f} "
+            f"min gap {float(gaps):.2e}"
+        )
 
 
 if __name__ == "__main__":

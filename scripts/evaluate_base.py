@@ -43,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts.model.to(device)
     evaluation: Evaluation = task.evaluate(parts.model, data.test, parts, settings, device)
-    metrics = {"task": task.name, "method": "none (the base model)", "data": settings.data,
-               **{f"test_{k}": v for k, v in evaluation.metrics.items()},
-               "constant_baseline": task.constant_baseline(data), "num_examples": len(data.test),
-               "wall_time_s": time.time() - start}  # fmt: skip
+    metrics = {
+        "task": task.name,
+        "method": "none (the base model)",
+        "data": settings.data,
+        **{f"test_{k}": v for k, v in evaluation.metrics.items()},
+        "constant_baseline": task.constant_baseline(data),
+        "num_examples": len(data.test),
+        "wall_time_s": time.time() - start,
+    }
     print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     if ns.output:
         os.makedirs(ns.output, exist_ok=True)

@@ -38,9 +38,11 @@ def _setup(smoke: bool):
     base = bench.load_model(name, 0)
     batch_size, length = (2, 16) if smoke else bench.MODEL_SHAPES[name]
     generator = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(3, base.config.vocab_size, (batch_size, length), generator=generator),
-             "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
-             "labels": torch.randint(0, 2, (batch_size,), generator=generator)}  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(3, base.config.vocab_size, (batch_size, length), generator=generator),
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+    }
     args = argparse.Namespace(rank=8, experts=8, top_k=2, seed=0, top_p=0.25, quantize=None)
     return device, base, {k: v.to(device) for k, v in batch.items()}, args
 
@@ -73,13 +75,17 @@ def kernels(smoke: bool) -> dict:
             runner.train_step()
         _sync(device)
         figures[method] = {"kernels_per_step": count, "busy_ms": busy, "wall_ms": (time.perf_counter() - start) / 5e-3}
-        print(f"{method}: {count:.0f} kernels per step, busy {busy:.1f} ms, wall {figures[method]['wall_ms']:.1f} ms",
-              flush=True)  # fmt: skip
+        print(
+            f"{method}: {count:.0f} kernels per step, busy {busy:.1f} ms, wall {figures[method]['wall_ms']:.1f} ms",
+            flush=True,
+        )
         del runner
     figures["ratio"] = figures["goat"]["kernels_per_step"] / figures["lora"]["kernels_per_step"]
     figures["met"] = figures["ratio"] <= KERNEL_TARGET
-    print(f"GOAT / LoRA kernels per step {figures['ratio']:.2f}x (target <= {KERNEL_TARGET}x) "
-          f"{'met' if figures['met'] else 'MISSED'}")  # fmt: skip
+    print(
+        f"GOAT / LoRA kernels per step {figures['ratio']:.2f}x (target <= {KERNEL_TARGET}x) "
+        f"{'met' if figures['met'] else 'MISSED'}"
+    )
     return figures
 
 
@@ -109,27 +115,47 @@ def cudagraph(smoke: bool, steps: int = 4) -> dict:
         layer.dropout = torch.nn.Identity()
     eager = bench.Runner("goat", model, batch, device, bf16=True)
     graphs = bench.Runner("goat", copy.deepcopy(eager.model), batch, device, bf16=True)
-    graphs.forward = torch.compile(graphs.model, mode=None if smoke else "reduce-overhead",
-                                   backend="eager" if smoke else "inductor", fullgraph=True)  # fmt: skip
+    graphs.forward = torch.compile(
+        graphs.model,
+        mode=None if smoke else "reduce-overhead",
+        backend="eager" if smoke else "inductor",
+        fullgraph=True,
+    )
     reference, captured = _train(eager, steps), _train(graphs, steps)
     rows = []
     for step, (a, b) in enumerate(zip(reference, captured)):
-        grad_error = max(float((a["grads"][n] - b["grads"][n]).norm() / a["grads"][n].norm().clamp_min(1e-12))
-                         for n in a["grads"])  # fmt: skip
+        grad_error = max(
+            float((a["grads"][n] - b["grads"][n]).norm() / a["grads"][n].norm().clamp_min(1e-12)) for n in a["grads"]
+        )
         load_error = max(abs(x - y) for n in a["loads"] for x, y in zip(a["loads"][n], b["loads"][n]))
-        rows.append({"step": step, "loss": (a["loss"], b["loss"]), "aux": (a["aux"], b["aux"]),
-                     "max_relative_grad_error": grad_error, "max_load_difference": load_error})  # fmt: skip
-        print(f"step {step}: loss {a['loss']:.5f} / {b['loss']:.5f}, aux {a['aux']:.4f} / {b['aux']:.4f}, "
-              f"grad rel. error {grad_error:.2e}, load difference {load_error:.2e}", flush=True)  # fmt: skip
-    met = all(abs(r["loss"][0] - r["loss"][1]) <= LOSS_TOLERANCE * max(1.0, abs(r["loss"][0]))
-              and abs(r["aux"][0] - r["aux"][1]) <= LOSS_TOLERANCE * max(1.0, abs(r["aux"][0]))
-              and r["max_relative_grad_error"] <= GRAD_TOLERANCE and r["max_load_difference"] <= 0.02 for r in rows)  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "loss": (a["loss"], b["loss"]),
+                "aux": (a["aux"], b["aux"]),
+                "max_relative_grad_error": grad_error,
+                "max_load_difference": load_error,
+            }
+        )
+        print(
+            f"step {step}: loss {a['loss']:.5f} / {b['loss']:.5f}, aux {a['aux']:.4f} / {b['aux']:.4f}, "
+            f"grad rel. error {grad_error:.2e}, load difference {load_error:.2e}",
+            flush=True,
+        )
+    met = all(
+        abs(r["loss"][0] - r["loss"][1]) <= LOSS_TOLERANCE * max(1.0, abs(r["loss"][0]))
+        and abs(r["aux"][0] - r["aux"][1]) <= LOSS_TOLERANCE * max(1.0, abs(r["aux"][0]))
+        and r["max_relative_grad_error"] <= GRAD_TOLERANCE
+        and r["max_load_difference"] <= 0.02
+        for r in rows
+    )
     print(f"CUDA-graph training equals eager within bf16 tolerance: {'yes' if met else 'NO'}")
     return {"steps": rows, "met": met, "mode": None if smoke else "reduce-overhead"}
 
 
 def summary(out: str) -> str:
     """One table of the figures in `out` (each bench's JSON, kernels.json, cudagraph.json): what was met."""
+
     def load(name):
         path = os.path.join(out, f"{name}.json")
         return json.load(open(path)) if os.path.isfile(path) else None
@@ -155,13 +181,17 @@ def summary(out: str) -> str:
     kernel = load("kernels")
     row("kernels per eager step GOAT / LoRA (LLaMA stack)", kernel and kernel["ratio"], "<=", KERNEL_TARGET)
     graphs = load("cudagraph")
-    lines.append(f"| CUDA-graph training = eager (bf16 tolerance, 4 steps) | "
-                 f"{'not measured' if graphs is None else ('yes' if graphs['met'] else 'NO')} | yes | |")  # fmt: skip
+    lines.append(
+        f"| CUDA-graph training = eager (bf16 tolerance, 4 steps) | "
+        f"{'not measured' if graphs is None else ('yes' if graphs['met'] else 'NO')} | yes | |"
+    )
     init = load("init")
     if init is not None:
         q = init["init"]["quality"]
-        lines.append(f"| init: largest angle vs float64, exact route / Gram route | {q['exact_max_angle_deg']:.3g} / "
-                     f"{q['max_angle_deg']:.3g} deg | < 0.1 deg | |")  # fmt: skip
+        lines.append(
+            f"| init: largest angle vs float64, exact route / Gram route | {q['exact_max_angle_deg']:.3g} / "
+            f"{q['max_angle_deg']:.3g} deg | < 0.1 deg | |"
+        )
         row("init: exact SVD time / ours (LLaMA-2-7B layer)", init["init"]["speedup"], ">=", 4.0)
     table = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as fh:

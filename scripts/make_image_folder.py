@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = SOURCES[args.source]()
     write_folder(images, labels, args.out)
     counts = np.bincount(labels)
-    print(f"{len(labels)} images ({images.shape[1]}x{images.shape[2]}) in {len(counts)} class folders under "
-          f"{args.out} ({counts.min()}-{counts.max()} a class)")  # fmt: skip
+    print(
+        f"{len(labels)} images ({images.shape[1]}x{images.shape[2]}) in {len(counts)} class folders under "
+        f"{args.out} ({counts.min()}-{counts.max()} a class)"
+    )
     return 0
 
 

@@ -170,8 +170,9 @@ def run_until_stalled_then_kill(argv: list[str], env: dict, marker) -> None:
     import sys
     import time
 
-    process = subprocess.Popen([sys.executable, "-c", STALLING_CLI, *argv], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLING_CLI, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.time() + 240
         while not marker.exists():

@@ -60,9 +60,30 @@ def test_train_save_then_eval_reloads_the_same_model(tmp_path, reviews, tiny_ber
     (a continuous value) as the trained model. LoRA-GA's base weights came from the run's gradients, so
     its folder keeps them; without them the reloaded model would differ."""
     out = tmp_path / method
-    argv = ["train", "--method", method, "--model", tiny_bert_dir, "--data", reviews, "--text-column", "review",
-            "--label-column", "score", "--train-size", "32", "--lr", "3e-3", "--output", str(out), *TINY,
-            "--save-steps", "0", "--lora-ga-batches", "2"]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--train-size",
+        "32",
+        "--lr",
+        "3e-3",
+        "--output",
+        str(out),
+        *TINY,
+        "--save-steps",
+        "0",
+        "--lora-ga-batches",
+        "2",
+    ]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert main(["eval", "--adapter", str(out), "--output", str(tmp_path / "ev")]) == 0
@@ -174,13 +195,30 @@ def test_kasa_adds_peft_regularisers_to_the_loss():
 
 
 @pytest.mark.parametrize("method, attribute", [("kasa", "KasaConfig"), ("lora_ga", "LoraGAConfig")])
-def test_a_peft_without_the_method_is_refused_in_one_line(tmp_path, reviews, tiny_bert_dir, capsys, monkeypatch,
-                                                          method, attribute):  # fmt: skip
+def test_a_peft_without_the_method_is_refused_in_one_line(
+    tmp_path, reviews, tiny_bert_dir, capsys, monkeypatch, method, attribute
+):
     import peft
 
     monkeypatch.delattr(peft, attribute)
-    argv = ["train", "--method", method, "--model", tiny_bert_dir, "--data", reviews, "--text-column", "review",
-            "--label-column", "score", "--train-size", "16", "--output", str(tmp_path / "r"), *TINY]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--train-size",
+        "16",
+        "--output",
+        str(tmp_path / "r"),
+        *TINY,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--method {method} needs peft >= 0.21.2" in err[0] and peft.__version__ in err[0], err
@@ -190,9 +228,34 @@ def test_a_peft_without_the_method_is_refused_in_one_line(tmp_path, reviews, tin
 def test_compare_gives_kasa_and_lora_ga_goat_parameter_budget(tmp_path, reviews, tiny_bert_dir):
     """--budget params: KaSA and LoRA-GA get the rank whose trainable count is within 10% of GOAT's."""
     out = tmp_path / "cmp"
-    argv = ["compare", "--model", tiny_bert_dir, "--data", reviews, "--text-column", "review", "--label-column",
-            "score", "--train-size", "24", "--methods", "goat", "kasa", "lora_ga", "--seeds", "1", "--lrs", "1e-3",
-            "--rank", "4", "--experts", "2", "--output", str(out), *TINY]  # fmt: skip
+    argv = [
+        "compare",
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--train-size",
+        "24",
+        "--methods",
+        "goat",
+        "kasa",
+        "lora_ga",
+        "--seeds",
+        "1",
+        "--lrs",
+        "1e-3",
+        "--rank",
+        "4",
+        "--experts",
+        "2",
+        "--output",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
     ranks = json.loads((out / "report.json").read_text())["settings"]["ranks"]
     target = ranks["_goat_target"]["trainable_params"]
@@ -209,8 +272,11 @@ def test_the_new_methods_adapt_the_same_layers_as_lora(method):
     from peft.tuners.lora import LoraLayer
 
     def adapted(prepared):
-        return {name.removeprefix("base_model.model.") for name, m in prepared.named_modules()
-                if isinstance(m, (LoraLayer, MixLoraExperts))}  # fmt: skip
+        return {
+            name.removeprefix("base_model.model.")
+            for name, m in prepared.named_modules()
+            if isinstance(m, (LoraLayer, MixLoraExperts))
+        }
 
     lora, other = tiny_bert(), tiny_bert()
     targets = _targets(lora)
@@ -255,8 +321,23 @@ def test_mixlora_counts_each_token_once_under_activation_checkpointing():
 
 
 def test_mixlora_top_k_above_its_experts_is_refused_in_one_line(tmp_path, reviews, capsys):
-    argv = ["train", "--method", "mixlora", "--experts", "4", "--top-k", "5", "--data", reviews, "--text-column",
-            "review", "--label-column", "score", "--output", str(tmp_path / "r")]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        "mixlora",
+        "--experts",
+        "4",
+        "--top-k",
+        "5",
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--output",
+        str(tmp_path / "r"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--method mixlora: --top-k 5 must be between 1 and --experts 4" in err[0], err

@@ -26,10 +26,33 @@ def test_options_register_on_a_subcommand_parser():
     parser = argparse.ArgumentParser(prog="goat")
     sub = parser.add_subparsers(dest="command")
     bench.add_bench_arguments(sub.add_parser("bench"))
-    args = parser.parse_args(["bench", "--models", "minilm", "--steps", "3", "--rank", "16", "--experts", "4",
-                              "--top-k", "1", "--json", "x.json", "--smoke"])
+    args = parser.parse_args(
+        [
+            "bench",
+            "--models",
+            "minilm",
+            "--steps",
+            "3",
+            "--rank",
+            "16",
+            "--experts",
+            "4",
+            "--top-k",
+            "1",
+            "--json",
+            "x.json",
+            "--smoke",
+        ]
+    )
     assert (args.models, args.steps, args.rank, args.experts, args.top_k, args.json, args.smoke) == (
-        ["minilm"], 3, 16, 4, 1, "x.json", True)
+        ["minilm"],
+        3,
+        16,
+        4,
+        1,
+        "x.json",
+        True,
+    )
     defaults = parse([])
     assert defaults.models == ["minilm", "smollm2"] and (defaults.rank, defaults.experts, defaults.top_k) == (8, 8, 2)
     assert not defaults.init and defaults.json is None
@@ -39,10 +62,21 @@ def test_smoke_step_benchmark_prints_the_table_and_writes_json(tmp_path, capsys)
     out = tmp_path / "figures.json"
     assert bench.run_bench(parse(["--smoke", "--json", str(out)])) == 0
     printed = capsys.readouterr().out
-    for text in ("head", "lora", "goat_loop", "goat_public", "x LoRA", "GOAT step time / LoRA", "target <= 1.10x",
-                 "GOAT peak memory / LoRA", "GOAT eval throughput / LoRA",
-                 "public-layer loop reference step time / GOAT", "target >= 2.20x",
-                 "lean loop reference step time / GOAT", "(no target)"):
+    for text in (
+        "head",
+        "lora",
+        "goat_loop",
+        "goat_public",
+        "x LoRA",
+        "GOAT step time / LoRA",
+        "target <= 1.10x",
+        "GOAT peak memory / LoRA",
+        "GOAT eval throughput / LoRA",
+        "public-layer loop reference step time / GOAT",
+        "target >= 2.20x",
+        "lean loop reference step time / GOAT",
+        "(no target)",
+    ):
         assert text in printed
     figures = json.loads(out.read_text())
     assert figures["meta"]["smoke"] is True and figures["meta"]["torch"]
@@ -51,11 +85,18 @@ def test_smoke_step_benchmark_prints_the_table_and_writes_json(tmp_path, capsys)
     for model in figures["models"].values():
         assert set(model["methods"]) == set(bench.METHODS)
         for entry in model["methods"].values():
-            assert entry["step_s"]["n"] >= 1 and entry["step_s"]["min"] <= entry["step_s"]["median"] <= entry["step_s"]["max"]
+            assert (
+                entry["step_s"]["n"] >= 1
+                and entry["step_s"]["min"] <= entry["step_s"]["median"] <= entry["step_s"]["max"]
+            )
             assert entry["peak_memory_bytes"] > 0 and entry["eval_tokens_per_s"] > 0
         methods = model["methods"]
         # equal total rank: GOAT trains LoRA's adapters plus E routers (n x E each)
-        assert methods["goat"]["trainable_params"] > methods["lora"]["trainable_params"] > methods["head"]["trainable_params"]
+        assert (
+            methods["goat"]["trainable_params"]
+            > methods["lora"]["trainable_params"]
+            > methods["head"]["trainable_params"]
+        )
         assert methods["goat"]["trainable_params"] == methods["goat_loop"]["trainable_params"]
         assert methods["goat"]["trainable_params"] == methods["goat_public"]["trainable_params"]
         ratios = model["ratios"]
@@ -183,10 +224,23 @@ def test_public_layer_forward_refuses_layers_other_than_linear():
 
 def test_routing_variant_methods_are_timed_against_top_k(tmp_path, capsys):
     out = tmp_path / "figures.json"
-    argv = ["--smoke", "--methods", "goat", "goat_top_p", "goat_shared", "--top-p", "0.5", "--no-eval", "--json", str(out)]
+    argv = [
+        "--smoke",
+        "--methods",
+        "goat",
+        "goat_top_p",
+        "goat_shared",
+        "--top-p",
+        "0.5",
+        "--no-eval",
+        "--json",
+        str(out),
+    ]
     assert bench.run_bench(parse(argv)) == 0
     printed = capsys.readouterr().out
-    assert "GOAT top-p routing step time / top-k" in printed and "GOAT shared-expert routing step time / top-k" in printed
+    assert (
+        "GOAT top-p routing step time / top-k" in printed and "GOAT shared-expert routing step time / top-k" in printed
+    )
     figures = json.loads(out.read_text())
     assert figures["meta"]["top_p"] == 0.5
     for model in figures["models"].values():
@@ -221,15 +275,25 @@ def test_compile_times_compiled_goat_against_compiled_lora_and_both_eager(tmp_pa
     monkeypatch.setattr(bench.torch, "compile", fake_compile)
     out = tmp_path / "figures.json"
     assert bench.run_bench(parse(["--smoke", "--models", "tiny-bert", "--compile", "--json", str(out)])) == 0
-    assert sorted(compiled, key=lambda c: (c[0], str(c[1]["mode"]))) == [("GoatModel", {"backend": "inductor", "fullgraph": True, "mode": None}),
-                                         ("GoatModel", {"backend": "inductor", "fullgraph": True, "mode": "reduce-overhead"}),
-                                         ("PeftModel", {"backend": "inductor", "fullgraph": False, "mode": None}),
-                                         ("PeftModel", {"backend": "inductor", "fullgraph": False, "mode": "reduce-overhead"})]  # fmt: skip
+    assert sorted(compiled, key=lambda c: (c[0], str(c[1]["mode"]))) == [
+        ("GoatModel", {"backend": "inductor", "fullgraph": True, "mode": None}),
+        ("GoatModel", {"backend": "inductor", "fullgraph": True, "mode": "reduce-overhead"}),
+        ("PeftModel", {"backend": "inductor", "fullgraph": False, "mode": None}),
+        ("PeftModel", {"backend": "inductor", "fullgraph": False, "mode": "reduce-overhead"}),
+    ]
     printed = capsys.readouterr().out
-    for text in ("lora_compiled", "goat_compiled", "compiled GOAT step time / compiled LoRA", "target <= 1.15x",
-                 "compiled GOAT peak memory / compiled LoRA", "eager GOAT step time / compiled GOAT",
-                 "goat_compiled: compile time", "CUDA-graph GOAT step time / CUDA-graph LoRA", "target <= 1.05x",
-                 "goat_cudagraphs: compile time"):
+    for text in (
+        "lora_compiled",
+        "goat_compiled",
+        "compiled GOAT step time / compiled LoRA",
+        "target <= 1.15x",
+        "compiled GOAT peak memory / compiled LoRA",
+        "eager GOAT step time / compiled GOAT",
+        "goat_compiled: compile time",
+        "CUDA-graph GOAT step time / CUDA-graph LoRA",
+        "target <= 1.05x",
+        "goat_cudagraphs: compile time",
+    ):
         assert text in printed
     figures = json.loads(out.read_text())
     assert figures["meta"]["compile_backend"] == "inductor"
@@ -247,8 +311,11 @@ def test_llama2_7b_stack_has_llama2_7b_layer_shapes():
     config = bench.architecture_config("llama2-7b-2layers")
     with torch.device("meta"):
         model = LlamaForSequenceClassification(config)
-    shapes = {name.split(".")[-2]: tuple(p.shape) for name, p in model.named_parameters()
-              if name.startswith("model.layers.0.") and name.endswith("proj.weight")}  # fmt: skip
+    shapes = {
+        name.split(".")[-2]: tuple(p.shape)
+        for name, p in model.named_parameters()
+        if name.startswith("model.layers.0.") and name.endswith("proj.weight")
+    }
     assert shapes == {name: (out, inp) for name, out, inp in bench.LLAMA7B_LAYER}
     assert config.num_hidden_layers == 2 and bench.MODEL_SHAPES["llama2-7b-2layers"] == (4, 512)
     with pytest.raises(ValueError, match="unknown benchmark architecture 'llama3'"):
@@ -303,11 +370,18 @@ def test_the_gpu_checks_dry_run_passes_on_the_cpu(tmp_path):
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_checks.py")
-    run = subprocess.run([sys.executable, script, "cudagraph", "--smoke", "--out", str(tmp_path)], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, script, "cudagraph", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "CUDA-graph training equals eager within bf16 tolerance: yes" in run.stdout
     assert json.loads((tmp_path / "cudagraph.json").read_text())["met"] is True
-    summary = subprocess.run([sys.executable, script, "summary", "--out", str(tmp_path)], capture_output=True, text=True,
-                             timeout=120)  # fmt: skip
-    assert summary.returncode == 0 and "| CUDA-graph training = eager (bf16 tolerance, 4 steps) | yes |" in summary.stdout
+    summary = subprocess.run(
+        [sys.executable, script, "summary", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert (
+        summary.returncode == 0 and "| CUDA-graph training = eager (bf16 tolerance, 4 steps) | yes |" in summary.stdout
+    )

@@ -40,10 +40,42 @@ def tiny_run(tiny_decoder, tmp_path_factory) -> str:
     from goat_lora.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "causal"
-    code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", "instructions", "--mask-prompt",
-                 "--train-size", "48", "--test-size", "6", "--max-length", "48", "--batch-size", "8", "--rank", "4",
-                 "--experts", "2", "--top-k", "1", "--lr", "1e-2", "--epochs", "2", "--logging-steps", "1",
-                 "--save-steps", "0", "--output", str(out)])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            tiny_decoder,
+            "--data",
+            "instructions",
+            "--mask-prompt",
+            "--train-size",
+            "48",
+            "--test-size",
+            "6",
+            "--max-length",
+            "48",
+            "--batch-size",
+            "8",
+            "--rank",
+            "4",
+            "--experts",
+            "2",
+            "--top-k",
+            "1",
+            "--lr",
+            "1e-2",
+            "--epochs",
+            "2",
+            "--logging-steps",
+            "1",
+            "--save-steps",
+            "0",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     return str(out)
 
@@ -57,7 +89,9 @@ def test_goat_train_causal_lm_writes_a_run(tiny_run):
     assert metrics["metric"] == "perplexity" and "validation_perplexity" in metrics["per_epoch_eval"][0]
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns
     assert all(h["aux_loss"] > 0 for h in metrics["train_loss"])  # the balance loss joined the task loss
-    assert metrics["test_loss"] > 0 and metrics["test_perplexity"] == pytest.approx(2.718281828 ** metrics["test_loss"], rel=1e-6)
+    assert metrics["test_loss"] > 0 and metrics["test_perplexity"] == pytest.approx(
+        2.718281828 ** metrics["test_loss"], rel=1e-6
+    )
     assert len(metrics["samples"]) == 3 and all(s["prompt"].endswith("### Response:\n") for s in metrics["samples"])
     for name in ("config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert os.path.isfile(os.path.join(tiny_run, name)), name
@@ -95,9 +129,40 @@ def test_goat_compare_runs_causal_lm_selecting_by_perplexity(tiny_decoder, tmp_p
     from goat_lora.cli import main
 
     out = tmp_path / "cmp"
-    assert main(["compare", "--task", "causal-lm", "--model", tiny_decoder, "--methods", "goat", "lora", "--seeds", "1",
-                 "--lrs", "1e-3", "1e-2", "--train-size", "16", "--test-size", "4", "--max-length", "32", "--rank", "4",
-                 "--experts", "2", "--report-to", "none", "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "--task",
+                "causal-lm",
+                "--model",
+                tiny_decoder,
+                "--methods",
+                "goat",
+                "lora",
+                "--seeds",
+                "1",
+                "--lrs",
+                "1e-3",
+                "1e-2",
+                "--train-size",
+                "16",
+                "--test-size",
+                "4",
+                "--max-length",
+                "32",
+                "--rank",
+                "4",
+                "--experts",
+                "2",
+                "--report-to",
+                "none",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["metric"] == "perplexity" and report["settings"]["lower_is_better"] is True
     for label, summary in report["methods"].items():
@@ -111,8 +176,10 @@ def test_collator_labels_mask_padding_and_prompt(tiny_decoder):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
-    items = [item("### Instruction:\nSay hi\n### Response:\nhi", "### Instruction:\nSay hi\n### Response:\n"),
-             item("a longer text without any prompt at all", None)]  # fmt: skip
+    items = [
+        item("### Instruction:\nSay hi\n### Response:\nhi", "### Instruction:\nSay hi\n### Response:\n"),
+        item("a longer text without any prompt at all", None),
+    ]
     plain = CausalLMCollator(tokenizer, 64)(items)
     masked = CausalLMCollator(tokenizer, 64, mask_prompt=True)(items)
     ids, attention, labels = masked["input_ids"], masked["attention_mask"], masked["labels"]
@@ -139,18 +206,48 @@ def test_user_jsonl_with_a_text_column(tmp_path, tiny_decoder, capsys):
     from goat_lora.cli import main
 
     out = tmp_path / "run"
-    code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", str(path), "--text-column", "body", "--max-length", "16",
-                 "--rank", "4", "--experts", "2", "--report-to", "none", "--save-steps", "0", "--output", str(out)])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            tiny_decoder,
+            "--data",
+            str(path),
+            "--text-column",
+            "body",
+            "--max-length",
+            "16",
+            "--rank",
+            "4",
+            "--experts",
+            "2",
+            "--report-to",
+            "none",
+            "--save-steps",
+            "0",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0 and (out / "adapter" / "adapter_model.safetensors").is_file()
     capsys.readouterr()
-    code = main(["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", str(path), "--output", str(tmp_path / "x")])
+    code = main(
+        ["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", str(path), "--output", str(tmp_path / "x")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no column 'text' (--text-column)" in err[0]
 
 
 def test_rows_with_a_response_field_carry_their_prompt(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"text": "Q: a\nA: b", "response": "b"}) + "\n" + json.dumps({"text": "plain", "response": None}) + "\n")
+    path.write_text(
+        json.dumps({"text": "Q: a\nA: b", "response": "b"})
+        + "\n"
+        + json.dumps({"text": "plain", "response": None})
+        + "\n"
+    )
     split = read_texts(str(path), "text", str(path))
     assert split[0]["input"] == {"text": "Q: a\nA: b", "prompt": "Q: a\nA: "} and split[1]["input"]["prompt"] is None
 
@@ -208,8 +305,9 @@ def tied_decoder(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("embeddings", ["untied", "tied"])
-def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal_lm_run(embeddings, tiny_decoder,
-                                                                                       tied_decoder, tmp_path, monkeypatch):  # fmt: skip
+def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal_lm_run(
+    embeddings, tiny_decoder, tied_decoder, tmp_path, monkeypatch
+):
     """As tests/test_resume.py for classification: 2 epochs x 6 steps, a checkpoint every 4 steps, the
     process SIGKILLed after step 7; `goat train --resume` runs only the remaining 8 steps and ends
     with the losses and test loss of a run that was never interrupted. Tied embeddings (one tensor
@@ -220,10 +318,40 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
     from goat_lora.cli import main
 
     decoder = tied_decoder if embeddings == "tied" else tiny_decoder
-    run = ["train", "--task", "causal-lm", "--model", decoder, "--data", "instructions", "--mask-prompt",
-           "--train-size", "24", "--test-size", "6", "--max-length", "32", "--batch-size", "4", "--rank", "4",
-           "--experts", "2", "--top-k", "1", "--lr", "1e-2", "--epochs", "2", "--logging-steps", "1", "--seed", "3",
-           "--save-steps", "4"]  # fmt: skip
+    run = [
+        "train",
+        "--task",
+        "causal-lm",
+        "--model",
+        decoder,
+        "--data",
+        "instructions",
+        "--mask-prompt",
+        "--train-size",
+        "24",
+        "--test-size",
+        "6",
+        "--max-length",
+        "32",
+        "--batch-size",
+        "4",
+        "--rank",
+        "4",
+        "--experts",
+        "2",
+        "--top-k",
+        "1",
+        "--lr",
+        "1e-2",
+        "--epochs",
+        "2",
+        "--logging-steps",
+        "1",
+        "--seed",
+        "3",
+        "--save-steps",
+        "4",
+    ]
     assert main([*run, "--output", str(tmp_path / "reference")]) == 0
     reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     assert reference["steps"] == 12
@@ -236,8 +364,11 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_causal
 
     steps_run = []
     training_step = goat_lora.engine.trainer.GoatTrainer.training_step
-    monkeypatch.setattr(goat_lora.engine.trainer.GoatTrainer, "training_step",
-                        lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        goat_lora.engine.trainer.GoatTrainer,
+        "training_step",
+        lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k),
+    )
     assert main(["train", "--resume", str(out)]) == 0
     assert len(steps_run) == 12 - 4
     resumed = json.loads((out / "metrics.json").read_text())
@@ -260,9 +391,38 @@ def test_a_half_precision_decoder_checkpoint_trains_in_float32(dtype, tmp_path):
     LlamaForCausalLM.from_pretrained(folder).to(dtype).save_pretrained(folder)
     assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
     out = tmp_path / "run"
-    assert main(["train", "--task", "causal-lm", "--model", folder, "--train-size", "8", "--test-size", "4",
-                 "--max-length", "32", "--batch-size", "4", "--rank", "4", "--experts", "2", "--top-k", "1",
-                 "--save-steps", "0", "--report-to", "none", "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "causal-lm",
+                "--model",
+                folder,
+                "--train-size",
+                "8",
+                "--test-size",
+                "4",
+                "--max-length",
+                "32",
+                "--batch-size",
+                "4",
+                "--rank",
+                "4",
+                "--experts",
+                "2",
+                "--top-k",
+                "1",
+                "--save-steps",
+                "0",
+                "--report-to",
+                "none",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     model = load_run(str(out))[0]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 

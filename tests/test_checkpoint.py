@@ -239,8 +239,9 @@ def test_adapter_without_checksum_loads_and_matches(saved_llama):
     legacy = GoatModel.from_pretrained(tiny_llama(), saved_llama)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(model_output(legacy, {"input_ids": ids}), model_output(reference, {"input_ids": ids}),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            model_output(legacy, {"input_ids": ids}), model_output(reference, {"input_ids": ids}), rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
@@ -323,7 +324,11 @@ def test_routing_mode_is_saved_and_reloaded(case, tmp_path):
     assert tensors[f"{name}.router.weight"].shape[0] == config.num_routed_experts  # E - 1 with a shared expert
     loaded = GoatModel.from_pretrained(factory(), tmp_path)
     for loaded_layer in loaded.goat_layers():
-        assert (loaded_layer.routing, loaded_layer.top_p, loaded_layer.top_k) == (config.routing, config.top_p, config.top_k)
+        assert (loaded_layer.routing, loaded_layer.top_p, loaded_layer.top_k) == (
+            config.routing,
+            config.top_p,
+            config.top_k,
+        )
         assert loaded_layer.residual_coefs == layer.residual_coefs
     with torch.no_grad():
         assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))

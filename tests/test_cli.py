@@ -23,12 +23,20 @@ def _csv(tmp_path, rows, name="d.csv"):
 
 BAD_INPUTS = {
     "missing-file": (lambda t: ["--data", str(t / "nope.csv")], "does not exist"),
-    "missing-column": (lambda t: ["--data", _csv(t, {"review": ["a", "b"], "label": [0, 1]})], "no column 'text' (--text-column)"),
+    "missing-column": (
+        lambda t: ["--data", _csv(t, {"review": ["a", "b"], "label": [0, 1]})],
+        "no column 'text' (--text-column)",
+    ),
     "empty-data": (lambda t: ["--data", _csv(t, {"text": [], "label": []})], "no rows"),
-    "single-class": (lambda t: ["--data", _csv(t, {"text": ["a", "b", "c"], "label": ["x", "x", "x"]})], "single class"),
+    "single-class": (
+        lambda t: ["--data", _csv(t, {"text": ["a", "b", "c"], "label": ["x", "x", "x"]})],
+        "single class",
+    ),
     "unknown-method": (lambda t: ["--method", "gaot"], "unknown method 'gaot'"),
-    "bad-model-path": (lambda t: ["--model", str(t / "no-model"), "--data", _csv(t, {"text": list("abcdef"), "label": [0, 1] * 3})],
-                       "does not exist; --model takes a local folder"),  # fmt: skip
+    "bad-model-path": (
+        lambda t: ["--model", str(t / "no-model"), "--data", _csv(t, {"text": list("abcdef"), "label": [0, 1] * 3})],
+        "does not exist; --model takes a local folder",
+    ),
     "bad-rank": (lambda t: ["--rank", "6", "--experts", "4"], "divisible"),
 }
 
@@ -67,7 +75,17 @@ def test_subcommands_and_help():
     for name in ("train", "eval", "compare", "bench", "inspect"):
         assert name in text
     train_help = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
-    for flag in ("--rank", "--experts", "--top-k", "--lr", "--epochs", "--batch-size", "--max-length", "--train-size", "--seed"):
+    for flag in (
+        "--rank",
+        "--experts",
+        "--top-k",
+        "--lr",
+        "--epochs",
+        "--batch-size",
+        "--max-length",
+        "--train-size",
+        "--seed",
+    ):
         assert flag in train_help
 
 
@@ -80,8 +98,11 @@ def test_console_script_exit_code(tmp_path, offline):
         env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
         [sys.executable, "-m", "goat_lora.cli", "train", "--data", str(tmp_path / "missing.csv")],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr, result.stderr
 

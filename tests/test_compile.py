@@ -162,8 +162,9 @@ def test_compiled_layer_drops_the_experts_inputs_with_probability_p():
     rows is g_i * (x * keep) and its zeros are the dropped features."""
     from goat_lora.layer import GoatLayer  # noqa: F401  (the layer under test)
 
-    model = get_goat_model(torch.nn.Sequential(torch.nn.Linear(4000, 8)), GoatConfig(r=2, num_experts=2, top_k=2,
-                                                                                      dropout=0.3))  # fmt: skip
+    model = get_goat_model(
+        torch.nn.Sequential(torch.nn.Linear(4000, 8)), GoatConfig(r=2, num_experts=2, top_k=2, dropout=0.3)
+    )
     model.train()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.rand(1, 4000) + 0.5  # no zero feature
@@ -223,14 +224,28 @@ def test_goat_train_compile_matches_eager(tiny_task, one_process, tmp_path, monk
     monkeypatch.delenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", raising=False)
     regions = []
     compile_regions = accelerate.accelerator.compile_regions
-    monkeypatch.setattr(accelerate.accelerator, "compile_regions",
-                        lambda model, **kw: regions.append(type(model).__name__) or compile_regions(model, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        accelerate.accelerator,
+        "compile_regions",
+        lambda model, **kw: regions.append(type(model).__name__) or compile_regions(model, **kw),
+    )
 
     model_dir, data = tiny_task
     out = tmp_path / "run"
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    argv = ["train", *_flags(model_dir, data), "--batch-size", "8", "--report-to", "none", "--compile",
-            "--compile-backend", "eager", "--output", str(out)]  # fmt: skip
+    argv = [
+        "train",
+        *_flags(model_dir, data),
+        "--batch-size",
+        "8",
+        "--report-to",
+        "none",
+        "--compile",
+        "--compile-backend",
+        "eager",
+        "--output",
+        str(out),
+    ]
     assert main(argv) == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it did compile
     assert regions == ["GoatModel"]  # regionally
@@ -303,8 +318,10 @@ def test_cuda_graph_runs_pad_batches_to_a_few_shapes(monkeypatch):
     plain = TextCollator(tokenizer, 200)([{"input": "word " * 5, "labels": 0}])
     assert plain["input_ids"].shape[1] == 7
     padded = CausalLMCollator(tokenizer, 100, pad_multiple=64)([{"input": {"text": "word " * 5, "prompt": None}}])
-    assert padded["input_ids"].shape == (1, 64) and int(padded["attention_mask"].sum()) == int(plain["attention_mask"].sum())
-    assert (padded["labels"][0, int(padded["attention_mask"].sum()):] == -100).all()
+    assert padded["input_ids"].shape == (1, 64) and int(padded["attention_mask"].sum()) == int(
+        plain["attention_mask"].sum()
+    )
+    assert (padded["labels"][0, int(padded["attention_mask"].sum()) :] == -100).all()
 
 
 def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graphs(tiny_task, tmp_path, monkeypatch):  # noqa: F811
@@ -321,8 +338,23 @@ def test_compiled_training_over_mixed_lengths_compiles_a_bounded_number_of_graph
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     before_graphs, before_breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-    argv = ["train", *_flags(model_dir, str(data)), "--batch-size", "4", "--max-length", "40", "--report-to", "none",
-            "--compile", "--compile-backend", "eager", "--pad-to-multiple", "16", "--output", str(tmp_path / "run")]  # fmt: skip
+    argv = [
+        "train",
+        *_flags(model_dir, str(data)),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "40",
+        "--report-to",
+        "none",
+        "--compile",
+        "--compile-backend",
+        "eager",
+        "--pad-to-multiple",
+        "16",
+        "--output",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 0
     graphs = counters["stats"]["unique_graphs"] - before_graphs
     assert sum(counters["graph_break"].values()) == before_breaks  # no graph break

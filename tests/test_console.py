@@ -17,8 +17,22 @@ import pytest
 
 from goat_lora.cli import main
 
-TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--train-size", "16", "--test-size", "8",
-        "--save-steps", "0", "--report-to", "none"]  # fmt: skip
+TINY = [
+    "--max-length",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--train-size",
+    "16",
+    "--test-size",
+    "8",
+    "--save-steps",
+    "0",
+    "--report-to",
+    "none",
+]
 HUB_OFFLINE = pytest.mark.parametrize("offline", ["set", "unset"])
 
 
@@ -30,8 +44,14 @@ def _env(offline: str) -> dict:
 
 
 def _goat(args: list[str], offline: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "goat_lora.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(offline), **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "goat_lora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(offline),
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +66,20 @@ def tiny(tmp_path_factory):
 # ---- one line, whatever the libraries print -------------------------------------------------------
 BAD = {
     "missing-data-file": (lambda t, a: ["train", "--data", str(t / "missing.csv")], "data file"),
-    "compare-zero-seeds": (lambda t, a: ["compare", "--data", a["data"], "--seeds", "0"], "argument --seeds: must be at least 1, got 0"),
-    "model-folder-missing": (lambda t, a: ["train", "--model", "./no-such-folder", "--data", a["data"]],
-                             "model folder './no-such-folder' does not exist; --model takes a local folder, a hub name "
-                             "(namespace/name) or a shipped model: minilm, smollm2, efficientnet-lite0"),
-    "output-under-a-file": (lambda t, a: ["train", "--data", a["data"], "--output", str(t / "file" / "sub")],
-                            "--output '{t}/file/sub' cannot be created: '{t}/file' is a file, not a folder"),
-}  # fmt: skip
+    "compare-zero-seeds": (
+        lambda t, a: ["compare", "--data", a["data"], "--seeds", "0"],
+        "argument --seeds: must be at least 1, got 0",
+    ),
+    "model-folder-missing": (
+        lambda t, a: ["train", "--model", "./no-such-folder", "--data", a["data"]],
+        "model folder './no-such-folder' does not exist; --model takes a local folder, a hub name "
+        "(namespace/name) or a shipped model: minilm, smollm2, efficientnet-lite0",
+    ),
+    "output-under-a-file": (
+        lambda t, a: ["train", "--data", a["data"], "--output", str(t / "file" / "sub")],
+        "--output '{t}/file/sub' cannot be created: '{t}/file' is a file, not a folder",
+    ),
+}
 
 
 @HUB_OFFLINE
@@ -139,8 +166,23 @@ def test_regression_rows_with_an_empty_label_are_counted_in_the_note_and_metrics
     with open(tmp_path / "scores.csv", "a") as fh:
         fh.write("an empty label cell,\n")
     out = tmp_path / "run"
-    assert main(["train", "--task", "regression", "--model", tiny["bert"], "--data", str(tmp_path / "scores.csv"),
-                 "--output", str(out), *TINY]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "regression",
+                "--model",
+                tiny["bert"],
+                "--data",
+                str(tmp_path / "scores.csv"),
+                "--output",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     where = str(tmp_path / "scores.csv")
     assert f"note: 4 row(s) of {where!r} left out: empty cells in 'label' (4)" in printed
@@ -178,7 +220,8 @@ def test_every_family_records_the_rows_it_leaves_out(family, tmp_path):
     settings, task = run.settings, run.task
     data = task.load_data(settings)
     assert data.info["dropped_rows"] == [{"source": str(path), "rows": 2, "why": f"empty cells in {column!r} (2)"}] or (
-        family == "causal-lm" and data.info["dropped_rows"][0]["rows"] == 2)  # fmt: skip
+        family == "causal-lm" and data.info["dropped_rows"][0]["rows"] == 2
+    )
     assert len(data.train) + len(data.validation) + len(data.test) == n - 2
 
 
@@ -187,10 +230,25 @@ def test_two_runs_with_the_same_output_never_both_report_it(tiny, tmp_path):
     """Started together, each builds in its own staging folder; the one that finishes second is
     refused in one line (exit 2), and the folder holds the whole of the first run."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "goat_lora.cli", "train", "--model", tiny["bert"], "--data", tiny["data"],
-            "--output", str(out), *TINY[:-2], "--report-to", "tensorboard"]  # fmt: skip
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env("set"))
-             for _ in range(2)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "goat_lora.cli",
+        "train",
+        "--model",
+        tiny["bert"],
+        "--data",
+        tiny["data"],
+        "--output",
+        str(out),
+        *TINY[:-2],
+        "--report-to",
+        "tensorboard",
+    ]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env("set"))
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
@@ -251,9 +309,22 @@ def test_the_resume_state_keeps_the_settings_as_given(tiny, tmp_path, monkeypatc
 
     saved = {}
     real = run.write_resume_state
-    monkeypatch.setattr(run, "write_resume_state", lambda staging, requested, *a: (saved.update(requested),
-                                                                                   real(staging, requested, *a)))  # fmt: skip
-    argv = ["train", "--model", tiny["bert"], "--data", tiny["data"], "--output", str(tmp_path / "run"),
-            *[flag for flag in TINY if flag not in ("--save-steps", "0")], "--save-steps", "100"]  # fmt: skip
+    monkeypatch.setattr(
+        run,
+        "write_resume_state",
+        lambda staging, requested, *a: (saved.update(requested), real(staging, requested, *a)),
+    )
+    argv = [
+        "train",
+        "--model",
+        tiny["bert"],
+        "--data",
+        tiny["data"],
+        "--output",
+        str(tmp_path / "run"),
+        *[flag for flag in TINY if flag not in ("--save-steps", "0")],
+        "--save-steps",
+        "100",
+    ]
     assert main(argv) == 0
     assert saved["lr"] is None and saved["metric"] is None  # left for the method's and the task's defaults

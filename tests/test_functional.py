@@ -160,10 +160,13 @@ def test_zero_factors_are_plain_lora():
 def test_residual_weight_takes_one_coefficient_per_expert():
     """W_res = sum_j c_j s_j B_j A_j, written out expert by expert; a scalar c means c for every expert."""
     g = torch.Generator().manual_seed(0)
-    factors = F.ExpertFactors(torch.randn(6, 5, generator=g), torch.randn(4, 6, generator=g), torch.tensor([2.0, 3.0, 5.0]))
+    factors = F.ExpertFactors(
+        torch.randn(6, 5, generator=g), torch.randn(4, 6, generator=g), torch.tensor([2.0, 3.0, 5.0])
+    )
     coefs = torch.tensor([1.0, 0.5, 0.25])
     expected = sum(
-        coefs[j] * factors.expert_scale[j] * factors.B[:, 2 * j : 2 * j + 2] @ factors.A[2 * j : 2 * j + 2] for j in range(3)
+        coefs[j] * factors.expert_scale[j] * factors.B[:, 2 * j : 2 * j + 2] @ factors.A[2 * j : 2 * j + 2]
+        for j in range(3)
     )
     torch.testing.assert_close(F.residual_weight(factors, coefs), expected)
     torch.testing.assert_close(F.residual_weight(factors, 0.5), F.residual_weight(factors, torch.full((3,), 0.5)))
@@ -237,7 +240,8 @@ def test_top_p_keeps_the_smallest_most_probable_set_reaching_p(num_experts, top_
 
 
 @pytest.mark.parametrize(
-    "num_experts, top_p, kept", [(8, 0.25, 2), (8, 0.3, 3), (8, 1e-3, 1), (8, 0.875, 7), (8, 0.9, 8), (8, 1.0, 8), (5, 0.5, 3)]
+    "num_experts, top_p, kept",
+    [(8, 0.25, 2), (8, 0.3, 3), (8, 1e-3, 1), (8, 0.875, 7), (8, 0.9, 8), (8, 1.0, 8), (5, 0.5, 3)],
 )
 def test_top_p_with_uniform_probabilities_keeps_the_first_ceil_p_e(num_experts, top_p, kept):
     """A zero router: every p_j = 1/E, ties broken by index, so experts 0..ceil(pE)-1, each 1/ceil(pE)."""
@@ -281,7 +285,12 @@ def test_route_rejects_unknown_mode():
 
 @pytest.mark.parametrize(
     "mode, num_experts, expected",
-    [("top_k", 8, [1 / 8] * 8), ("top_p", 8, [1 / 8] * 8), ("shared", 8, [1.0] + [1 / 7] * 7), ("shared", 2, [1.0, 1.0])],
+    [
+        ("top_k", 8, [1 / 8] * 8),
+        ("top_p", 8, [1 / 8] * 8),
+        ("shared", 8, [1.0] + [1 / 7] * 7),
+        ("shared", 2, [1.0, 1.0]),
+    ],
 )
 def test_expected_expert_weights(mode, num_experts, expected):
     torch.testing.assert_close(F.expected_expert_weights(mode, num_experts), torch.tensor(expected))
@@ -289,19 +298,30 @@ def test_expected_expert_weights(mode, num_experts, expected):
 
 @pytest.mark.parametrize(
     "mode, num_experts, top_k, top_p",
-    [("top_k", 8, 2, None), ("top_k", 5, 3, None), ("top_p", 8, None, 0.25), ("top_p", 8, None, 0.6),
-     ("top_p", 3, None, 0.5), ("shared", 8, 2, None), ("shared", 4, 1, None)],
-)  # fmt: skip
+    [
+        ("top_k", 8, 2, None),
+        ("top_k", 5, 3, None),
+        ("top_p", 8, None, 0.25),
+        ("top_p", 8, None, 0.6),
+        ("top_p", 3, None, 0.5),
+        ("shared", 8, 2, None),
+        ("shared", 4, 1, None),
+    ],
+)
 def test_expected_weights_by_monte_carlo(mode, num_experts, top_k, top_p):
     """E[w_j] over exchangeable logits (i.i.d. across experts; three temperatures, as a router at init
     gives more or less peaked probabilities) matches expected_expert_weights within 5 standard errors.
     A residual built with 1/E in "shared" mode (1/8 against 1/7) would be 30 standard errors off."""
     num_routed = num_experts - (mode == "shared")
     g = torch.Generator().manual_seed(0)
-    weights = torch.cat([
-        F.route(torch.randn(100_000, num_routed, generator=g) * scale, top_k or 1, mode=mode, top_p=top_p or 0.25).weights
-        for scale in (0.3, 1.0, 3.0)
-    ])  # fmt: skip
+    weights = torch.cat(
+        [
+            F.route(
+                torch.randn(100_000, num_routed, generator=g) * scale, top_k or 1, mode=mode, top_p=top_p or 0.25
+            ).weights
+            for scale in (0.3, 1.0, 3.0)
+        ]
+    )
     mean, stderr = weights.double().mean(0), weights.double().std(0) / math.sqrt(weights.shape[0])
     expected = F.expected_expert_weights(mode, num_experts).double()
     assert torch.all((mean - expected).abs() <= 5 * stderr + 1e-12), (mean, expected)
@@ -312,9 +332,16 @@ def test_expected_weights_by_monte_carlo(mode, num_experts, top_k, top_p):
 
 @pytest.mark.parametrize(
     "mode, num_experts, top_k, top_p, exact",
-    [("top_k", 8, 8, 0.25, True), ("top_k", 8, 2, 0.25, False), ("top_p", 8, 2, 1.0, True), ("top_p", 8, 2, 0.9, True),
-     ("top_p", 8, 2, 0.25, False), ("shared", 8, 7, 0.25, True), ("shared", 8, 2, 0.25, False)],
-)  # fmt: skip
+    [
+        ("top_k", 8, 8, 0.25, True),
+        ("top_k", 8, 2, 0.25, False),
+        ("top_p", 8, 2, 1.0, True),
+        ("top_p", 8, 2, 0.9, True),
+        ("top_p", 8, 2, 0.25, False),
+        ("shared", 8, 7, 0.25, True),
+        ("shared", 8, 2, 0.25, False),
+    ],
+)
 def test_zero_router_gives_the_expected_weights_exactly_where_it_can(mode, num_experts, top_k, top_p, exact):
     """With a zero router, w = E[w] for every token (so the adapted layer is the pretrained one exactly)
     for top_k with k = E, top_p with p > (E-1)/E and shared with k = E - 1, and not otherwise."""
@@ -329,10 +356,20 @@ def test_zero_router_gives_the_expected_weights_exactly_where_it_can(mode, num_e
 
 @pytest.mark.parametrize(
     "num_experts, top_k, d, mode",
-    [(1, 1, 3, "top_k"), (4, 2, 1, "top_k"), (8, 2, 2, "top_k"), (6, 6, 1, "top_k"), (16, 3, 4, "top_k"),
-     (1, 1, 2, "top_p"), (8, 2, 2, "top_p"), (16, 1, 1, "top_p"), (2, 1, 3, "shared"), (8, 2, 2, "shared"),
-     (6, 5, 1, "shared")],
-)  # fmt: skip
+    [
+        (1, 1, 3, "top_k"),
+        (4, 2, 1, "top_k"),
+        (8, 2, 2, "top_k"),
+        (6, 6, 1, "top_k"),
+        (16, 3, 4, "top_k"),
+        (1, 1, 2, "top_p"),
+        (8, 2, 2, "top_p"),
+        (16, 1, 1, "top_p"),
+        (2, 1, 3, "shared"),
+        (8, 2, 2, "shared"),
+        (6, 5, 1, "shared"),
+    ],
+)
 def test_experts_delta_matches_loop_and_explicit_sum(num_experts, top_k, d, mode):
     T, n, m = 13, 10, 7
     x = torch.randn(T, n, dtype=torch.float64)
@@ -392,10 +429,14 @@ def _plain_routed_experts(x, G, A, B, scale, keep, top_k, mode, top_p):
 
 
 ROUTED_CASES = [  # (num_experts, top_k, d, mode, top_p, dropout)
-    (4, 2, 2, "top_k", 0.25, False), (8, 3, 1, "top_k", 0.25, True), (1, 1, 3, "top_k", 0.25, False),
-    (6, 1, 2, "top_p", 0.5, True), (4, 1, 1, "top_p", 1.0, False), (4, 2, 2, "shared", 0.25, True),
+    (4, 2, 2, "top_k", 0.25, False),
+    (8, 3, 1, "top_k", 0.25, True),
+    (1, 1, 3, "top_k", 0.25, False),
+    (6, 1, 2, "top_p", 0.5, True),
+    (4, 1, 1, "top_p", 1.0, False),
+    (4, 2, 2, "shared", 0.25, True),
     (2, 1, 2, "shared", 0.25, False),
-]  # fmt: skip
+]
 
 
 def _routed_inputs(num_experts, d, mode, dropout, dtype=torch.float64, n=6, m=5, T=9):
@@ -436,8 +477,10 @@ def test_routed_experts_equals_autograd_of_the_plain_formula(num_experts, top_k,
     assert routing.used.shape == routing.weights.shape == (9, num_experts)
     torch.testing.assert_close(routing.weights.sum(-1), torch.full((9,), 1.0 + (mode == "shared"), dtype=torch.float64))
     g = torch.Generator().manual_seed(1)
-    grad_delta, grad_prob_sum = torch.randn(delta.shape, generator=g, dtype=torch.float64), torch.randn(
-        ref_probs.shape[-1], generator=g, dtype=torch.float64)  # fmt: skip
+    grad_delta, grad_prob_sum = (
+        torch.randn(delta.shape, generator=g, dtype=torch.float64),
+        torch.randn(ref_probs.shape[-1], generator=g, dtype=torch.float64),
+    )
 
     def loss(delta, probs):
         parts = {"delta": (delta * grad_delta).sum(), "probs": (probs.sum(0) * grad_prob_sum).sum()}
@@ -497,9 +540,17 @@ def test_balance_loss_at_uniform_routing(num_experts, top_k):
 
 @pytest.mark.parametrize(
     "mode, num_experts, top_k, top_p, public",
-    [("top_k", 8, 2, None, 2.0), ("top_k", 8, 8, None, 8.0), ("top_p", 8, None, 0.25, 2.0), ("top_p", 8, None, 0.3, 3.0),
-     ("top_p", 8, None, 1.0, 8.0), ("shared", 8, 2, None, 2.0), ("shared", 8, 7, None, 7.0), ("shared", 2, 1, None, 1.0)],
-)  # fmt: skip
+    [
+        ("top_k", 8, 2, None, 2.0),
+        ("top_k", 8, 8, None, 8.0),
+        ("top_p", 8, None, 0.25, 2.0),
+        ("top_p", 8, None, 0.3, 3.0),
+        ("top_p", 8, None, 1.0, 8.0),
+        ("shared", 8, 2, None, 2.0),
+        ("shared", 8, 7, None, 7.0),
+        ("shared", 2, 1, None, 1.0),
+    ],
+)
 def test_balance_loss_of_a_zero_router_for_each_variant(mode, num_experts, top_k, top_p, public):
     """Uniform routing as a zero router makes it, through route() and the layer's statistics: the public
     form equals the routed experts used per token (top_k, shared: k; top_p: ceil(p E)), the paper form 1.

@@ -57,8 +57,15 @@ def build(case):
         torch.rand(E, generator=g) + 0.5,
     )
     coefs = F.expected_expert_weights(case["routing"], E)
-    layer = GoatLayer(base, factors, top_k=case["top_k"], residual_coef=coefs, routing=case["routing"],
-                      top_p=case["top_p"], generator=g)  # fmt: skip
+    layer = GoatLayer(
+        base,
+        factors,
+        top_k=case["top_k"],
+        residual_coef=coefs,
+        routing=case["routing"],
+        top_p=case["top_p"],
+        generator=g,
+    )
     with torch.no_grad():
         layer.router.weight.mul_(case["router_scale"])
     batch = 0 if case["tokens"].startswith("empty") else 3

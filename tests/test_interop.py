@@ -60,8 +60,13 @@ def logits(model, inputs) -> torch.Tensor:
 
 # ---- peft: PeftModel.from_pretrained / PeftConfig.from_pretrained ---------------------------------------
 
-PEFT_CASES = ["llama-all-linear-defaults", "bert-cls-modules_to_save", "gpt2-conv1d-principal", "bert-shared-expert",
-              "conv2d-1x1"]  # fmt: skip
+PEFT_CASES = [
+    "llama-all-linear-defaults",
+    "bert-cls-modules_to_save",
+    "gpt2-conv1d-principal",
+    "bert-shared-expert",
+    "conv2d-1x1",
+]
 
 
 def check_peft_loading(case: str, folder: str) -> dict:
@@ -81,7 +86,9 @@ def check_peft_loading(case: str, folder: str) -> dict:
     goat = GoatModel.from_pretrained(factory(), folder, is_trainable=True)
     assert sum(p.requires_grad for p in trainable.parameters()) == sum(p.requires_grad for p in goat.parameters())
     config = peft.PeftConfig.from_pretrained(folder)
-    assert config.peft_type == "GOAT" and config.goat_config == GoatConfig.load(os.path.join(folder, "adapter_config.json"))
+    assert config.peft_type == "GOAT" and config.goat_config == GoatConfig.load(
+        os.path.join(folder, "adapter_config.json")
+    )
     return {"peft": peft.__version__, "case": case}
 
 
@@ -118,19 +125,30 @@ def test_peft_without_an_adapter_folder_is_refused():
         GoatPeftConfig(rank=4)
 
 
-@pytest.mark.skipif(not os.environ.get("GOAT_PEFT_PYTHONS"), reason="GOAT_PEFT_PYTHONS (python executables with "
-                    "another peft, colon-separated) is not set; docs/usage.md says how it was run")  # fmt: skip
+@pytest.mark.skipif(
+    not os.environ.get("GOAT_PEFT_PYTHONS"),
+    reason="GOAT_PEFT_PYTHONS (python executables with "
+    "another peft, colon-separated) is not set; docs/usage.md says how it was run",
+)
 @pytest.mark.parametrize("case", ["llama-all-linear-defaults", "bert-cls-modules_to_save"])
 def test_other_peft_versions(case, tmp_path):
     """The same check under other pefts (throwaway venvs); a peft older than 0.14 must refuse with one error."""
     here = os.path.dirname(__file__)
     src = os.path.join(os.path.dirname(here), "src")
     for index, python in enumerate(os.environ["GOAT_PEFT_PYTHONS"].split(":")):
-        script = (f"import sys, json; sys.path[:0] = [{here!r}, {src!r}]; import peft; from test_interop import "
-                  f"check_peft_loading\ntry:\n    print(json.dumps(check_peft_loading({case!r}, {str(tmp_path / str(index))!r})))\n"
-                  f"except RuntimeError as err:\n    print(json.dumps({{'peft': peft.__version__, 'refused': str(err)}}))")  # fmt: skip
-        done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        script = (
+            f"import sys, json; sys.path[:0] = [{here!r}, {src!r}]; import peft; from test_interop import "
+            f"check_peft_loading\ntry:\n"
+            f"    print(json.dumps(check_peft_loading({case!r}, {str(tmp_path / str(index))!r})))\n"
+            f"except RuntimeError as err:\n    print(json.dumps({{'peft': peft.__version__, 'refused': str(err)}}))"
+        )
+        done = subprocess.run(
+            [python, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
         major_minor = tuple(int(x) for x in result["peft"].split(".")[:2])
@@ -203,8 +221,9 @@ def test_disable_adapter_uses_the_original_modules_to_save_and_nests():
 
     batch = token_batch()
     original = tiny_bert()
-    model = trained(get_goat_model(copy.deepcopy(original), GoatConfig(r=8, num_experts=4,
-                                                                       modules_to_save=["classifier"])), seed=4)  # fmt: skip
+    model = trained(
+        get_goat_model(copy.deepcopy(original), GoatConfig(r=8, num_experts=4, modules_to_save=["classifier"])), seed=4
+    )
     head = model.base_model.classifier
     with model.disable_adapter():
         assert model.base_model.classifier is not head
@@ -233,16 +252,29 @@ def test_switching_gives_the_logits_of_loading_each_adapter_alone(tmp_path, dtyp
     for index, case in enumerate(SWITCH_CASES):  # four adapters with different targets, routing and init
         factory, kwargs, _, _ = MODEL_CASES[case]
         folders[case] = str(tmp_path / case)
-        trained(get_goat_model(tiny_llama(dtype=dtype), GoatConfig(**kwargs)), seed=index + 1).save_pretrained(folders[case])
-    alone = {case: logits(GoatModel.from_pretrained(tiny_llama(dtype=dtype), folder), inputs)
-             for case, folder in folders.items()}  # fmt: skip
+        trained(get_goat_model(tiny_llama(dtype=dtype), GoatConfig(**kwargs)), seed=index + 1).save_pretrained(
+            folders[case]
+        )
+    alone = {
+        case: logits(GoatModel.from_pretrained(tiny_llama(dtype=dtype), folder), inputs)
+        for case, folder in folders.items()
+    }
     original = tiny_llama(dtype=dtype)
     model = GoatModel.from_pretrained(tiny_llama(dtype=dtype), folders[SWITCH_CASES[0]], adapter_name=SWITCH_CASES[0])
     for case in SWITCH_CASES[1:]:
         model.load_adapter(folders[case], case)
         assert torch.equal(logits(model, inputs), alone[SWITCH_CASES[0]])  # loading does not change the active one
-    assert model.adapters[0] == model.active_adapter == SWITCH_CASES[0] and sorted(model.adapters) == sorted(SWITCH_CASES)
-    for case in ["llama-top-p", "llama-qv-goat_mini", SWITCH_CASES[0], "llama-zero-init", "llama-top-p", "llama-qv-goat_mini"]:
+    assert model.adapters[0] == model.active_adapter == SWITCH_CASES[0] and sorted(model.adapters) == sorted(
+        SWITCH_CASES
+    )
+    for case in [
+        "llama-top-p",
+        "llama-qv-goat_mini",
+        SWITCH_CASES[0],
+        "llama-zero-init",
+        "llama-top-p",
+        "llama-qv-goat_mini",
+    ]:
         model.set_adapter(case)
         assert model.active_adapter == case and model.active_adapters == [case]
         assert torch.equal(logits(model, inputs), alone[case]), case
@@ -297,7 +329,9 @@ def test_save_selected_adapters_in_peft_layout_and_modules_to_save_per_adapter(t
     model.set_adapter("default")
     assert torch.equal(logits(model, batch), first)
     model.save_pretrained(tmp_path, selected_adapters=["default", "second"])
-    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "second" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter_config.json").is_file() and (
+        tmp_path / "second" / "adapter_model.safetensors"
+    ).is_file()
     assert model.active_adapter == "default"
     assert torch.equal(logits(GoatModel.from_pretrained(tiny_bert(), tmp_path), batch), first)
     assert torch.equal(logits(GoatModel.from_pretrained(tiny_bert(), tmp_path / "second"), batch), second)
@@ -336,8 +370,12 @@ def test_an_inactive_adapter_holds_its_checkpoint_tensors_only():
         m, n = layer.out_features, layer.in_features
         expected += 2 * config.r * (m + n) + config.num_routed_experts * n + config.num_experts
         assert layer._restore_patch is None  # no exactness patch while inactive
-    held = sum(t.numel() for layer in parked.values() for name, t in [*layer.named_parameters(), *layer.named_buffers()]
-               if not name.startswith("base_layer.") and name != "load_counts")  # fmt: skip
+    held = sum(
+        t.numel()
+        for layer in parked.values()
+        for name, t in [*layer.named_parameters(), *layer.named_buffers()]
+        if not name.startswith("base_layer.") and name != "load_counts"
+    )
     assert held == expected
 
 
@@ -347,8 +385,10 @@ def test_the_restore_patch_is_small():
     entries = sum(layer.base_layer.weight.numel() for layer in model.goat_layers())
     patched = sum(layer._restore_patch[0].numel() for layer in model.goat_layers())
     assert 0 < patched < 0.05 * entries
-    assert all(isinstance(layer, GoatLayer) and base_weight_2d(layer.base_layer).dtype == torch.float32
-               for layer in model.goat_layers())  # fmt: skip
+    assert all(
+        isinstance(layer, GoatLayer) and base_weight_2d(layer.base_layer).dtype == torch.float32
+        for layer in model.goat_layers()
+    )
 
 
 # ---- lm-evaluation-harness ---------------------------------------------------------------------------
@@ -362,10 +402,44 @@ def decoder_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     decoder = save_tiny_decoder(root / "decoder")
     run = root / "run"
-    assert main(["train", "--task", "causal-lm", "--model", decoder, "--data", "instructions", "--train-size", "16",
-                 "--test-size", "4", "--max-length", "32", "--batch-size", "8", "--rank", "4", "--experts", "2",
-                 "--top-k", "1", "--lr", "1e-2", "--epochs", "1", "--save-steps", "0", "--report-to", "none",
-                 "--output", str(run)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "causal-lm",
+                "--model",
+                decoder,
+                "--data",
+                "instructions",
+                "--train-size",
+                "16",
+                "--test-size",
+                "4",
+                "--max-length",
+                "32",
+                "--batch-size",
+                "8",
+                "--rank",
+                "4",
+                "--experts",
+                "2",
+                "--top-k",
+                "1",
+                "--lr",
+                "1e-2",
+                "--epochs",
+                "1",
+                "--save-steps",
+                "0",
+                "--report-to",
+                "none",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return decoder, str(run)
 
 
@@ -378,8 +452,21 @@ def test_goat_eval_harness_and_the_lm_eval_peft_route_agree(decoder_run, tmp_pat
     from goat_lora.cli import main
 
     decoder, run = decoder_run
-    code = main(["eval", "--adapter", run, "--harness", "goat_capitals", "--harness-include", EXAMPLE_TASKS,
-                 "--harness-limit", "12", "--output", str(tmp_path / "h")])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--adapter",
+            run,
+            "--harness",
+            "goat_capitals",
+            "--harness-include",
+            EXAMPLE_TASKS,
+            "--harness-limit",
+            "12",
+            "--output",
+            str(tmp_path / "h"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "goat_capitals" in printed and "acc" in printed
@@ -388,10 +475,13 @@ def test_goat_eval_harness_and_the_lm_eval_peft_route_agree(decoder_run, tmp_pat
     # lm-eval's own route: a path and peft=, which loads the GOAT adapter through peft after registration
     register_with_peft()
     theirs = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": decoder, "peft": os.path.join(run, "adapter"), "dtype": "float32"},
-        tasks=["goat_capitals"], task_manager=TaskManager(include_path=EXAMPLE_TASKS, include_defaults=False),
-        limit=12, device="cpu",
-    )["results"]["goat_capitals"]  # fmt: skip
+        model="hf",
+        model_args={"pretrained": decoder, "peft": os.path.join(run, "adapter"), "dtype": "float32"},
+        tasks=["goat_capitals"],
+        task_manager=TaskManager(include_path=EXAMPLE_TASKS, include_defaults=False),
+        limit=12,
+        device="cpu",
+    )["results"]["goat_capitals"]
     assert theirs["acc,none"] == ours["acc,none"] and theirs["acc_norm,none"] == ours["acc_norm,none"]
 
 
@@ -428,14 +518,35 @@ def sft_trainer(decoder: str, output, coef: float = 1e-2, steps: int = 3):
     from goat_lora.trl import GoatSFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(decoder)
-    goat = get_goat_model(AutoModelForCausalLM.from_pretrained(decoder),
-                          GoatConfig(r=4, num_experts=2, top_k=1, dropout=0.0, aux_loss_coef=coef))  # fmt: skip
-    data = Dataset.from_dict({"text": ["The capital of France is Paris.", "Two and two make four.",
-                                       "Water boils at 100 degrees.", "The sky is blue."] * 4})  # fmt: skip
+    goat = get_goat_model(
+        AutoModelForCausalLM.from_pretrained(decoder),
+        GoatConfig(r=4, num_experts=2, top_k=1, dropout=0.0, aux_loss_coef=coef),
+    )
+    data = Dataset.from_dict(
+        {
+            "text": [
+                "The capital of France is Paris.",
+                "Two and two make four.",
+                "Water boils at 100 degrees.",
+                "The sky is blue.",
+            ]
+            * 4
+        }
+    )
     # bf16=False: TRL's default is bfloat16 autocast, also on the CPU, and the reference is compared in float32
-    args = SFTConfig(output_dir=str(output), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                     report_to="none", logging_steps=1, save_strategy="no", max_length=32, use_cpu=True,
-                     disable_tqdm=True, bf16=False)  # fmt: skip
+    args = SFTConfig(
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        max_length=32,
+        use_cpu=True,
+        disable_tqdm=True,
+        bf16=False,
+    )
     return GoatSFTTrainer(model=goat, args=args, train_dataset=data, processing_class=tokenizer), tokenizer
 
 

@@ -117,17 +117,31 @@ def test_base_weight_is_w0_minus_residual(kind):
 
 
 ROUTING_CASES = [  # (routing, num_experts, top_k, top_p)
-    ("top_k", 1, 1, 0.25), ("top_k", 4, 2, 0.25), ("top_k", 4, 4, 0.25), ("top_k", 8, 3, 0.25),
-    ("top_p", 1, 1, 0.25), ("top_p", 4, 1, 0.25), ("top_p", 8, 1, 0.6), ("top_p", 8, 1, 1.0),
-    ("shared", 2, 1, 0.25), ("shared", 4, 2, 0.25), ("shared", 8, 3, 0.25),
-]  # fmt: skip
+    ("top_k", 1, 1, 0.25),
+    ("top_k", 4, 2, 0.25),
+    ("top_k", 4, 4, 0.25),
+    ("top_k", 8, 3, 0.25),
+    ("top_p", 1, 1, 0.25),
+    ("top_p", 4, 1, 0.25),
+    ("top_p", 8, 1, 0.6),
+    ("top_p", 8, 1, 1.0),
+    ("shared", 2, 1, 0.25),
+    ("shared", 4, 2, 0.25),
+    ("shared", 8, 3, 0.25),
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("routing, num_experts, top_k, top_p", ROUTING_CASES)
 def test_batched_matches_loop_reference_outputs_and_gradients(kind, routing, num_experts, top_k, top_p):
-    config = GoatConfig(r=num_experts * 2 if num_experts < 8 else 8, num_experts=num_experts, top_k=top_k, dropout=0.0,
-                        routing=routing, top_p=top_p)  # fmt: skip
+    config = GoatConfig(
+        r=num_experts * 2 if num_experts < 8 else 8,
+        num_experts=num_experts,
+        top_k=top_k,
+        dropout=0.0,
+        routing=routing,
+        top_p=top_p,
+    )
     layer = make_layer(kind, config, m=16, n=16, router_scale=5.0)
     x = make_input(kind)
     grads = []
@@ -163,8 +177,9 @@ def test_under_bf16_autocast_the_layer_matches_float32_within_bf16_rounding(kind
             out = layer(inputs)
         grad_out = torch.randn(out.shape) if grad_out is None else grad_out
         (out.float() * grad_out).sum().backward()
-        results.append((out, inputs.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone(),
-                        layer.router.weight.grad.clone()))  # fmt: skip
+        results.append(
+            (out, inputs.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), layer.router.weight.grad.clone())
+        )
     assert results[1][0].dtype == results[1][1].dtype == torch.bfloat16
     assert all(g.dtype == torch.float32 for g in results[1][2:])
     for name, exact, autocast in zip(("output", "x", "lora_A", "lora_B", "router"), *results):
@@ -249,8 +264,9 @@ def test_experts_dropout_is_inverted_dropout_with_a_saved_bool_mask(monkeypatch)
     assert keep.dtype == torch.bool and keep.shape == x.shape and not keep.all()
     routing = F.route(layer.router(x_ref), layer.top_k)
     dropped = x_ref * keep / (1 - 0.3)
-    expected = layer.base_layer(x_ref) + F.experts_delta(dropped, layer.lora_A, layer.lora_B, routing.weights,
-                                                         layer.expert_scale)
+    expected = layer.base_layer(x_ref) + F.experts_delta(
+        dropped, layer.lora_A, layer.lora_B, routing.weights, layer.expert_scale
+    )
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, layer.lora_A, layer.lora_B, layer.router.weight], g)
@@ -428,21 +444,37 @@ def test_empty_batch(kind):
 
 
 def _variant_layer(routing, num_experts, top_k, top_p, kind="linear", m=12, n=16):
-    config = GoatConfig(r=2 * num_experts, num_experts=num_experts, top_k=top_k, top_p=top_p, routing=routing, dropout=0.0)
+    config = GoatConfig(
+        r=2 * num_experts, num_experts=num_experts, top_k=top_k, top_p=top_p, routing=routing, dropout=0.0
+    )
     base = make_base(kind, m, n)
     original = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(0)
-    layer = GoatLayer(base, initial_factors("l", base, config, generator), top_k=top_k, top_p=top_p, routing=routing,
-                      residual_coef=config.residual_coefs, generator=generator)  # fmt: skip
+    layer = GoatLayer(
+        base,
+        initial_factors("l", base, config, generator),
+        top_k=top_k,
+        top_p=top_p,
+        routing=routing,
+        residual_coef=config.residual_coefs,
+        generator=generator,
+    )
     return original, layer
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "routing, top_k, top_p, exact",
-    [("top_k", 4, 0.25, True), ("top_k", 2, 0.25, False), ("top_p", 1, 1.0, True), ("top_p", 1, 0.8, True),
-     ("top_p", 1, 0.25, False), ("shared", 3, 0.25, True), ("shared", 1, 0.25, False)],
-)  # fmt: skip
+    [
+        ("top_k", 4, 0.25, True),
+        ("top_k", 2, 0.25, False),
+        ("top_p", 1, 1.0, True),
+        ("top_p", 1, 0.8, True),
+        ("top_p", 1, 0.25, False),
+        ("shared", 3, 0.25, True),
+        ("shared", 1, 0.25, False),
+    ],
+)
 def test_zero_router_layer_equals_the_pretrained_layer_where_exact(kind, routing, top_k, top_p, exact):
     """E = 4 and a zero router: uniform probabilities. top_k with k = E, top_p with p > 3/4 (keeps all)
     and shared with k = E - 1 give every expert exactly E[w_j], so the layer is the pretrained one; top-2,
@@ -457,8 +489,10 @@ def test_zero_router_layer_equals_the_pretrained_layer_where_exact(kind, routing
         assert diff > 1e-3
 
 
-@pytest.mark.parametrize("routing, top_k, top_p", [("top_k", 2, 0.25), ("top_p", 1, 0.25), ("top_p", 1, 0.5),
-                                                    ("shared", 2, 0.25), ("shared", 1, 0.25)])  # fmt: skip
+@pytest.mark.parametrize(
+    "routing, top_k, top_p",
+    [("top_k", 2, 0.25), ("top_p", 1, 0.25), ("top_p", 1, 0.5), ("shared", 2, 0.25), ("shared", 1, 0.25)],
+)
 def test_layer_equals_the_pretrained_layer_in_expectation_over_routers(routing, top_k, top_p):
     """Monte Carlo over 4000 router draws (nn.Linear's Kaiming-uniform init, scaled up so the routing
     is far from uniform): the mean adapted output of each token is the pretrained output, to within
@@ -473,10 +507,12 @@ def test_layer_equals_the_pretrained_layer_in_expectation_over_routers(routing, 
     with torch.no_grad():
         logits = torch.einsum("tn,ren->rte", x, routers).reshape(draws * 6, -1)
         weights = F.route(logits, top_k, routing, top_p).weights.reshape(draws, 6, -1)  # (draws, T, E)
-        per_expert = torch.stack([  # (E, T, m): s_j B_j A_j x for each expert
-            layer.expert_scale[j] * (x @ layer.lora_A[2 * j : 2 * j + 2].T) @ layer.lora_B[:, 2 * j : 2 * j + 2].T
-            for j in range(8)
-        ])  # fmt: skip
+        per_expert = torch.stack(
+            [  # (E, T, m): s_j B_j A_j x for each expert
+                layer.expert_scale[j] * (x @ layer.lora_A[2 * j : 2 * j + 2].T) @ layer.lora_B[:, 2 * j : 2 * j + 2].T
+                for j in range(8)
+            ]
+        )
         outputs = layer.base_layer(x) + torch.einsum("dte,etm->dtm", weights, per_expert)  # (draws, T, m)
         # the batched layer computes the same thing (for one draw)
         layer.router.weight.copy_(routers[0])
@@ -500,7 +536,9 @@ def test_shared_expert_base_weight_and_router():
     expected = s[0] * layer.init_B[:, :2] @ layer.init_A[:2] + sum(
         s[j] / 3 * layer.init_B[:, 2 * j : 2 * j + 2] @ layer.init_A[2 * j : 2 * j + 2] for j in (1, 2, 3)
     )
-    torch.testing.assert_close(base_weight_2d(original) - base_weight_2d(layer.base_layer), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        base_weight_2d(original) - base_weight_2d(layer.base_layer), expected, atol=1e-6, rtol=1e-5
+    )
     x = torch.randn(10, 24)
     layer(x)
     torch.testing.assert_close(layer.expert_load()[0], torch.tensor(1 / 3, dtype=torch.float64))  # T of 3 T uses

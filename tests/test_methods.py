@@ -83,7 +83,9 @@ def test_goat_variants_configs():
 def test_hydralora_shares_A_and_matches_a_per_expert_loop():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
-    layer = HydraLoraLayer(base, rank=4, num_experts=3, alpha=8.0, dropout=0.0, generator=torch.Generator().manual_seed(0))
+    layer = HydraLoraLayer(
+        base, rank=4, num_experts=3, alpha=8.0, dropout=0.0, generator=torch.Generator().manual_seed(0)
+    )
     assert layer.lora_A.shape == (4, 12) and layer.lora_B.shape == (3, 10, 4)
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -138,9 +140,13 @@ def test_svd_initialised_baselines_start_at_the_pretrained_convolution_net(metho
     for layer in layers:
         original = getattr(reference, "expand" if layer.get_base_layer().in_channels == 6 else "project").weight
         S = torch.linalg.svdvals(original.view(original.shape[0], -1).double())
-        product = layer.lora_B["default"].weight.flatten(1).double() @ layer.lora_A["default"].weight.flatten(1).double()
+        product = (
+            layer.lora_B["default"].weight.flatten(1).double() @ layer.lora_A["default"].weight.flatten(1).double()
+        )
         kept = S[:2] if method == "pissa" else S[-2:]  # s B A is W's best rank-2 part (PiSSA) or its smallest
-        torch.testing.assert_close(torch.linalg.svdvals(layer.scaling["default"] * product)[:2], kept, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.linalg.svdvals(layer.scaling["default"] * product)[:2], kept, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_pissa_here_is_peft_pissa_on_linear_layers():

@@ -368,19 +368,21 @@ def test_all_linear_skips_top_level_classifier_and_score_heads_only():
     assert model.goat_layer_names == ["body.classifier", "body.score"]
 
 
-
 # ---- routing variants at the model level ----------------------------------------------
 
 
-@pytest.mark.parametrize("routing, top_k, top_p, expected", [("top_k", 2, 0.25, 2.0), ("shared", 3, 0.25, 3.0),
-                                                               ("top_p", 2, 0.3, 3.0), ("top_p", 2, 0.25, 2.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "routing, top_k, top_p, expected",
+    [("top_k", 2, 0.25, 2.0), ("shared", 3, 0.25, 3.0), ("top_p", 2, 0.3, 3.0), ("top_p", 2, 0.25, 2.0)],
+)
 def test_aux_loss_of_zero_routers_is_pinned_for_each_variant(routing, top_k, top_p, expected):
     """Zero routers make every layer's probabilities uniform: the public form is the number of routed
     experts a token uses per layer (top_k, shared: k; top_p of E = 8: ceil(8 p)), summed over the 14
     layers; the paper form is 1 per layer."""
     for form, per_layer in (("public", expected), ("paper", 1.0)):
-        model = get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=8, top_k=top_k, routing=routing,
-                                                        top_p=top_p, aux_loss_form=form))  # fmt: skip
+        model = get_goat_model(
+            tiny_llama(), GoatConfig(r=8, num_experts=8, top_k=top_k, routing=routing, top_p=top_p, aux_loss_form=form)
+        )
         zero_routers(model)
         model(**token_batch())
         assert float(model.aux_loss().detach()) == pytest.approx(14 * per_layer)
@@ -401,7 +403,9 @@ def test_expert_load_counts_the_shared_expert_and_the_plot_shows_it(tmp_path, mo
         assert float(fractions[1:].sum()) == pytest.approx(2 / 3)  # the routed experts share the k = 2 other uses
     shown = []
     real_imshow = report.plt.Axes.imshow
-    monkeypatch.setattr(report.plt.Axes, "imshow", lambda ax, rows, **kw: shown.append(rows) or real_imshow(ax, rows, **kw))
+    monkeypatch.setattr(
+        report.plt.Axes, "imshow", lambda ax, rows, **kw: shown.append(rows) or real_imshow(ax, rows, **kw)
+    )
     path = tmp_path / "expert_load.png"
     report.plot_expert_load({n: [float(v) for v in f] for n, f in load.items()}, str(path))
     assert path.stat().st_size > 0

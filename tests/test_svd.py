@@ -201,8 +201,9 @@ def test_lapack_route_equals_the_dense_eigh_route(shape, init, monkeypatch):
     torch.testing.assert_close(S, S2, rtol=1e-6, atol=1e-7)
     for j in range(4):
         cols = slice(2 * j, 2 * j + 2)
-        torch.testing.assert_close((U[:, cols] * S[cols]) @ V[:, cols].T, (U2[:, cols] * S2[cols]) @ V2[:, cols].T,
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            (U[:, cols] * S[cols]) @ V[:, cols].T, (U2[:, cols] * S2[cols]) @ V2[:, cols].T, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_lapack_route_forms_only_the_window_eigenvectors(monkeypatch):

@@ -73,15 +73,24 @@ def test_numeric_labels_sort_numerically(tmp_path):
         (lambda p: None, FileNotFoundError, "does not exist"),
         (lambda p: p.write_text(""), ValueError, "empty"),
         (lambda p: p.write_text("text,label\n"), ValueError, "no rows"),
-        (lambda p: pd.DataFrame({"body": ["a", "b"], "label": [0, 1]}).to_csv(p, index=False), ValueError,
-         r"no column 'text' \(--text-column\)"),
-        (lambda p: pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_csv(p, index=False), ValueError,
-         r"no column 'second' \(--text-pair-column\)"),
-        (lambda p: pd.DataFrame({"text": ["a", "b", "c"], "label": ["x"] * 3}).to_csv(p, index=False), ValueError,
-         "single class"),
+        (
+            lambda p: pd.DataFrame({"body": ["a", "b"], "label": [0, 1]}).to_csv(p, index=False),
+            ValueError,
+            r"no column 'text' \(--text-column\)",
+        ),
+        (
+            lambda p: pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_csv(p, index=False),
+            ValueError,
+            r"no column 'second' \(--text-pair-column\)",
+        ),
+        (
+            lambda p: pd.DataFrame({"text": ["a", "b", "c"], "label": ["x"] * 3}).to_csv(p, index=False),
+            ValueError,
+            "single class",
+        ),
     ],
     ids=["missing", "empty-file", "no-rows", "missing-column", "missing-pair-column", "single-class"],
-)  # fmt: skip
+)
 def test_bad_files_raise_one_clear_error(tmp_path, make, error, match):
     path = tmp_path / "d.csv"
     make(path)
@@ -220,8 +229,9 @@ def test_a_fresh_classification_head_is_float32_even_from_a_bfloat16_checkpoint(
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path / "bf16-bert")
-    parts = TASK.build(settings("finefoods", model=str(tmp_path / "bf16-bert"), max_length=32),
-                       {"label_names": ["a", "b"]})  # fmt: skip
+    parts = TASK.build(
+        settings("finefoods", model=str(tmp_path / "bf16-bert"), max_length=32), {"label_names": ["a", "b"]}
+    )
     assert {p.dtype for p in parts.model.parameters()} == {torch.float32}
 
 
@@ -237,9 +247,14 @@ def test_hub_glue_layout_tests_on_validation_when_the_test_split_is_unlabelled(m
     import datasets
 
     def split(n, labelled=True):
-        return datasets.Dataset.from_dict({
-            "sentence1": [f"a{i} b" for i in range(n)], "sentence2": [f"b{i} a" for i in range(n)],
-            "label": [i % 2 if labelled else -1 for i in range(n)], "idx": list(range(n))})  # fmt: skip
+        return datasets.Dataset.from_dict(
+            {
+                "sentence1": [f"a{i} b" for i in range(n)],
+                "sentence2": [f"b{i} a" for i in range(n)],
+                "label": [i % 2 if labelled else -1 for i in range(n)],
+                "idx": list(range(n)),
+            }
+        )
 
     calls = []
 

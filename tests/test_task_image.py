@@ -28,8 +28,24 @@ from goat_lora.tasks.image import (
 
 TASK = get_task("image-classification")
 COLOURS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
-TINY = ["--epochs", "1", "--batch-size", "4", "--rank", "4", "--experts", "2", "--lr", "1e-2", "--save-steps", "0",
-        "--report-to", "none", "--eval-batch-size", "8"]  # fmt: skip
+TINY = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--rank",
+    "4",
+    "--experts",
+    "2",
+    "--lr",
+    "1e-2",
+    "--save-steps",
+    "0",
+    "--report-to",
+    "none",
+    "--eval-batch-size",
+    "8",
+]
 METRICS = ("test_accuracy", "test_macro_f1", "test_matthews_corrcoef", "test_loss")
 
 
@@ -89,10 +105,18 @@ def tiny_clip(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-             "projection_dim": 16}  # fmt: skip
-    config = CLIPConfig(vision_config={"image_size": 16, "patch_size": 8, **small}, projection_dim=16,
-                        text_config={"vocab_size": 64, "max_position_embeddings": 16, **small})  # fmt: skip
+    small = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "projection_dim": 16,
+    }
+    config = CLIPConfig(
+        vision_config={"image_size": 16, "patch_size": 8, **small},
+        projection_dim=16,
+        text_config={"vocab_size": 64, "max_position_embeddings": 16, **small},
+    )
     CLIPForImageClassification(config).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
     return str(path)
@@ -135,8 +159,17 @@ def test_csv_of_relative_paths_with_tiny_clip_reloads_to_the_same_metrics(tmp_pa
     monkeypatch.chdir(tmp_path)  # paths resolve against the table's folder, not the working directory
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    trained, evaluated = train_then_eval(tmp_path / "run", "--data", str(table), "--model", tiny_clip,
-                                         "--image-column", "file", "--label-column", "colour")  # fmt: skip
+    trained, evaluated = train_then_eval(
+        tmp_path / "run",
+        "--data",
+        str(table),
+        "--model",
+        tiny_clip,
+        "--image-column",
+        "file",
+        "--label-column",
+        "colour",
+    )
     assert_same_metrics(trained, evaluated)
     linears = linear_layers_but_head(tiny_clip)
     assert linears[0].startswith("vision_model.") and len(linears) == 6
@@ -146,8 +179,17 @@ def test_csv_of_relative_paths_with_tiny_clip_reloads_to_the_same_metrics(tmp_pa
 def test_lora_run_with_a_test_folder_reloads_and_evaluates_another_folder(tmp_path, tiny_vit):
     train_dir = image_folder(tmp_path / "train", per_class=4)
     test_dir = image_folder(tmp_path / "test", per_class=2, seed=7)
-    trained, evaluated = train_then_eval(tmp_path / "run", "--data", str(train_dir), "--test-data", str(test_dir),
-                                         "--model", tiny_vit, "--method", "lora")  # fmt: skip
+    trained, evaluated = train_then_eval(
+        tmp_path / "run",
+        "--data",
+        str(train_dir),
+        "--test-data",
+        str(test_dir),
+        "--model",
+        tiny_vit,
+        "--method",
+        "lora",
+    )
     assert_same_metrics(trained, evaluated)
     assert trained["sizes"]["test"] == 6
     other = image_folder(tmp_path / "other", per_class=1, classes=("red", "blue"), seed=9)  # a subset of the classes
@@ -157,8 +199,10 @@ def test_lora_run_with_a_test_folder_reloads_and_evaluates_another_folder(tmp_pa
 
 
 def test_target_modules_choose_among_the_linear_layers(folder, tiny_vit):
-    parts = TASK.build(settings(str(folder), model=tiny_vit, target_modules=["q_proj", "v_proj"]),
-                       {"label_names": ["blue", "green", "red"]})  # fmt: skip
+    parts = TASK.build(
+        settings(str(folder), model=tiny_vit, target_modules=["q_proj", "v_proj"]),
+        {"label_names": ["blue", "green", "red"]},
+    )
     assert parts.targets == [f"vit.layers.{i}.attention.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert parts.head == ["classifier"] and parts.model.classifier.out_features == 3
 
@@ -180,13 +224,38 @@ def test_image_folder_with_efficientnet_lite0_reloads_to_the_same_metrics(tmp_pa
     assert all(name.startswith("backbone.") for name in trained["expert_load"])
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
-                    reason=f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR}): apt-get install dataset-fashion-mnist")  # fmt: skip
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DIR),
+    reason=f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR}): apt-get install dataset-fashion-mnist",
+)
 def test_fashion_mnist_goat_on_1x1_convs(tmp_path, efficientnet):
     run = tmp_path / "img"
-    assert main(["train", "--data", "fashion-mnist", "--task", "image-classification", "--train-size", "16",
-                 "--test-size", "8", "--epochs", "1", "--batch-size", "8", "--save-steps", "0", "--report-to", "none",
-                 "--output", str(run)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "fashion-mnist",
+                "--task",
+                "image-classification",
+                "--train-size",
+                "16",
+                "--test-size",
+                "8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--save-steps",
+                "0",
+                "--report-to",
+                "none",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["expert_load"]) == 32
     config = json.loads((run / "config.json").read_text())
@@ -198,8 +267,15 @@ def test_fashion_mnist_goat_on_1x1_convs(tmp_path, efficientnet):
 
 def test_fashion_mnist_defaults():
     resolved = settings(None)
-    assert (resolved.data, resolved.epochs, resolved.batch_size, resolved.train_size, resolved.test_size,
-            resolved.image_size, resolved.model) == ("fashion-mnist", 2, 32, 3000, 1000, 64, "efficientnet-lite0")  # fmt: skip
+    assert (
+        resolved.data,
+        resolved.epochs,
+        resolved.batch_size,
+        resolved.train_size,
+        resolved.test_size,
+        resolved.image_size,
+        resolved.model,
+    ) == ("fashion-mnist", 2, 32, 3000, 1000, 64, "efficientnet-lite0")
 
 
 def test_batch_norm_keeps_its_running_statistics_while_training():
@@ -216,9 +292,13 @@ def test_efficientnet_pixels_from_files_and_arrays(tmp_path):
     grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
     Image.fromarray(grey).save(tmp_path / "grey.png")
     write_image(tmp_path / "rgb.png", (10, 200, 90), 0, size=10)
-    batch = ImageCollator(image_size=12)([{"input": str(tmp_path / "grey.png"), "labels": 0},
-                                          {"input": grey, "labels": 1},
-                                          {"input": str(tmp_path / "rgb.png"), "labels": 1}])  # fmt: skip
+    batch = ImageCollator(image_size=12)(
+        [
+            {"input": str(tmp_path / "grey.png"), "labels": 0},
+            {"input": grey, "labels": 1},
+            {"input": str(tmp_path / "rgb.png"), "labels": 1},
+        ]
+    )
     pixels = batch["pixel_values"]
     assert pixels.shape == (3, 3, 12, 12) and batch["labels"].tolist() == [0, 1, 1]
     assert torch.equal(pixels[0], pixels[1])  # a grey PNG and the same array give the same input
@@ -278,8 +358,18 @@ def test_a_corrupt_image_is_named(tmp_path, capsys, folder, tiny_vit, damage):
 
 def test_a_missing_image_of_a_table_is_named(tmp_path, capsys, table, tiny_vit):
     os.remove(table.parent / "pics" / "red_2.png")
-    message = refused(tmp_path, capsys, "--data", str(table), "--model", tiny_vit, "--image-column", "file",
-                      "--label-column", "colour")  # fmt: skip
+    message = refused(
+        tmp_path,
+        capsys,
+        "--data",
+        str(table),
+        "--model",
+        tiny_vit,
+        "--image-column",
+        "file",
+        "--label-column",
+        "colour",
+    )
     assert str(table.parent / "pics" / "red_2.png") in message and "does not exist" in message
 
 
@@ -295,8 +385,11 @@ def test_a_folder_without_two_classes_is_named(tmp_path, capsys, tiny_vit, case)
         (root / "green" / "notes.txt").write_text("no images here")
     message = refused(tmp_path, capsys, "--data", str(root), "--model", tiny_vit)
     assert repr(str(root)) in message
-    expected = {"empty": "no class folders", "one class": "single class folder ('red')",
-                "class without images": "class folder 'green' holds no image file"}[case]  # fmt: skip
+    expected = {
+        "empty": "no class folders",
+        "one class": "single class folder ('red')",
+        "class without images": "class folder 'green' holds no image file",
+    }[case]
     assert expected in message
 
 

@@ -92,8 +92,11 @@ PATTERNS = [
     # (pattern, every accepted form, shown form)
     ("Algiers", ["Algiers"], "Algiers"),
     ("Banjul|Bathurst", ["Banjul", "Bathurst"], "Banjul"),
-    ("Central Africa{n Rep{ublic}}", ["Central African Republic", "Central African Rep", "Central Africa"],
-     "Central African Republic"),
+    (
+        "Central Africa{n Rep{ublic}}",
+        ["Central African Republic", "Central African Rep", "Central Africa"],
+        "Central African Republic",
+    ),
     ("Bra[z|s]il", ["Brazil", "Brasil"], "Brazil"),
     ("Yaound['e|e'|e]", ["Yaound'e", "Yaounde'", "Yaounde"], "Yaoundé"),
     ("{The }Gambia", ["The Gambia", "Gambia"], "The Gambia"),
@@ -113,8 +116,9 @@ def test_quiz_patterns(pattern, forms, shown):
 def test_quiz_questions_from_files(tmp_path):
     (tmp_path / "africa").write_text("Cameroon:Yaound['e|e'|e]\nEgypt:Cairo\n:Nowhere\n", encoding="utf-8")
     (tmp_path / "asia").write_text("Egypt:Cairo|Al Qahira\nSGSSI|South Georgia:Grytviken\n", encoding="utf-8")
-    texts, answers = quiz.questions([("africa", 0, 1, "Capital of {}?"), ("asia", 0, 1, "Capital of {}?")],
-                                    str(tmp_path))  # fmt: skip
+    texts, answers = quiz.questions(
+        [("africa", 0, 1, "Capital of {}?"), ("asia", 0, 1, "Capital of {}?")], str(tmp_path)
+    )
     assert texts == ["Capital of Cameroon?", "Capital of Egypt?", "Capital of South Georgia?"]
     assert answers[0] == ["Yaoundé", "Yaound'e", "Yaounde'", "Yaounde"]  # the shown form first: the target
     assert answers[1] == ["Cairo", "Al Qahira"]  # asked twice: once, with both files' answers
@@ -138,26 +142,70 @@ def test_builtin_quiz_capitals():
 
 
 # ---- the tiny decoder and the data fixtures ---------------------------------------------------------
-GSM_PAIRS = [(3, 4), (5, 2), (10, 7), (1, 1), (6, 9), (12, 3), (8, 8), (2, 15), (20, 5), (7, 0),
-             (4, 4), (9, 1), (11, 6), (14, 2), (3, 13), (5, 5), (16, 1), (2, 2), (6, 3), (1, 18)]  # fmt: skip
-GSM_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-             "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"} for a, b in GSM_PAIRS]  # fmt: skip
+GSM_PAIRS = [
+    (3, 4),
+    (5, 2),
+    (10, 7),
+    (1, 1),
+    (6, 9),
+    (12, 3),
+    (8, 8),
+    (2, 15),
+    (20, 5),
+    (7, 0),
+    (4, 4),
+    (9, 1),
+    (11, 6),
+    (14, 2),
+    (3, 13),
+    (5, 5),
+    (16, 1),
+    (2, 2),
+    (6, 3),
+    (1, 18),
+]
+GSM_ROWS = [
+    {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}",
+    }
+    for a, b in GSM_PAIRS
+]
 # (lighter, heavier, whether the heavier one is listed first)
 COMMONSENSE_THINGS = [
-    ("a feather", "a truck", True), ("a coin", "a horse", False), ("a cup", "a house", True),
-    ("a leaf", "a car", False), ("a hair", "a rock", True), ("a pen", "a piano", False), ("a mouse", "an elephant", True),
-    ("a spoon", "a boat", False), ("a pin", "a desk", True), ("a grape", "a bus", False), ("an ant", "a whale", True),
-    ("a key", "a bear", False), ("a bee", "a train", True), ("a sock", "a cow", False), ("a petal", "a tank", True),
-    ("a nail", "a fridge", False), ("a bead", "a ship", True), ("a cup", "a wall", False), ("a seed", "a bridge", True),
+    ("a feather", "a truck", True),
+    ("a coin", "a horse", False),
+    ("a cup", "a house", True),
+    ("a leaf", "a car", False),
+    ("a hair", "a rock", True),
+    ("a pen", "a piano", False),
+    ("a mouse", "an elephant", True),
+    ("a spoon", "a boat", False),
+    ("a pin", "a desk", True),
+    ("a grape", "a bus", False),
+    ("an ant", "a whale", True),
+    ("a key", "a bear", False),
+    ("a bee", "a train", True),
+    ("a sock", "a cow", False),
+    ("a petal", "a tank", True),
+    ("a nail", "a fridge", False),
+    ("a bead", "a ship", True),
+    ("a cup", "a wall", False),
+    ("a seed", "a bridge", True),
     ("a crumb", "a tree", False),
-]  # fmt: skip
+]
 COMMONSENSE_ROWS = []
 for light, heavy, heavy_first in COMMONSENSE_THINGS:
     first, second, answer = (heavy, light, "option1") if heavy_first else (light, heavy, "option2")
-    COMMONSENSE_ROWS.append({
-        "instruction": f"Which is heavier?\n\nOption1: {first}\nOption2: {second}\n\nAnswer format: option1/option2",
-        "input": "", "output": f"the correct answer is {answer}", "answer": answer,
-    })  # fmt: skip
+    COMMONSENSE_ROWS.append(
+        {
+            "instruction": f"Which is heavier?\n\nOption1: {first}\nOption2: {second}\n\n"
+            "Answer format: option1/option2",
+            "input": "",
+            "output": f"the correct answer is {answer}",
+            "answer": answer,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +229,39 @@ def data_files(tmp_path_factory) -> dict[str, str]:
     return {"gsm8k": str(gsm), "commonsense": str(commonsense), "no_answer": str(no_answer)}
 
 
-FAST = ["--rank", "4", "--experts", "2", "--top-k", "1", "--batch-size", "4", "--max-length", "96",
-        "--max-new-tokens", "16", "--logging-steps", "1", "--save-steps", "0", "--report-to", "none"]  # fmt: skip
+FAST = [
+    "--rank",
+    "4",
+    "--experts",
+    "2",
+    "--top-k",
+    "1",
+    "--batch-size",
+    "4",
+    "--max-length",
+    "96",
+    "--max-new-tokens",
+    "16",
+    "--logging-steps",
+    "1",
+    "--save-steps",
+    "0",
+    "--report-to",
+    "none",
+]
 LAYOUTS = {
     "gsm8k": ["--answer-type", "number"],
-    "commonsense": ["--text-column", "instruction", "--label-column", "answer", "--target-column", "output",
-                    "--answer-type", "choice"],
-}  # fmt: skip
+    "commonsense": [
+        "--text-column",
+        "instruction",
+        "--label-column",
+        "answer",
+        "--target-column",
+        "output",
+        "--answer-type",
+        "choice",
+    ],
+}
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -200,8 +274,28 @@ def test_train_save_eval_reproduces_the_metrics(layout, tiny_decoder, data_files
     from goat_lora.cli import main
 
     run = str(tmp_path / "run")
-    assert main(["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files[layout], *LAYOUTS[layout],
-                 "--epochs", "4", "--lr", "1e-2", *FAST, "--output", run]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "qa",
+                "--model",
+                tiny_decoder,
+                "--data",
+                data_files[layout],
+                *LAYOUTS[layout],
+                "--epochs",
+                "4",
+                "--lr",
+                "1e-2",
+                *FAST,
+                "--output",
+                run,
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(run, "metrics.json")) as fh:
         metrics = json.load(fh)
     assert metrics["task"] == "qa" and metrics["metric"] == "exact_match"
@@ -238,9 +332,30 @@ def test_choice_layout_learns_the_answer_format(tiny_decoder, data_files, tmp_pa
     from goat_lora.cli import main
 
     run = str(tmp_path / "run")
-    assert main(["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["commonsense"],
-                 *LAYOUTS["commonsense"], "--method", "full", "--lr", "3e-3", "--epochs", "10", *FAST,
-                 "--output", run]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "qa",
+                "--model",
+                tiny_decoder,
+                "--data",
+                data_files["commonsense"],
+                *LAYOUTS["commonsense"],
+                "--method",
+                "full",
+                "--lr",
+                "3e-3",
+                "--epochs",
+                "10",
+                *FAST,
+                "--output",
+                run,
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(os.path.join(run, "predictions.jsonl"))
     assert all(r["extracted"] in ("option1", "option2") for r in rows), [r["generation"] for r in rows]
     evaluated = str(tmp_path / "eval")
@@ -276,8 +391,10 @@ def test_loss_has_no_gradient_from_prompt_tokens(tiny_decoder):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_decoder)
     model = AutoModelForCausalLM.from_pretrained(tiny_decoder)
-    items = [{"input": {"prompt": r["instruction"], "target": r["output"]}, "labels": [r["answer"]]}
-             for r in COMMONSENSE_ROWS[:3]]  # fmt: skip
+    items = [
+        {"input": {"prompt": r["instruction"], "target": r["output"]}, "labels": [r["answer"]]}
+        for r in COMMONSENSE_ROWS[:3]
+    ]
     batch = qa.QACollator(tokenizer, 256, "alpaca")(items)
     out = model(**batch)
     out.logits.retain_grad()
@@ -312,26 +429,60 @@ def test_missing_answer_column_is_one_line(tiny_decoder, data_files, tmp_path, c
 
 
 def test_bad_answer_type_is_one_line(tiny_decoder, data_files, tmp_path, capsys):
-    err = _refused(capsys, tmp_path, ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"],
-                                      "--answer-type", "letters"])  # fmt: skip
+    err = _refused(
+        capsys,
+        tmp_path,
+        ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"], "--answer-type", "letters"],
+    )
     assert "--answer-type" in err and "'letters'" in err and "'number', 'choice', 'text'" in err
 
 
 def test_wrong_answer_type_for_the_gold_is_one_line(tiny_decoder, data_files, tmp_path, capsys):
-    err = _refused(capsys, tmp_path, ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"],
-                                      "--answer-type", "choice"])  # fmt: skip
+    err = _refused(
+        capsys,
+        tmp_path,
+        ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"], "--answer-type", "choice"],
+    )
     assert "holds no choice answer" in err and "--answer-type" in err
 
 
 def test_bad_prompt_template_is_one_line(tiny_decoder, data_files, tmp_path, capsys):
-    err = _refused(capsys, tmp_path, ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"],
-                                      "--prompt-template", "Question: "])  # fmt: skip
+    err = _refused(
+        capsys,
+        tmp_path,
+        [
+            "train",
+            "--task",
+            "qa",
+            "--model",
+            tiny_decoder,
+            "--data",
+            data_files["gsm8k"],
+            "--prompt-template",
+            "Question: ",
+        ],
+    )
     assert "--prompt-template 'Question: '" in err
 
 
 def test_head_only_is_refused(tiny_decoder, data_files, tmp_path, capsys):
-    err = _refused(capsys, tmp_path, ["train", "--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"],
-                                      "--method", "head", "--answer-type", "number"])  # fmt: skip
+    err = _refused(
+        capsys,
+        tmp_path,
+        [
+            "train",
+            "--task",
+            "qa",
+            "--model",
+            tiny_decoder,
+            "--data",
+            data_files["gsm8k"],
+            "--method",
+            "head",
+            "--answer-type",
+            "number",
+        ],
+    )
     assert "--method head" in err and "qa" in err
 
 
@@ -345,8 +496,27 @@ def test_evaluate_base_scores_the_untrained_model(tiny_decoder, data_files, tmp_
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = str(tmp_path / "base")
-    assert script.main(["--task", "qa", "--model", tiny_decoder, "--data", data_files["gsm8k"], "--answer-type",
-                        "number", "--max-length", "96", "--max-new-tokens", "8", "--output", out]) == 0  # fmt: skip
+    assert (
+        script.main(
+            [
+                "--task",
+                "qa",
+                "--model",
+                tiny_decoder,
+                "--data",
+                data_files["gsm8k"],
+                "--answer-type",
+                "number",
+                "--max-length",
+                "96",
+                "--max-new-tokens",
+                "8",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(out, "metrics.json")) as fh:
         metrics = json.load(fh)
     rows = read_jsonl(os.path.join(out, "predictions.jsonl"))

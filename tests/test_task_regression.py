@@ -80,7 +80,9 @@ def test_labels_that_never_vary_are_refused(tmp_path):
 
 
 def test_numbers_written_as_text_are_read(tmp_path):
-    pd.DataFrame({"text": list("abcdef"), "label": ["1.5", " 2 ", "3e0", 4, 5.5, "-1"]}).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame({"text": list("abcdef"), "label": ["1.5", " 2 ", "3e0", 4, 5.5, "-1"]}).to_csv(
+        tmp_path / "d.csv", index=False
+    )
     data = TASK.load_data(settings(str(tmp_path / "d.csv")))
     assert sorted(data.train.labels + data.validation.labels + data.test.labels) == [-1.0, 1.5, 2.0, 3.0, 4.0, 5.5]
 

@@ -19,7 +19,11 @@ TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--logging-s
 @pytest.fixture
 def reviews(tmp_path):
     words = {"great": ["tasty", "lovely", "great", "perfect"], "other": ["stale", "awful", "bland", "broken"]}
-    rows = [{"review": f"{words[lab][i % 4]} snack number {i}", "score": lab} for i in range(40) for lab in ("great", "other")]
+    rows = [
+        {"review": f"{words[lab][i % 4]} snack number {i}", "score": lab}
+        for i in range(40)
+        for lab in ("great", "other")
+    ]
     path = tmp_path / "reviews.jsonl"
     pd.DataFrame(rows).to_json(path, orient="records", lines=True)
     return str(path)
@@ -27,8 +31,23 @@ def reviews(tmp_path):
 
 def _train(tmp_path, reviews, method, extra=()):
     out = tmp_path / f"run-{method}"
-    argv = ["train", "--method", method, "--data", reviews, "--text-column", "review", "--label-column", "score",
-            "--train-size", "24", "--output", str(out), *TINY, *extra]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--train-size",
+        "24",
+        "--output",
+        str(out),
+        *TINY,
+        *extra,
+    ]
     assert main(argv) == 0
     return out
 
@@ -37,13 +56,28 @@ def test_goat_train_then_eval(tmp_path, reviews, capsys):
     out = _train(tmp_path, reviews, "goat")
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and str(out) in printed
-    for name in ("config.json", "metrics.json", "loss.png", "expert_load.png", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.json",
+        "loss.png",
+        "expert_load.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (out / name).is_file(), name
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_macro_f1", "test_matthews_corrcoef", "per_epoch_eval", "train_loss",
-                "trainable_params", "wall_time_s", "expert_load", "constant_baseline"):  # fmt: skip
+    for key in (
+        "test_accuracy",
+        "test_macro_f1",
+        "test_matthews_corrcoef",
+        "per_epoch_eval",
+        "train_loss",
+        "trainable_params",
+        "wall_time_s",
+        "expert_load",
+        "constant_baseline",
+    ):
         assert key in metrics
     assert metrics["task"] == "classification" and metrics["metric"] == "accuracy"
     assert len(metrics["train_loss"]) == 3 and "aux_loss" in metrics["train_loss"][0]
@@ -64,8 +98,24 @@ def test_peft_baseline_saves_and_reloads(tmp_path, reviews):
     out = _train(tmp_path, reviews, "milora")
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "adapter" / "method_state.safetensors").is_file()
-    assert main(["eval", "--adapter", str(out), "--data", reviews, "--text-column", "review", "--label-column", "score",
-                 "--output", str(tmp_path / "ev")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--adapter",
+                str(out),
+                "--data",
+                reviews,
+                "--text-column",
+                "review",
+                "--label-column",
+                "score",
+                "--output",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_examples"] == 80
     assert metrics["expert_load"] == {}
 
@@ -76,13 +126,34 @@ def test_rerun_from_config_gives_the_same_metrics(tmp_path, reviews):
     assert main(["train", "--config", str(out / "config.json"), "--output", str(tmp_path / "again")]) == 0
     second = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert second["test_accuracy"] == first["test_accuracy"]
-    assert [h["loss"] for h in second["train_loss"]] == pytest.approx([h["loss"] for h in first["train_loss"]], rel=1e-5)
+    assert [h["loss"] for h in second["train_loss"]] == pytest.approx(
+        [h["loss"] for h in first["train_loss"]], rel=1e-5
+    )
 
 
 def test_goat_compare_tiny(tmp_path, reviews, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "goat", "lora", "--seeds", "2", "--lrs", "1e-3", "--data", reviews,
-            "--text-column", "review", "--label-column", "score", "--train-size", "16", "--output", str(out), *TINY]  # fmt: skip
+    argv = [
+        "compare",
+        "--methods",
+        "goat",
+        "lora",
+        "--seeds",
+        "2",
+        "--lrs",
+        "1e-3",
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--train-size",
+        "16",
+        "--output",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
     data = json.loads((out / "report.json").read_text())
     assert set(data["methods"]) == {"goat", "lora"} and len(data["runs"]) == 4
@@ -96,8 +167,25 @@ def test_interrupted_compare_resumes_with_the_finished_runs(tmp_path, reviews, m
     command with --resume trains only the other two and reports what an uninterrupted comparison reports."""
     import goat_lora.engine.comparison
 
-    common = ["compare", "--methods", "goat", "lora", "--seeds", "2", "--lrs", "1e-3", "--data", reviews,
-              "--text-column", "review", "--label-column", "score", "--train-size", "16", *TINY]  # fmt: skip
+    common = [
+        "compare",
+        "--methods",
+        "goat",
+        "lora",
+        "--seeds",
+        "2",
+        "--lrs",
+        "1e-3",
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--train-size",
+        "16",
+        *TINY,
+    ]
     assert main([*common, "--output", str(tmp_path / "reference")]) == 0
     reference = json.loads((tmp_path / "reference" / "report.json").read_text())
 
@@ -116,19 +204,36 @@ def test_interrupted_compare_resumes_with_the_finished_runs(tmp_path, reviews, m
     assert not out.exists() and len(list((staging / "runs").glob("*/metrics.json"))) == 2
 
     # other settings are refused, naming what differs
-    assert main([*common[:-len(TINY)], "--seeds", "3", *TINY, "--output", str(out), "--resume"]) == 2
+    assert main([*common[: -len(TINY)], "--seeds", "3", *TINY, "--output", str(out), "--resume"]) == 2
     calls.clear()
     assert main([*common, "--output", str(out), "--resume"]) == 0
     assert len(calls) == 2  # only the unfinished runs
     resumed = json.loads((out / "report.json").read_text())
     assert not staging.exists()
     assert [(r["run"], r["test"], r["test_metrics"]) for r in resumed["runs"]] == [
-        (r["run"], r["test"], r["test_metrics"]) for r in reference["runs"]]
+        (r["run"], r["test"], r["test_metrics"]) for r in reference["runs"]
+    ]
 
 
 def test_compare_resume_without_an_interrupted_comparison_is_an_error(tmp_path, reviews, capsys):
-    argv = ["compare", "--methods", "goat", "--seeds", "1", "--lrs", "1e-3", "--data", reviews,
-            "--text-column", "review", "--label-column", "score", "--output", str(tmp_path / "none"), "--resume"]  # fmt: skip
+    argv = [
+        "compare",
+        "--methods",
+        "goat",
+        "--seeds",
+        "1",
+        "--lrs",
+        "1e-3",
+        "--data",
+        reviews,
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--output",
+        str(tmp_path / "none"),
+        "--resume",
+    ]
     assert main(argv) == 2
     assert "no interrupted comparison" in capsys.readouterr().err
 
@@ -169,9 +274,28 @@ def test_sentence_pairs_glue_layout_train_then_eval(tmp_path, tiny_bert_dir, fmt
     for path, frame in ((train_path, _pairs(40, 0)), (test_path, _pairs(16, 1))):
         frame.to_csv(path, sep="\t", index=False) if fmt == "tsv" else frame.to_parquet(path)
     out = tmp_path / "run"
-    argv = ["train", "--model", tiny_bert_dir, "--data", str(train_path), "--test-data", str(test_path),
-            "--text-column", "sentence1", "--text-pair-column", "sentence2", "--metric", "matthews_corrcoef",
-            "--output", str(out), "--save-steps", "0", "--report-to", "none", *TINY]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        str(train_path),
+        "--test-data",
+        str(test_path),
+        "--text-column",
+        "sentence1",
+        "--text-pair-column",
+        "sentence2",
+        "--metric",
+        "matthews_corrcoef",
+        "--output",
+        str(out),
+        "--save-steps",
+        "0",
+        "--report-to",
+        "none",
+        *TINY,
+    ]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metric"] == "matthews_corrcoef" and metrics["sizes"]["test"] == 16
@@ -187,14 +311,39 @@ def test_regression_stsb_layout_train_then_eval(tmp_path, tiny_bert_dir, capsys)
     import random
 
     rng = random.Random(0)
-    rows = [{"sentence1": " ".join(rng.sample(WORDS, 3)), "sentence2": " ".join(rng.sample(WORDS, 3)),
-             "score": round(rng.uniform(0, 5), 2)} for _ in range(60)]  # fmt: skip
+    rows = [
+        {
+            "sentence1": " ".join(rng.sample(WORDS, 3)),
+            "sentence2": " ".join(rng.sample(WORDS, 3)),
+            "score": round(rng.uniform(0, 5), 2),
+        }
+        for _ in range(60)
+    ]
     path = tmp_path / "stsb.tsv"
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
     out = tmp_path / "run"
-    argv = ["train", "--task", "regression", "--model", tiny_bert_dir, "--data", str(path), "--text-column",
-            "sentence1", "--text-pair-column", "sentence2", "--label-column", "score", "--output", str(out),
-            "--save-steps", "0", "--report-to", "none", *TINY]  # fmt: skip
+    argv = [
+        "train",
+        "--task",
+        "regression",
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        str(path),
+        "--text-column",
+        "sentence1",
+        "--text-pair-column",
+        "sentence2",
+        "--label-column",
+        "score",
+        "--output",
+        str(out),
+        "--save-steps",
+        "0",
+        "--report-to",
+        "none",
+        *TINY,
+    ]
     assert main(argv) == 0
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test ")]
     assert len(summary) == 1 and summary[0].startswith("test pearson ") and "(training mean 0.0000)" in summary[0]
@@ -231,9 +380,30 @@ def test_routing_variants_through_the_command_line(tmp_path, tiny_bert_dir, rout
     train_path = tmp_path / "train.csv"
     _pairs(40, 0).to_csv(train_path, index=False)
     out = tmp_path / "run"
-    argv = ["train", "--model", tiny_bert_dir, "--data", str(train_path), "--text-column", "sentence1",
-            "--routing", routing, "--top-p", "0.5", "--experts", "4", "--rank", "4", "--output", str(out),
-            "--save-steps", "0", "--report-to", "none", *TINY]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        str(train_path),
+        "--text-column",
+        "sentence1",
+        "--routing",
+        routing,
+        "--top-p",
+        "0.5",
+        "--experts",
+        "4",
+        "--rank",
+        "4",
+        "--output",
+        str(out),
+        "--save-steps",
+        "0",
+        "--report-to",
+        "none",
+        *TINY,
+    ]
     assert main(argv) == 0
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (adapter["routing"], adapter["top_p"]) == (routing, 0.5)
@@ -253,9 +423,38 @@ def test_compare_with_an_equal_parameter_budget_and_a_goat_variant(tmp_path, tin
     path = tmp_path / "pairs.csv"
     _pairs(40, 0).to_csv(path, index=False)
     out = tmp_path / "cmp"
-    argv = ["compare", "--model", tiny_bert_dir, "--data", str(path), "--text-column", "sentence1", "--methods", "goat",
-            "lora", "hydralora", "dora", "head", "--vary", "init=principal", "--seeds", "2", "--lrs", "1e-3",
-            "--lr-grid", "goat[init=principal]=3e-3", "--rank", "4", "--experts", "2", "--report-to", "none", "--output", str(out), *TINY]  # fmt: skip
+    argv = [
+        "compare",
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        str(path),
+        "--text-column",
+        "sentence1",
+        "--methods",
+        "goat",
+        "lora",
+        "hydralora",
+        "dora",
+        "head",
+        "--vary",
+        "init=principal",
+        "--seeds",
+        "2",
+        "--lrs",
+        "1e-3",
+        "--lr-grid",
+        "goat[init=principal]=3e-3",
+        "--rank",
+        "4",
+        "--experts",
+        "2",
+        "--report-to",
+        "none",
+        "--output",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     rows, ranks = report["methods"], report["settings"]["ranks"]
@@ -282,9 +481,28 @@ def test_console_shows_a_progress_bar_and_one_line_per_evaluation(tmp_path, tiny
     train_path = tmp_path / "train.csv"
     _pairs(40, 0).to_csv(train_path, index=False)
     out = tmp_path / "run"
-    argv = ["train", "--model", tiny_bert_dir, "--data", str(train_path), "--text-column", "sentence1",
-            "--experts", "4", "--rank", "4", "--output", str(out), "--save-steps", "0", "--report-to", "none",
-            *TINY, "--epochs", "2"]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        tiny_bert_dir,
+        "--data",
+        str(train_path),
+        "--text-column",
+        "sentence1",
+        "--experts",
+        "4",
+        "--rank",
+        "4",
+        "--output",
+        str(out),
+        "--save-steps",
+        "0",
+        "--report-to",
+        "none",
+        *TINY,
+        "--epochs",
+        "2",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     printed = captured.out + captured.err

@@ -59,17 +59,23 @@ def save_adapter(model, save_directory: str | os.PathLike) -> None:
     metadata = {"format": "pt", "goat_lora_version": __version__}
     weights = safetensors.torch.save(tensors, metadata=metadata)
     layers = {name: list(layer_shape(layer.base_layer)) for name, layer in model.named_goat_layers()}
-    extra = {"peft_type": PEFT_TYPE, "goat_lora_version": __version__, "layers": layers,
-             "weights_sha256": hashlib.sha256(weights).hexdigest()}  # fmt: skip
+    extra = {
+        "peft_type": PEFT_TYPE,
+        "goat_lora_version": __version__,
+        "layers": layers,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
     if base_quantization:  # absent: every base layer was full precision (or GOAT quantized it: config.quantize)
         extra["base_quantization"] = base_quantization
     config_text = model.goat_config.to_json_text(extra=extra)
     # Both files are staged before either replaces the old one; if the process dies between the two
     # renames, the config's checksum refuses the mismatched pair on load.
-    atomic_write_files({
-        os.path.join(save_directory, WEIGHTS_NAME): weights,
-        os.path.join(save_directory, CONFIG_NAME): config_text.encode("utf-8"),
-    })
+    atomic_write_files(
+        {
+            os.path.join(save_directory, WEIGHTS_NAME): weights,
+            os.path.join(save_directory, CONFIG_NAME): config_text.encode("utf-8"),
+        }
+    )
 
 
 def read_adapter_files(adapter_directory: str | os.PathLike) -> tuple[GoatConfig, dict[str, torch.Tensor], dict]:
@@ -114,6 +120,7 @@ def _check_base_quantization(name: str, module: nn.Module, config: GoatConfig, s
             f"{current}"
         )
     if saved != current:
+
         def describe(kind: str | None) -> str:
             return f"a bitsandbytes {kind}" if kind else "a full-precision"
 
@@ -222,6 +229,7 @@ def read_adapter(base_model: nn.Module, adapter_directory: str | os.PathLike) ->
             )
         factors[name] = (F.ExpertFactors(init_A, init_B, layer_tensors["expert_scale"]), layer_tensors["router.weight"])
         trained[name] = {"lora_A": layer_tensors["lora_A"], "lora_B": layer_tensors["lora_B"]}
-    module_states = {name: _saved_module_state(base_model, name, tensors)
-                     for name in find_modules_to_save(base_model, config)}  # fmt: skip
+    module_states = {
+        name: _saved_module_state(base_model, name, tensors) for name in find_modules_to_save(base_model, config)
+    }
     return SavedAdapter(config, targets, factors, trained, module_states)

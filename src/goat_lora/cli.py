@@ -206,10 +206,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     metrics = evaluate_run(ns.adapter, ns.output, overrides=given, overwrite=ns.overwrite)
     task = get_task(metrics["task"])
     metric = metrics["metric"]
-    others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]
-    print(f"test {metric} {metrics[f'test_{metric}']:.4f} on {metrics['num_examples']} examples | "
-          + "".join(f"{text}, " for text in others)
-          + method_label(metrics["method"], metrics.get("quantize")))  # fmt: skip
+    others = [
+        f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics
+    ]
+    print(
+        f"test {metric} {metrics[f'test_{metric}']:.4f} on {metrics['num_examples']} examples | "
+        + "".join(f"{text}, " for text in others)
+        + method_label(metrics["method"], metrics.get("quantize"))
+    )
     if (metrics["eval_source"] or {}).get("note"):
         print(f"note: {metrics['eval_source']['note']}")
     print(f"eval folder: {metrics['output']}")
@@ -271,9 +275,17 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     with open(os.path.join(output, "report.json"), encoding="utf-8") as fh:
         report = json.load(fh)
     saved = report["settings"]
-    print(markdown_table(summary, saved["metric"], saved["lower_is_better"], saved["reference"],
-                         (report["constant_baseline"] or {}).get(saved["metric"]), saved["baseline_name"],
-                         saved.get("quantize")))  # fmt: skip
+    print(
+        markdown_table(
+            summary,
+            saved["metric"],
+            saved["lower_is_better"],
+            saved["reference"],
+            (report["constant_baseline"] or {}).get(saved["metric"]),
+            saved["baseline_name"],
+            saved.get("quantize"),
+        )
+    )
     print(f"report: {os.path.join(os.path.abspath(output), 'report.md')}")
     _LIBRARY_OUTPUT.keep_in(output)
     return 0
@@ -288,8 +300,18 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{ns.run!r} is not a run folder: {path!r} is missing")
         with open(path, encoding="utf-8") as fh:
             metrics = json.load(fh)
-        keys = ["task", "method", "metric", *sorted(k for k in metrics if k.startswith(("test_", "validation_"))),
-                "trainable_params", "trainable_percent", "wall_time_s", "step_time_s", "peak_memory_mb", "router"]  # fmt: skip
+        keys = [
+            "task",
+            "method",
+            "metric",
+            *sorted(k for k in metrics if k.startswith(("test_", "validation_"))),
+            "trainable_params",
+            "trainable_percent",
+            "wall_time_s",
+            "step_time_s",
+            "peak_memory_mb",
+            "router",
+        ]
         for key in keys:
             if key in metrics:
                 print(f"{key:>26}: {metrics[key]}")
@@ -306,8 +328,11 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         model, head = hf.load_image_classifier(settings.model, 10), ["classifier"]
         targets = hf.image_target_modules(model)
     else:  # whichever head the checkpoint takes: a text classifier, an image classifier, a decoder
-        loaders = (lambda: hf.load_sequence_classifier(settings.model, 2), lambda: hf.load_image_classifier(settings.model, 2),
-                   lambda: hf.load_causal_lm(settings.model or hf.MINILM))  # fmt: skip
+        loaders = (
+            lambda: hf.load_sequence_classifier(settings.model, 2),
+            lambda: hf.load_image_classifier(settings.model, 2),
+            lambda: hf.load_causal_lm(settings.model or hf.MINILM),
+        )
         model, errors = None, []
         for load in loaders:
             try:
@@ -329,8 +354,10 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         added += config.r * (m + n) + config.num_experts * n
         print(f"{name:<60} {f'{m} x {n}':>12} {s:>8.2f}")
     total = sum(p.numel() for p in model.parameters())
-    print(f"{len(names)} layers; GOAT adds {added:,d} trainable parameters ({100 * added / total:.2f}% of {total:,d})"
-          f" plus the head {head}")  # fmt: skip
+    print(
+        f"{len(names)} layers; GOAT adds {added:,d} trainable parameters ({100 * added / total:.2f}% of {total:,d})"
+        f" plus the head {head}"
+    )
     return 0
 
 
@@ -350,20 +377,34 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="goat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the goat-lora version")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true",
-                        help="print what the libraries log as it comes (kept in the folder's library.log otherwise)")  # fmt: skip
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print what the libraries log as it comes (kept in the folder's library.log otherwise)",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = add_parser("train", help="fine-tune with GOAT or a baseline", description=cmd_train.__doc__)
     add_knob_arguments(p, "train")
     p.add_argument("--output", default=None, help="run folder (default runs/<timestamp>-<method>)")
-    p.add_argument("--config", default=None, help="a run's config.json (or a JSON object of settings) to start from; "
-                   "flags given beside it override its values")  # fmt: skip
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved settings (what config.json's \"args\" would hold) and exit")  # fmt: skip
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue a killed run (its --output) from its last checkpoint (other flags ignored)")  # fmt: skip
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a run's config.json (or a JSON object of settings) to start from; "
+        "flags given beside it override its values",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help='print the resolved settings (what config.json\'s "args" would hold) and exit',
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a killed run (its --output) from its last checkpoint (other flags ignored)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_train)
 
@@ -375,23 +416,48 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = add_parser("compare", help="compare methods over seeds and a lr grid", description=cmd_compare.__doc__)
-    p.add_argument("--methods", nargs="+", default=None,
-                   help=f"methods to compare (default all: {' '.join(METHODS)}; none when --vary is given)")  # fmt: skip
-    p.add_argument("--vary", default=None, metavar="FIELD=V1,V2",
-                   help="GOAT variants under the same protocol, one per value, e.g. init=goat,principal,minor,random,"
-                   "zero; scaling=goat,alpha; top_k=1,2,4; aux_loss_coef=0,1e-4,1e-3,1e-2; routing=top_k,top_p,shared")  # fmt: skip
-    p.add_argument("--budget", default="params", choices=("params", "rank"),
-                   help="params (default): each method's rank chosen so its trainable parameters are within 10%% of "
-                   "GOAT's at --rank (full and head exempt); rank: every method at --rank")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"methods to compare (default all: {' '.join(METHODS)}; none when --vary is given)",
+    )
+    p.add_argument(
+        "--vary",
+        default=None,
+        metavar="FIELD=V1,V2",
+        help="GOAT variants under the same protocol, one per value, e.g. init=goat,principal,minor,random,"
+        "zero; scaling=goat,alpha; top_k=1,2,4; aux_loss_coef=0,1e-4,1e-3,1e-2; routing=top_k,top_p,shared",
+    )
+    p.add_argument(
+        "--budget",
+        default="params",
+        choices=("params", "rank"),
+        help="params (default): each method's rank chosen so its trainable parameters are within 10%% of "
+        "GOAT's at --rank (full and head exempt); rank: every method at --rank",
+    )
     p.add_argument("--seeds", type=_at_least_one, default=3, help="number of seeds (default 3, starting at --seed)")
-    p.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help="one learning-rate grid for every method (default: a 2-value grid per method)")  # fmt: skip
-    p.add_argument("--lr-grid", nargs="+", default=None, metavar="METHOD=LR,LR",
-                   help="per-method (or per-row) grids, e.g. goat=1e-3,3e-3 full=1e-4 (others keep their default grid)")  # fmt: skip
+    p.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one learning-rate grid for every method (default: a 2-value grid per method)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        nargs="+",
+        default=None,
+        metavar="METHOD=LR,LR",
+        help="per-method (or per-row) grids, e.g. goat=1e-3,3e-3 full=1e-4 (others keep their default grid)",
+    )
     p.add_argument("--output", default=None, help="report folder (default runs/<timestamp>-compare)")
     p.add_argument("--config", default=None, help="a run's config.json (or a JSON object of settings) to start from")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted comparison (same command and --output): finished runs are reused")  # fmt: skip
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted comparison (same command and --output): finished runs are reused",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     add_knob_arguments(p, "compare")

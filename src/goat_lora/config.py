@@ -165,10 +165,16 @@ class GoatConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"GoatConfig.{name}={value!r} must be a finite number > 0")
         if self.init_cof is not None and (
-            isinstance(self.init_cof, bool) or not isinstance(self.init_cof, (int, float)) or not math.isfinite(self.init_cof)
+            isinstance(self.init_cof, bool)
+            or not isinstance(self.init_cof, (int, float))
+            or not math.isfinite(self.init_cof)
         ):
             raise ValueError(f"GoatConfig.init_cof={self.init_cof!r} must be a finite number or None (= 1/num_experts)")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ValueError(f"GoatConfig.dropout={self.dropout!r} must be in [0, 1)")
         if (
             isinstance(self.aux_loss_coef, bool)
@@ -198,7 +204,9 @@ class GoatConfig:
             return value
         if isinstance(value, (list, tuple, set)) and value and all(isinstance(n, str) and n for n in value):
             return sorted(value) if isinstance(value, set) else list(value)
-        raise ValueError(f"GoatConfig.{name}={value!r} must be 'all-linear', a regex, or a non-empty list of module names")
+        raise ValueError(
+            f"GoatConfig.{name}={value!r} must be 'all-linear', a regex, or a non-empty list of module names"
+        )
 
     # ---- derived values -----------------------------------------------------------------------
     @property

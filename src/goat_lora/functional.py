@@ -281,7 +281,9 @@ def experts_delta(
     expert_weights = (weights * expert_scale).to(hidden.dtype)  # (T, E): w_j s_j, in the adapters' dtype
     # (T, E, d) * (T, E, 1): each of expert j's d columns times w_j s_j. A broadcast instead of
     # repeat_interleave, which on CUDA reads its output size back from the GPU (a sync per layer).
-    scaled = (hidden.view(tokens, num_experts, expert_rank) * expert_weights.unsqueeze(-1)).view(tokens, A.shape[0])  # (T, r)
+    scaled = (hidden.view(tokens, num_experts, expert_rank) * expert_weights.unsqueeze(-1)).view(
+        tokens, A.shape[0]
+    )  # (T, r)
     return scaled @ B.T  # (T, m)
 
 
@@ -363,8 +365,9 @@ class _RoutedExperts(torch.autograd.Function):
                         grad_logits = torch.addcmul(coef * grad_coef, weights, dot, value=-1.0)
                     else:  # the balance loss's path, a plain softmax backward, plus c dc - w t
                         softmax_grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-                        grad_logits = torch.addcmul(torch.addcmul(softmax_grad, coef, grad_coef), weights, dot,
-                                                    value=-1.0)  # fmt: skip
+                        grad_logits = torch.addcmul(
+                            torch.addcmul(softmax_grad, coef, grad_coef), weights, dot, value=-1.0
+                        )
             elif grad_probs is not None and (need_x or need_G):
                 grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             if grad_logits is not None:
@@ -390,8 +393,9 @@ def routed_experts(
     r"""route(x G^T) and experts_delta in one step with a hand-written backward (_RoutedExperts): the
     same numbers as the two composed, in about half the ops. x (T, n), G (R, n), A (r, n), B (m, r) in
     one dtype; the delta (T, m) comes back in it, with the Routing (its weights carry no gradient)."""
-    delta, probs, used, weights = _RoutedExperts.apply(x, router_weight, A, B, expert_scale, keep, top_k,
-                                                       RoutingMode(mode), top_p)  # fmt: skip
+    delta, probs, used, weights = _RoutedExperts.apply(
+        x, router_weight, A, B, expert_scale, keep, top_k, RoutingMode(mode), top_p
+    )
     return delta, Routing(probs, used, weights)
 
 

@@ -32,8 +32,9 @@ def require_lm_eval():
     return lm_eval
 
 
-def evaluate_model(model, tokenizer, tasks: list[str], *, include: str | None = None, limit: int | None = None,
-                   batch_size: int = 8) -> dict:  # fmt: skip
+def evaluate_model(
+    model, tokenizer, tasks: list[str], *, include: str | None = None, limit: int | None = None, batch_size: int = 8
+) -> dict:
     """lm-eval's results for an already built causal LM (a GoatModel, a PeftModel, a plain transformers model):
     the dict simple_evaluate returns ("results", "versions", "n-shot", ...)."""
     lm_eval = require_lm_eval()
@@ -48,7 +49,9 @@ def evaluate_model(model, tokenizer, tasks: list[str], *, include: str | None = 
         manager = TaskManager(include_path=include)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
-        where = f"lm-eval's tasks or those in {include!r}" if include else "lm-eval's tasks (yours: --harness-include DIR)"
+        where = (
+            f"lm-eval's tasks or those in {include!r}" if include else "lm-eval's tasks (yours: --harness-include DIR)"
+        )
         raise ValueError(f"--harness task(s) {unknown} are not among {where}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
@@ -68,13 +71,21 @@ def harness_eval(run_dir: str, output: str | None = None, *, overrides: dict, ov
     settings = run.settings.replace(**{k: v for k, v in overrides.items() if v is not None and k != "data"}).validate()
     get_head = getattr(model, "get_output_embeddings", None)
     if parts.tokenizer is None or not callable(get_head) or get_head() is None:
-        raise ValueError(f"--harness scores language models (a decoder with its tokenizer); run {run_dir!r} holds a "
-                         f"{type(getattr(model, 'base_model', model)).__name__}")  # fmt: skip
+        raise ValueError(
+            f"--harness scores language models (a decoder with its tokenizer); run {run_dir!r} holds a "
+            f"{type(getattr(model, 'base_model', model)).__name__}"
+        )
     output = output or os.path.join(run_dir, f"harness-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output(output, overwrite)
     start = time.time()
-    results = evaluate_model(model, parts.tokenizer, settings.harness, include=settings.harness_include,
-                             limit=settings.harness_limit, batch_size=settings.eval_batch_size)  # fmt: skip
+    results = evaluate_model(
+        model,
+        parts.tokenizer,
+        settings.harness,
+        include=settings.harness_include,
+        limit=settings.harness_limit,
+        batch_size=settings.eval_batch_size,
+    )
     from lm_eval.utils import make_table
 
     summary = {

@@ -26,8 +26,10 @@ def check_model_name(name: str | None) -> None:
     if is_shipped(name) or os.path.exists(os.path.expanduser(name)):
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise FileNotFoundError(f"model folder {name!r} does not exist; --model takes a local folder, a hub name "
-                                f"(namespace/name) or a shipped model: {', '.join(SHIPPED_MODELS)}")  # fmt: skip
+        raise FileNotFoundError(
+            f"model folder {name!r} does not exist; --model takes a local folder, a hub name "
+            f"(namespace/name) or a shipped model: {', '.join(SHIPPED_MODELS)}"
+        )
 
 
 def minilm_path() -> str:
@@ -289,5 +291,8 @@ def image_target_modules(model) -> list[str]:
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1 and name.startswith("backbone.")
+        if isinstance(m, nn.Conv2d)
+        and tuple(m.kernel_size) == (1, 1)
+        and m.groups == 1
+        and name.startswith("backbone.")
     ]

@@ -48,9 +48,7 @@ def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
     """Names of the modules to adapt, in model order; a clear ValueError when none or a wrong type."""
     adapted = [name for name, module in model.named_modules() if isinstance(module, GoatLayer)]
     if adapted:  # its routers and base layers are nn.Linear too; adapting them would nest adapters
-        raise ValueError(
-            f"module {adapted[0]!r} is already a GoatLayer; unload() the model before adapting it again"
-        )
+        raise ValueError(f"module {adapted[0]!r} is already a GoatLayer; unload() the model before adapting it again")
     saved = find_modules_to_save(model, config)
     excluded_prefixes = list(saved)
     spec = config.target_modules
@@ -61,8 +59,11 @@ def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
             if module is output_head or (name in CLASSIFIER_HEAD_NAMES):  # top-level heads only
                 excluded_prefixes.append(name)
         # other libraries' quantized linear layers (GPTQ, AWQ, ...) are candidates too, to be refused by name below
-        candidates = [name for name, module in model.named_modules()
-                      if _is_linear(module) or quant.unsupported_quantization(module) is not None]  # fmt: skip
+        candidates = [
+            name
+            for name, module in model.named_modules()
+            if _is_linear(module) or quant.unsupported_quantization(module) is not None
+        ]
     else:
         candidates = [name for name, _ in model.named_modules() if name and _name_matches(name, spec)]
     targets = [
@@ -81,8 +82,10 @@ def find_target_modules(model: nn.Module, config: GoatConfig) -> list[str]:
     for name in targets:
         kind = quant.unsupported_quantization(modules[name])
         if kind is not None:
-            raise ValueError(f"target module {name!r} is a {kind} quantized layer, which GOAT cannot adapt; "
-                             f"supported quantized layers: {quant.SUPPORTED_QUANTIZED}")  # fmt: skip
+            raise ValueError(
+                f"target module {name!r} is a {kind} quantized layer, which GOAT cannot adapt; "
+                f"supported quantized layers: {quant.SUPPORTED_QUANTIZED}"
+            )
         if not is_supported_layer(modules[name]):
             raise ValueError(
                 f"target module {name!r} is a {type(modules[name]).__name__}, which GOAT cannot adapt; "
@@ -125,9 +128,7 @@ def _finish_factors(config: GoatConfig, scale: float, U, S, V) -> F.ExpertFactor
     return F.svd_expert_factors(U.cpu(), S.cpu(), V.cpu(), scales, config.rho)
 
 
-def initial_factors(
-    name: str, module: nn.Module, config: GoatConfig, generator: torch.Generator
-) -> F.ExpertFactors:
+def initial_factors(name: str, module: nn.Module, config: GoatConfig, generator: torch.Generator) -> F.ExpertFactors:
     """The experts' starting factors for one layer (see `all_initial_factors` for many at once)."""
     plan = _plan_factors(name, module, config, generator)
     if isinstance(plan, F.ExpertFactors):
@@ -189,8 +190,10 @@ def inject_goat_layers(
                     f"subtracted at run time)"
                 )
             if type(module) is not nn.Linear:
-                raise ValueError(f"GoatConfig.quantize={spec.kind!r}: bitsandbytes quantizes nn.Linear layers only; "
-                                 f"layer {name!r} is a {type(module).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"GoatConfig.quantize={spec.kind!r}: bitsandbytes quantizes nn.Linear layers only; "
+                    f"layer {name!r} is a {type(module).__name__}"
+                )
     generators = {name: layer_generator(config.seed, index) for index, name in enumerate(targets)}
     if saved_factors is None:  # all SVDs first, batched over layers of equal shape
         computed = all_initial_factors({name: model.get_submodule(name) for name in targets}, config, generators)

@@ -113,6 +113,8 @@ def _subtract_residual(module: nn.Module, residual: torch.Tensor) -> tuple[torch
         wrong = (_bits(back_raw) != _bits(original)).reshape(-1).nonzero().squeeze(1)
         index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
         return wrong.to(index_dtype), original.reshape(-1)[wrong]
+
+
 _FINGERPRINT_POINTS = 16
 
 
@@ -261,7 +263,9 @@ class GoatLayer(nn.Module):
         self.token_mask: torch.Tensor | None = None  # set by GoatModel for the current forward
         self.last_stats: F.RoutingStats | None = None
         self._token_count_cache: tuple[int, torch.Tensor] | None = None  # see _token_count
-        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer(
+            "load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False
+        )
         # True inside GoatModel.disable_adapter(): the forward is the pretrained layer's, nothing is recorded
         self.adapter_disabled = False
         # In eval mode without autograd (torch.no_grad, inference_mode: evaluation, generation, lm-eval, serving)
@@ -276,14 +280,18 @@ class GoatLayer(nn.Module):
         self.original_fingerprint: torch.Tensor | None = None  # of W0, where the layer no longer holds it exactly
         if self.residual_at_runtime:
             if quantize is not None:
-                raise ValueError(f"quantize={quantize.kind!r} needs a full-precision base; this one is already "
-                                 f"bitsandbytes {quant.layer_quantization(base_layer)}")  # fmt: skip
+                raise ValueError(
+                    f"quantize={quantize.kind!r} needs a full-precision base; this one is already "
+                    f"bitsandbytes {quant.layer_quantization(base_layer)}"
+                )
             self.original_fingerprint = weight_fingerprint(base_weight_2d(base_layer))
             quant.keep_reference_cpu_path(base_layer)
         elif quantize is not None:  # QPiSSA's order: Q(W0 - W_res), quantized once from float32
             if type(base_layer) is not nn.Linear:
-                raise ValueError(f"quantize={quantize.kind!r}: bitsandbytes quantizes nn.Linear layers; this layer "
-                                 f"is a {type(base_layer).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"quantize={quantize.kind!r}: bitsandbytes quantizes nn.Linear layers; this layer "
+                    f"is a {type(base_layer).__name__}"
+                )
             weight = base_layer.weight
             self.original_fingerprint = weight_fingerprint(weight)
             target = weight.detach().float() - self.residual()  # W0 - W_res in float32
@@ -352,8 +360,17 @@ class GoatLayer(nn.Module):
             kept = tokens if keep is None else tokens * keep
             delta = F.experts_delta_loop(kept, self.lora_A, self.lora_B, routing, expert_scale)
         else:  # router and all experts in one autograd node (three matmuls), in the adapters' dtype
-            delta, routing = F.routed_experts(tokens, self.router.weight, self.lora_A, self.lora_B, expert_scale,
-                                              keep, self.top_k, self.routing, self.top_p)  # fmt: skip
+            delta, routing = F.routed_experts(
+                tokens,
+                self.router.weight,
+                self.lora_A,
+                self.lora_B,
+                expert_scale,
+                keep,
+                self.top_k,
+                self.routing,
+                self.top_p,
+            )
         if self.residual_at_runtime:  # - W_res x, on the undropped input: it belongs to the frozen base
             delta = delta - self.residual_forward(tokens)
         # inference (eval mode without autograd) records nothing; a training-mode forward without autograd

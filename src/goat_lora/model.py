@@ -285,7 +285,9 @@ class GoatModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.count_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- save / load / unload -----------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
@@ -307,9 +309,12 @@ class GoatModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, base_model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False,
+        cls,
+        base_model: nn.Module,
+        adapter_directory: str | os.PathLike,
+        is_trainable: bool = False,
         adapter_name: str = DEFAULT_ADAPTER,
-    ) -> "GoatModel":  # fmt: skip
+    ) -> "GoatModel":
         """Rebuild a saved GoatModel on a fresh copy of its base model; no SVD runs. Every check of
         the saved files against the base model passes before the model is changed."""
         _check_name(adapter_name)
@@ -358,8 +363,10 @@ class GoatModel(nn.Module):
         if not isinstance(config, GoatConfig):
             raise ValueError(f"config must be a GoatConfig, got {type(config).__name__}")
         if config.quantize is not None:
-            raise ValueError(f"an added adapter cannot quantize the shared base (quantize={config.quantize!r}); "
-                             "load the model quantized (BitsAndBytesConfig) instead")  # fmt: skip
+            raise ValueError(
+                f"an added adapter cannot quantize the shared base (quantize={config.quantize!r}); "
+                "load the model quantized (BitsAndBytesConfig) instead"
+            )
         active = self._park()
         try:
             self._inactive[adapter_name] = self._park(adapt_in_place(self.base_model, config))
@@ -374,8 +381,10 @@ class GoatModel(nn.Module):
         try:
             saved = read_adapter(self.base_model, adapter_directory)
             if saved.config.quantize is not None:
-                raise ValueError(f"adapter {adapter_directory} quantizes its base itself (quantize={saved.config.quantize!r}) "
-                                 "and cannot share one; load it alone with GoatModel.from_pretrained")  # fmt: skip
+                raise ValueError(
+                    f"adapter {adapter_directory} quantizes its base itself (quantize={saved.config.quantize!r}) "
+                    "and cannot share one; load it alone with GoatModel.from_pretrained"
+                )
             self._inactive[adapter_name] = self._park(adapt_in_place(self.base_model, saved.config, saved))
         finally:
             self._unpark(active)
@@ -440,12 +449,16 @@ class GoatModel(nn.Module):
     def _check_new_adapter(self, adapter_name: str) -> None:
         _check_name(adapter_name)
         if adapter_name in self.adapters:
-            raise ValueError(f"an adapter named {adapter_name!r} exists already ({self.adapters}); delete_adapter() it first")
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already ({self.adapters}); delete_adapter() it first"
+            )
         self._refuse_inside_disable("adding an adapter")
         if self.goat_config.quantize is not None:  # its layers hold Q(W0 - W_res): W0 cannot be given back
-            raise ValueError(f"adapter {self.active_adapter!r} quantized the base itself (quantize="
-                             f"{self.goat_config.quantize!r}), so the base cannot be shared; load the model quantized "
-                             "(BitsAndBytesConfig) to give it several adapters")  # fmt: skip
+            raise ValueError(
+                f"adapter {self.active_adapter!r} quantized the base itself (quantize="
+                f"{self.goat_config.quantize!r}), so the base cannot be shared; load the model quantized "
+                "(BitsAndBytesConfig) to give it several adapters"
+            )
 
     # ---- the pretrained model, for a reference forward -----------------------------------------
     @contextlib.contextmanager

@@ -133,21 +133,38 @@ def register_with_peft() -> None:
     from peft.tuners.tuners_utils import BaseTuner
 
     config_mapping = _lookup("peft.mapping", "PEFT_TYPE_TO_CONFIG_MAPPING")
-    tuner_mapping = _first(_lookup("peft.peft_model", "PEFT_TYPE_TO_TUNER_MAPPING"),
-                           _lookup("peft.peft_model", "PEFT_TYPE_TO_MODEL_MAPPING"))  # fmt: skip
-    prefix_mappings = [m for m in (_lookup("peft.mapping", "PEFT_TYPE_TO_PREFIX_MAPPING"),
-                                   _lookup("peft.utils.constants", "PEFT_TYPE_TO_PREFIX_MAPPING"),
-                                   _lookup("peft.utils.save_and_load", "PEFT_TYPE_TO_PREFIX_MAPPING"),
-                                   _lookup("peft.peft_model", "PEFT_TYPE_TO_PREFIX_MAPPING")) if m is not None]  # fmt: skip
+    tuner_mapping = _first(
+        _lookup("peft.peft_model", "PEFT_TYPE_TO_TUNER_MAPPING"),
+        _lookup("peft.peft_model", "PEFT_TYPE_TO_MODEL_MAPPING"),
+    )
+    prefix_mappings = [
+        m
+        for m in (
+            _lookup("peft.mapping", "PEFT_TYPE_TO_PREFIX_MAPPING"),
+            _lookup("peft.utils.constants", "PEFT_TYPE_TO_PREFIX_MAPPING"),
+            _lookup("peft.utils.save_and_load", "PEFT_TYPE_TO_PREFIX_MAPPING"),
+            _lookup("peft.peft_model", "PEFT_TYPE_TO_PREFIX_MAPPING"),
+        )
+        if m is not None
+    ]
     weights_generic = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load") or (
         _lookup("peft.utils.save_and_load", "PEFT_TYPE_TO_PREFIX_MAPPING") is not None
     )
-    missing = [what for what, ok in (
-        ("the config mapping (peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING)", config_mapping is not None),
-        ("the tuner mapping (peft.peft_model.PEFT_TYPE_TO_TUNER_MAPPING or PEFT_TYPE_TO_MODEL_MAPPING)",
-         tuner_mapping is not None),
-        ("a weights loader open to other types (set_peft_model_state_dict lists its own types only)", weights_generic),
-    ) if not ok]  # fmt: skip
+    missing = [
+        what
+        for what, ok in (
+            ("the config mapping (peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING)", config_mapping is not None),
+            (
+                "the tuner mapping (peft.peft_model.PEFT_TYPE_TO_TUNER_MAPPING or PEFT_TYPE_TO_MODEL_MAPPING)",
+                tuner_mapping is not None,
+            ),
+            (
+                "a weights loader open to other types (set_peft_model_state_dict lists its own types only)",
+                weights_generic,
+            ),
+        )
+        if not ok
+    ]
     if missing:
         raise RuntimeError(
             f"goat_lora.register_with_peft(): in peft {peft.__version__} goat-lora finds no {missing[0]}; GOAT "

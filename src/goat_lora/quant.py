@@ -100,13 +100,28 @@ def layer_quantization(module: nn.Module) -> str | None:
 
 # Where quantized layers of other libraries come from: (class module prefix or class name, what to call it).
 _OTHER_QUANTIZERS = (
-    ("auto_gptq", "GPTQ"), ("gptqmodel", "GPTQ"), ("optimum.gptq", "GPTQ"), ("awq", "AWQ"),
-    ("hqq", "HQQ"), ("optimum.quanto", "quanto"), ("quanto", "quanto"), ("torchao", "torchao"),
-    ("torch.ao.nn.quantized", "torch.ao"), ("eetq", "EETQ"), ("aqlm", "AQLM"), ("vptq", "VPTQ"),
-    ("compressed_tensors", "compressed-tensors"), ("fbgemm_gpu", "FBGEMM FP8"),
-)  # fmt: skip
-_OTHER_CLASS_NAMES = (("QuantLinear", "GPTQ"), ("WQLinear", "AWQ"), ("HQQLinear", "HQQ"), ("QLinear", "quanto"),
-                      ("FP8Linear", "FP8"))  # fmt: skip
+    ("auto_gptq", "GPTQ"),
+    ("gptqmodel", "GPTQ"),
+    ("optimum.gptq", "GPTQ"),
+    ("awq", "AWQ"),
+    ("hqq", "HQQ"),
+    ("optimum.quanto", "quanto"),
+    ("quanto", "quanto"),
+    ("torchao", "torchao"),
+    ("torch.ao.nn.quantized", "torch.ao"),
+    ("eetq", "EETQ"),
+    ("aqlm", "AQLM"),
+    ("vptq", "VPTQ"),
+    ("compressed_tensors", "compressed-tensors"),
+    ("fbgemm_gpu", "FBGEMM FP8"),
+)
+_OTHER_CLASS_NAMES = (
+    ("QuantLinear", "GPTQ"),
+    ("WQLinear", "AWQ"),
+    ("HQQLinear", "HQQ"),
+    ("QLinear", "quanto"),
+    ("FP8Linear", "FP8"),
+)
 
 
 def unsupported_quantization(module: nn.Module) -> str | None:
@@ -177,16 +192,24 @@ def quantize_linear(
     out_features, in_features = weight.shape
     device = weight.device
     if spec.kind == "int8":
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
-                                    threshold=LLM_INT8_THRESHOLD, device="meta")  # fmt: skip
+        layer = bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            has_fp16_weights=False,
+            threshold=LLM_INT8_THRESHOLD,
+            device="meta",
+        )
         param = bnb.nn.Int8Params(weight.detach().contiguous(), requires_grad=False, has_fp16_weights=False)
         layer.weight = param._quantize(device)
     elif spec.kind in ("nf4", "fp4"):
         options = dict(compress_statistics=spec.double_quant, quant_type=spec.kind)
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                                  device="meta", **options)  # fmt: skip
-        param = bnb.nn.Params4bit(weight.detach().contiguous(), requires_grad=False, blocksize=spec.blocksize,
-                                  module=layer, **options)  # fmt: skip
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype, device="meta", **options
+        )
+        param = bnb.nn.Params4bit(
+            weight.detach().contiguous(), requires_grad=False, blocksize=spec.blocksize, module=layer, **options
+        )
         layer.weight = param._quantize(device)
         keep_reference_cpu_path(layer)
     else:
@@ -211,8 +234,10 @@ def quantize_modules(model: nn.Module, names: list[str], spec: QuantSpec) -> Non
     modules = [(name, model.get_submodule(name)) for name in names]
     for name, module in modules:
         if type(module) is not nn.Linear:
-            raise ValueError(f"--quantize {spec.kind}: bitsandbytes quantizes nn.Linear layers only; layer {name!r} is "
-                             f"a {type(module).__name__}")  # fmt: skip
+            raise ValueError(
+                f"--quantize {spec.kind}: bitsandbytes quantizes nn.Linear layers only; layer {name!r} is "
+                f"a {type(module).__name__}"
+            )
     for name, module in modules:
         weight = module.weight
         quantized = quantize_linear(weight.detach().float(), module.bias, spec, compute_dtype=weight.dtype)

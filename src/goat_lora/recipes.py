@@ -18,30 +18,68 @@ from __future__ import annotations
 # GOAT's init and scaling are left to the method (goat: segment heads, s = sqrt(3 eta n / d)), so that
 # `--recipe paper-glue --method molora` is still MoLoRA; the public recipes set scaling explicitly.
 COMMON = {
-    "num_experts": 8, "top_k": 2, "dropout": 0.05, "rho": 10.0, "weight_decay": 0.0, "lr_scheduler": "cosine",
-    "warmup_ratio": 0.03, "max_grad_norm": 1.0, "seed": 0, "aux_loss_coef": 1e-3, "eta": 1.0,
-}  # fmt: skip
+    "num_experts": 8,
+    "top_k": 2,
+    "dropout": 0.05,
+    "rho": 10.0,
+    "weight_decay": 0.0,
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.03,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "aux_loss_coef": 1e-3,
+    "eta": 1.0,
+}
 
 PAPER = {
     "paper-glue": {
-        "task": "classification", "model": "FacebookAI/roberta-large", "data": "glue", "r": 32, "lora_alpha": 64.0,
-        "lr": 1e-4, "batch_size": 32, "gradient_accumulation_steps": 8, "epochs": 10, "max_length": 128,
+        "task": "classification",
+        "model": "FacebookAI/roberta-large",
+        "data": "glue",
+        "r": 32,
+        "lora_alpha": 64.0,
+        "lr": 1e-4,
+        "batch_size": 32,
+        "gradient_accumulation_steps": 8,
+        "epochs": 10,
+        "max_length": 128,
     },
     "paper-image": {
-        "task": "image-classification", "model": "openai/clip-vit-base-patch32", "r": 8, "lora_alpha": 16.0,
-        "lr": 1e-4, "batch_size": 64, "gradient_accumulation_steps": 8,
+        "task": "image-classification",
+        "model": "openai/clip-vit-base-patch32",
+        "r": 8,
+        "lora_alpha": 16.0,
+        "lr": 1e-4,
+        "batch_size": 64,
+        "gradient_accumulation_steps": 8,
     },
     "paper-commonsense": {
-        "task": "qa", "model": "meta-llama/Llama-2-7b-hf", "r": 32, "lora_alpha": 64.0, "lr": 1e-4, "eta": 0.1,
-        "batch_size": 2, "gradient_accumulation_steps": 8, "epochs": 1, "answer_type": "choice",
-        "prompt_template": "alpaca", "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        "task": "qa",
+        "model": "meta-llama/Llama-2-7b-hf",
+        "r": 32,
+        "lora_alpha": 64.0,
+        "lr": 1e-4,
+        "eta": 0.1,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 8,
+        "epochs": 1,
+        "answer_type": "choice",
+        "prompt_template": "alpaca",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
     },
     "paper-math": {
-        "task": "qa", "model": "meta-llama/Llama-2-7b-hf", "r": 8, "lora_alpha": 16.0, "lr": 2e-5,
-        "batch_size": 4, "gradient_accumulation_steps": 8, "epochs": 5, "answer_type": "number",
+        "task": "qa",
+        "model": "meta-llama/Llama-2-7b-hf",
+        "r": 8,
+        "lora_alpha": 16.0,
+        "lr": 2e-5,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 8,
+        "epochs": 5,
+        "answer_type": "number",
         "prompt_template": "alpaca",
     },
-}  # fmt: skip
+}
 
 PUBLIC_CHANGES = {
     "public-glue": {"scaling": "alpha", "aux_loss_coef": 0.0},
@@ -52,19 +90,22 @@ PUBLIC_CHANGES = {
 
 NOTES = {
     "glue": "GLUE: pass --data-config (mrpc, rte, cola, sst2, qnli, mnli, qqp; stsb with --task regression); the "
-            "test labels are hidden, so the validation split is tested. The paper trains RTE 50 epochs "
-            "(--epochs 50); CoLA is read by --metric matthews_corrcoef.",
+    "test labels are hidden, so the validation split is tested. The paper trains RTE 50 epochs "
+    "(--epochs 50); CoLA is read by --metric matthews_corrcoef.",
     "image": "Images: epochs per data set in the public vit.sh: Cars 35, DTD 76, EuroSAT 12, GTSRB 11, RESISC45 "
-             "15, SUN397 14, SVHN 4 (give --epochs); --data is your image folder or hub data set.",
+    "15, SUN397 14, SVHN 4 (give --epochs); --data is your image folder or hub data set.",
     "commonsense": "Commonsense: the public cr.sh trains 1 epoch on commonsense170k (--data FILE --text-column "
-                   "instruction --label-column answer --target-column output) and adapts q, k, v, up, down.",
+    "instruction --label-column answer --target-column output) and adapts q, k, v, up, down.",
     "math": "Math: the public math.sh trains MetaMathQA-100k 5 epochs; GSM8K's answers end in '#### N' "
-            "(--text-column question --label-column answer).",
-}  # fmt: skip
+    "(--text-column question --label-column answer).",
+}
 
 RECIPES: dict[str, dict] = {
     **{name: {**COMMON, **values} for name, values in PAPER.items()},
-    **{name: {**COMMON, **PAPER["paper-" + name.split("-", 1)[1]], **changes} for name, changes in PUBLIC_CHANGES.items()},
+    **{
+        name: {**COMMON, **PAPER["paper-" + name.split("-", 1)[1]], **changes}
+        for name, changes in PUBLIC_CHANGES.items()
+    },
 }
 
 

@@ -1,8 +1,8 @@
 """Reports from run folders: plots for one run, tables and a bar chart for a comparison. No torch here.
 
-  write_run_plots(run_dir)            metrics.json -> loss.png, expert_load.png (layers x experts)
-  summarize(results) / write_compare_report(folder, ...)
-                                      per-run results -> report.json, report.md, compare.png
+write_run_plots(run_dir)            metrics.json -> loss.png, expert_load.png (layers x experts)
+summarize(results) / write_compare_report(folder, ...)
+                                    per-run results -> report.json, report.md, compare.png
 """
 
 from __future__ import annotations
@@ -75,8 +75,13 @@ def plot_loss(metrics: dict, path: str) -> None:
     if epochs and metrics.get("steps") and logged:
         steps_per_epoch = metrics["steps"] / max(e["epoch"] for e in epochs)
         twin = ax.twinx()
-        twin.plot([e["epoch"] * steps_per_epoch for e in epochs], [e[key] for e in epochs], "o--",
-                  color="tab:orange", label=f"validation {metric}")  # fmt: skip
+        twin.plot(
+            [e["epoch"] * steps_per_epoch for e in epochs],
+            [e[key] for e in epochs],
+            "o--",
+            color="tab:orange",
+            label=f"validation {metric}",
+        )
         twin.set_ylabel(f"validation {metric}")
     title = f"{metrics.get('method', '')}"
     if metrics.get(f"test_{metric}") is not None:
@@ -142,8 +147,9 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict:
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
-def summarize(results: list[dict], lower_is_better: bool = False, reference: str | None = None,
-              baseline: float | None = None) -> dict:  # fmt: skip
+def summarize(
+    results: list[dict], lower_is_better: bool = False, reference: str | None = None, baseline: float | None = None
+) -> dict:
     """Per row label (method or GOAT variant), from one result per (label, lr, seed) holding the
     compared metric on validation and test:
 
@@ -165,8 +171,15 @@ def summarize(results: list[dict], lower_is_better: bool = False, reference: str
             for run in candidates[1:]:
                 if better(run.get("validation"), best.get("validation"), lower_is_better):
                     best = run
-            per_seed.append({"seed": seed, "lr": best["lr"], "epoch": best.get("selected_epoch"),
-                             "validation": best.get("validation"), "test": best.get("test")})  # fmt: skip
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "lr": best["lr"],
+                    "epoch": best.get("selected_epoch"),
+                    "validation": best.get("validation"),
+                    "test": best.get("test"),
+                }
+            )
         chosen_test[label] = {p["seed"]: p["test"] for p in per_seed}
         chosen = [r for r in runs if (r["seed"], r["lr"]) in {(p["seed"], p["lr"]) for p in per_seed}]
         test = mean_ci([p["test"] for p in per_seed])
@@ -175,32 +188,54 @@ def summarize(results: list[dict], lower_is_better: bool = False, reference: str
             "rank": runs[0].get("rank"),
             "trainable_params": runs[0].get("trainable_params"),
             "trainable_percent": runs[0].get("trainable_percent"),
-            "test_mean": test["mean"], "test_std": test["std"], "test_ci": [test["ci_low"], test["ci_high"]],
+            "test_mean": test["mean"],
+            "test_std": test["std"],
+            "test_ci": [test["ci_low"], test["ci_high"]],
             "seeds": test["n"],
             "per_seed": per_seed,
             "flagged": baseline is not None and not any(better(r.get("test"), baseline, lower_is_better) for r in runs),
             "step_time_s": statistics.fmean(_finite([r.get("step_time_s") for r in chosen]) or [float("nan")]),
             "peak_memory_mb": statistics.fmean(_finite([r.get("peak_memory_mb") for r in chosen]) or [float("nan")]),
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in runs),
-            "router_balance": statistics.fmean(_finite([(r.get("router") or {}).get("balance") for r in chosen]) or [float("nan")]),
-        }  # fmt: skip
+            "router_balance": statistics.fmean(
+                _finite([(r.get("router") or {}).get("balance") for r in chosen]) or [float("nan")]
+            ),
+        }
     if reference in rows:
         sign = -1.0 if lower_is_better else 1.0
         for label, row in rows.items():
             if label == reference:
                 continue
-            pairs = [(chosen_test[reference][s], chosen_test[label][s]) for s in chosen_test[label] if s in chosen_test[reference]]
+            pairs = [
+                (chosen_test[reference][s], chosen_test[label][s])
+                for s in chosen_test[label]
+                if s in chosen_test[reference]
+            ]
             diffs = [sign * (a - b) for a, b in pairs if _finite([a, b]) == [a, b]]
             stats_ = mean_ci(diffs)
-            row["vs_reference"] = {"reference": reference, "mean": stats_["mean"], "ci": [stats_["ci_low"], stats_["ci_high"]],
-                                   "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
-                                   "losses": sum(d < 0 for d in diffs), "per_seed": diffs}  # fmt: skip
+            row["vs_reference"] = {
+                "reference": reference,
+                "mean": stats_["mean"],
+                "ci": [stats_["ci_low"], stats_["ci_high"]],
+                "wins": sum(d > 0 for d in diffs),
+                "ties": sum(d == 0 for d in diffs),
+                "losses": sum(d < 0 for d in diffs),
+                "per_seed": diffs,
+            }
     return rows
 
 
 # What a method is called on a quantized base (--quantize): QLoRA and its kin.
-QUANTIZED_NAMES = {"lora": "QLoRA", "rslora": "QrsLoRA", "dora": "QDoRA", "pissa": "QPiSSA", "goat": "QGOAT",
-                   "goat_mini": "QGOAT-mini", "goat_s": "QGOAT-s", "molora": "QMoLoRA"}  # fmt: skip
+QUANTIZED_NAMES = {
+    "lora": "QLoRA",
+    "rslora": "QrsLoRA",
+    "dora": "QDoRA",
+    "pissa": "QPiSSA",
+    "goat": "QGOAT",
+    "goat_mini": "QGOAT-mini",
+    "goat_s": "QGOAT-s",
+    "molora": "QMoLoRA",
+}
 
 
 def method_label(method: str, quantize: str | None = None) -> str:
@@ -216,9 +251,15 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
-def markdown_table(rows: dict, metric: str = "accuracy", lower_is_better: bool = False, reference: str | None = None,
-                   baseline: float | None = None, baseline_name: str = "constant prediction",
-                   quantize: str | None = None) -> str:  # fmt: skip
+def markdown_table(
+    rows: dict,
+    metric: str = "accuracy",
+    lower_is_better: bool = False,
+    reference: str | None = None,
+    baseline: float | None = None,
+    baseline_name: str = "constant prediction",
+    quantize: str | None = None,
+) -> str:
     """One line per row label (its Q-name on a quantized base): rank and trainable parameters, test
     mean ± std and 95% CI, the paired difference to the reference (positive: the reference was better)
     with win / tie / loss, and each seed's chosen lr and epoch."""
@@ -237,18 +278,26 @@ def markdown_table(rows: dict, metric: str = "accuracy", lower_is_better: bool =
             value += " ⚑"
         ci = f"[{_fmt(r['test_ci'][0], '.4f')}, {_fmt(r['test_ci'][1], '.4f')}]"
         vs = r.get("vs_reference")
-        diff = "—" if vs is None else f"{_fmt(vs['mean'], '+.4f')} [{_fmt(vs['ci'][0], '+.4f')}, {_fmt(vs['ci'][1], '+.4f')}]"
+        diff = (
+            "—"
+            if vs is None
+            else f"{_fmt(vs['mean'], '+.4f')} [{_fmt(vs['ci'][0], '+.4f')}, {_fmt(vs['ci'][1], '+.4f')}]"
+        )
         wtl = "—" if vs is None else f"{vs['wins']}/{vs['ties']}/{vs['losses']}"
         seeds = ", ".join(f"{p['lr']:g}/{_fmt(p['epoch'], 'g')}" for p in r["per_seed"])
         rank = "exempt" if r["rank"] is None else str(r["rank"])
         trainable = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "-"
-        lines.append(f"| {method_label(label, quantize)} | {rank} | {trainable} | {value} | {ci} | {diff} | {wtl} | {seeds} | "
-                     f"{_fmt(r['step_time_s'], '.3f')} | {_fmt(r['peak_memory_mb'], '.0f')} |")  # fmt: skip
+        lines.append(
+            f"| {method_label(label, quantize)} | {rank} | {trainable} | {value} | {ci} | {diff} | {wtl} | {seeds} | "
+            f"{_fmt(r['step_time_s'], '.3f')} | {_fmt(r['peak_memory_mb'], '.0f')} |"
+        )
     if baseline is not None:
         lines.append(f"\n{baseline_name.capitalize()} ({metric}) on test: {baseline:.4f}.")
     if any(r["flagged"] for r in rows.values()):
-        lines.append(f"⚑ never beat the {baseline_name} on test at any learning rate and seed tried: it did not "
-                     "learn the task here; its mean is shown but not ranked.")  # fmt: skip
+        lines.append(
+            f"⚑ never beat the {baseline_name} on test at any learning rate and seed tried: it did not "
+            "learn the task here; its mean is shown but not ranked."
+        )
     return "\n".join(lines)
 
 
@@ -266,7 +315,11 @@ def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "
         pad = 0.1 * (top - bottom) or 0.05
         ax.set_ylim(bottom - pad, top + pad)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{method_label(n, quantize)}\n{_fmt(rows[n]['trainable_percent'], '.2f')}%" for n in names], fontsize=7, rotation=30)
+    ax.set_xticklabels(
+        [f"{method_label(n, quantize)}\n{_fmt(rows[n]['trainable_percent'], '.2f')}%" for n in names],
+        fontsize=7,
+        rotation=30,
+    )
     ax.set_ylabel(f"test {metric} (mean, 95% CI over seeds)")
     ax.set_title(title or "goat compare")
     _save_figure(fig, path)
@@ -292,19 +345,37 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
         f"{settings.get('seeds')}; budget: {settings.get('budget', 'rank')} (ranks chosen so trainable parameters are "
         f"within 10% of GOAT's; full and head exempt); epochs: {settings.get('select', 'last')}; each seed picks its "
         f"learning rate on the validation split (carved from train); {metric} reported on test.",
-        *([f"Base: the adapted layers quantized {quantize} by bitsandbytes (4-bit: double quantization), one quantizer "
-           f"for every method; GOAT quantizes W0 - W_res (QPiSSA's order), QPiSSA its residual W0 - s B A, the others "
-           f"W0; adapters, routers and the head in float32."] if quantize else []),
+        *(
+            [
+                f"Base: the adapted layers quantized {quantize} by bitsandbytes (4-bit: double quantization), one "
+                f"quantizer for every method; GOAT quantizes W0 - W_res (QPiSSA's order), QPiSSA its residual "
+                f"W0 - s B A, the others W0; adapters, routers and the head in float32."
+            ]
+            if quantize
+            else []
+        ),
         "",
-        markdown_table(rows, metric, lower, settings.get("reference"), reference_value,
-                       settings.get("baseline_name", "constant prediction"), quantize),  # fmt: skip
+        markdown_table(
+            rows,
+            metric,
+            lower,
+            settings.get("reference"),
+            reference_value,
+            settings.get("baseline_name", "constant prediction"),
+            quantize,
+        ),
         "",
         "![comparison](compare.png)",
         "",
     ]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
-    plot_compare(rows, os.path.join(folder, "compare.png"), metric, title=f"{settings.get('data')}: test {metric}",
-                 quantize=quantize)
+    plot_compare(
+        rows,
+        os.path.join(folder, "compare.png"),
+        metric,
+        title=f"{settings.get('data')}: test {metric}",
+        quantize=quantize,
+    )
     return rows
 
 
@@ -353,8 +424,11 @@ def best_epoch_table(reports: dict[str, dict]) -> str:
     run each seed chose, and per method (a method counts when most of its chosen runs did). Selecting
     the best epoch only means something when training has flattened out, so a budget where most
     runs peak at their last epoch is too short."""
-    lines = ["| task | epochs | runs best before their last epoch | chosen runs (one per method and seed) | "
-             "methods whose chosen runs mostly were |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| task | epochs | runs best before their last epoch | chosen runs (one per method and seed) | "
+        "methods whose chosen runs mostly were |",
+        "|---|---|---|---|---|",
+    ]
     for name, rep in reports.items():
         epochs = _epochs_trained(rep["settings"])
         if epochs is None:
@@ -362,12 +436,16 @@ def best_epoch_table(reports: dict[str, dict]) -> str:
             continue
         runs = [r for r in rep["runs"] if r.get("selected_epoch") is not None]
         early = sum(r["selected_epoch"] < epochs for r in runs)
-        chosen = {label: [p for p in row["per_seed"] if p.get("epoch") is not None] for label, row in rep["methods"].items()}
+        chosen = {
+            label: [p for p in row["per_seed"] if p.get("epoch") is not None] for label, row in rep["methods"].items()
+        }
         chosen_early = {label: sum(p["epoch"] < epochs for p in seeds) for label, seeds in chosen.items()}
         n_chosen = sum(len(seeds) for seeds in chosen.values())
         mostly = sum(2 * chosen_early[label] > len(seeds) for label, seeds in chosen.items())
-        lines.append(f"| {name} | {epochs:g} | {early} of {len(runs)} | {sum(chosen_early.values())} of {n_chosen} | "
-                     f"{mostly} of {len(chosen)} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {epochs:g} | {early} of {len(runs)} | {sum(chosen_early.values())} of {n_chosen} | "
+            f"{mostly} of {len(chosen)} |"
+        )
     return "\n".join(lines)
 
 

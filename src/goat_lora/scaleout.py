@@ -37,7 +37,9 @@ def parse_report_to(value: str | list[str] | None) -> list[str]:
             raise ValueError("--report-to none cannot be combined with other reporters")
         return []
     if "wandb" in names and importlib.util.find_spec("wandb") is None:
-        raise ValueError("--report-to wandb: wandb is not installed (pip install wandb), or use --report-to tensorboard")
+        raise ValueError(
+            "--report-to wandb: wandb is not installed (pip install wandb), or use --report-to tensorboard"
+        )
     if "tensorboard" in names and not _tensorboard_available():
         raise ValueError("--report-to tensorboard: tensorboard is not installed (pip install tensorboard)")
     return names
@@ -53,8 +55,10 @@ def validate(args) -> None:
     deepspeed = getattr(args, "deepspeed", None)
     quantize = getattr(args, "quantize", None)
     if quantize and (deepspeed or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")):
-        raise ValueError(f"--quantize {quantize} runs with one process or DDP; sharding a bitsandbytes base "
-                         f"({'DeepSpeed' if deepspeed else 'FSDP'}) is not supported here")  # fmt: skip
+        raise ValueError(
+            f"--quantize {quantize} runs with one process or DDP; sharding a bitsandbytes base "
+            f"({'DeepSpeed' if deepspeed else 'FSDP'}) is not supported here"
+        )
     if deepspeed:
         if not os.path.isfile(deepspeed):
             raise FileNotFoundError(f"--deepspeed config {deepspeed!r} does not exist")
@@ -68,7 +72,10 @@ def training_kwargs(args) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    kwargs: dict = {"report_to": [n for n in parse_report_to(getattr(args, "report_to", "tensorboard")) if n != "tensorboard"] or "none"}
+    kwargs: dict = {
+        "report_to": [n for n in parse_report_to(getattr(args, "report_to", "tensorboard")) if n != "tensorboard"]
+        or "none"
+    }
     mps = getattr(torch.backends, "mps", None)
     if not torch.cuda.is_available() and not (mps is not None and mps.is_available()):
         # CPU only: without use_cpu the Trainer neither shards data nor wraps DDP under torchrun

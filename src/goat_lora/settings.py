@@ -39,8 +39,15 @@ RECIPE_NAMES = tuple(RECIPES)
 INITS = tuple(m.value for m in InitMode)
 QUANTIZE_KINDS = tuple(m.value for m in QuantizeKind)
 # transformers' SchedulerType names that need no extra arguments
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt")  # fmt: skip
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 # With CUDA graphs batches are padded to a multiple of this many tokens: a few shapes, so a few graphs
@@ -55,15 +62,32 @@ def compile_mode(mode: str, cuda: bool) -> str | None:
     if mode == "auto":
         return "reduce-overhead" if cuda else None
     return None if mode == "default" else mode
+
+
 REPORTERS_HELP = "tensorboard (event files in RUN/tensorboard), wandb, both comma-separated, or none"
 
 
-def knob(default: Any, help: str, *, commands: tuple[str, ...] = RUN, choices: tuple | None = None,
-         minimum: float | None = None, exclusive_minimum: bool = False, metavar: str | None = None,
-         adapter: bool = False) -> Any:  # fmt: skip
+def knob(
+    default: Any,
+    help: str,
+    *,
+    commands: tuple[str, ...] = RUN,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    metavar: str | None = None,
+    adapter: bool = False,
+) -> Any:
     """A RunSettings field: its default and everything the command line and validation need."""
-    metadata = {"help": help, "commands": commands, "choices": choices, "minimum": minimum,
-                "exclusive_minimum": exclusive_minimum, "metavar": metavar, "adapter": adapter}  # fmt: skip
+    metadata = {
+        "help": help,
+        "commands": commands,
+        "choices": choices,
+        "minimum": minimum,
+        "exclusive_minimum": exclusive_minimum,
+        "metavar": metavar,
+        "adapter": adapter,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -88,141 +112,241 @@ class RunSettings:
     # ---- the task: which family, which data -------------------------------------------------------
     task: str = knob("classification", "task family: classification, regression, image-classification, qa, causal-lm")
     data: str | None = knob(
-        None, "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz-capitals, quiz-elements, instructions), a .csv/.tsv/"
-        ".jsonl/.json/.parquet file, an image folder DIR/<class>/<file>, or a datasets hub name (needs network); "
-        "default: the task's built-in one", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
-    data_config: str | None = knob(None, "configuration of a hub data set, e.g. --data glue --data-config mrpc",
-                                   commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+        None,
+        "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz-capitals, quiz-elements, "
+        "instructions), a .csv/.tsv/.jsonl/.json/.parquet file, an image folder DIR/<class>/<file>, or a datasets "
+        "hub name (needs network); default: the task's built-in one",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
+    data_config: str | None = knob(
+        None, "configuration of a hub data set, e.g. --data glue --data-config mrpc", commands=(TRAIN, COMPARE, EVAL)
+    )
     train_split: str = knob("train", "hub data set: the split to train on")
     test_split: str | None = knob(
-        None, "hub data set: the split to test on (default test; when it has no labels, as in GLUE, the validation "
-        "split is used instead and the summary says so)", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+        None,
+        "hub data set: the split to test on (default test; when it has no labels, as in GLUE, the validation "
+        "split is used instead and the summary says so)",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
     test_data: str | None = knob(None, "a test file or image folder; otherwise a seeded 20% split of --data")
-    text_column: str | None = knob(None, "column of the text (qa: of the prompt); default text (qa: question)",
-                                   commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+    text_column: str | None = knob(
+        None, "column of the text (qa: of the prompt); default text (qa: question)", commands=(TRAIN, COMPARE, EVAL)
+    )
     text_pair_column: str | None = knob(
-        None, "column of the second text of a pair: both reach the tokenizer as a pair (separator and segment ids)",
-        commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
-    label_column: str | None = knob(None, "column of the label (regression: a number; qa: the answer); default "
-                                    "label (qa: answer)", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
-    image_column: str | None = knob(None, "image-classification from a table: column of the image file paths "
-                                    "(relative to the table); default image", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+        None,
+        "column of the second text of a pair: both reach the tokenizer as a pair (separator and segment ids)",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
+    label_column: str | None = knob(
+        None,
+        "column of the label (regression: a number; qa: the answer); default label (qa: answer)",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
+    image_column: str | None = knob(
+        None,
+        "image-classification from a table: column of the image file paths (relative to the table); default image",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
     target_column: str | None = knob(
-        None, "qa: column of the text to train on (e.g. a worked solution); default the --label-column",
-        commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+        None,
+        "qa: column of the text to train on (e.g. a worked solution); default the --label-column",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
     answer_type: str | None = knob(
-        None, "qa: how the answer is read from a generation and from the gold answer: number (after ####, else the "
+        None,
+        "qa: how the answer is read from a generation and from the gold answer: number (after ####, else the "
         "last number), choice (the first option word: answer2, option1, B, true) or text (normalised); default "
-        "text", choices=ANSWER_TYPES, commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+        "text",
+        choices=ANSWER_TYPES,
+        commands=(TRAIN, COMPARE, EVAL),
+    )
     prompt_template: str | None = knob(
-        None, "qa: how a prompt is shown to the model: alpaca, instruction (default), plain, or a text holding "
-        "{prompt}", commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
-    max_new_tokens: int | None = knob(None, "qa: tokens generated per answer (default 32)", minimum=1,
-                                      commands=(TRAIN, COMPARE, EVAL))  # fmt: skip
+        None,
+        "qa: how a prompt is shown to the model: alpaca, instruction (default), plain, or a text holding {prompt}",
+        commands=(TRAIN, COMPARE, EVAL),
+    )
+    max_new_tokens: int | None = knob(
+        None, "qa: tokens generated per answer (default 32)", minimum=1, commands=(TRAIN, COMPARE, EVAL)
+    )
     mask_prompt: bool = knob(False, "causal-lm: no loss on the prompt of rows with a response field")
-    metric: str | None = knob(None, "the metric that picks the best epoch and learning rate, printed first "
-                              "(default: the task's first, e.g. accuracy, pearson, exact_match)")  # fmt: skip
+    metric: str | None = knob(
+        None,
+        "the metric that picks the best epoch and learning rate, printed first "
+        "(default: the task's first, e.g. accuracy, pearson, exact_match)",
+    )
     train_size: int | None = knob(None, "training examples (default: the task's; 0 or a user file: all)", minimum=0)
     test_size: int | None = knob(None, "test examples (default all; 1000 Fashion-MNIST)", minimum=0)
-    image_size: int = knob(64, "EfficientNet-Lite0 input size in pixels (transformers models use their processor's)",
-                           minimum=1)  # fmt: skip
+    image_size: int = knob(
+        64, "EfficientNet-Lite0 input size in pixels (transformers models use their processor's)", minimum=1
+    )
 
     # ---- the model and the method -------------------------------------------------------------------
-    recipe: str | None = knob(None, "fill in the hyper-parameters of one of the paper's runs (goat_lora/recipes.py): "
-                              + ", ".join(RECIPE_NAMES) + "; flags given beside it win", choices=RECIPE_NAMES)  # fmt: skip
-    method: str = knob("goat", "goat, goat_mini, goat_s, molora, hydralora, mixlora, lora, rslora, dora, pissa, milora, "
-                       "kasa, lora_ga, full, head", commands=(TRAIN,))  # fmt: skip
-    model: str | None = knob(None, "local path or hub name; default the task's shipped model (minilm; smollm2 for "
-                             "qa / causal-lm; EfficientNet-Lite0 for images)", commands=(TRAIN, COMPARE, INSPECT))  # fmt: skip
+    recipe: str | None = knob(
+        None,
+        "fill in the hyper-parameters of one of the paper's runs (goat_lora/recipes.py): "
+        + ", ".join(RECIPE_NAMES)
+        + "; flags given beside it win",
+        choices=RECIPE_NAMES,
+    )
+    method: str = knob(
+        "goat",
+        "goat, goat_mini, goat_s, molora, hydralora, mixlora, lora, rslora, dora, pissa, milora, "
+        "kasa, lora_ga, full, head",
+        commands=(TRAIN,),
+    )
+    model: str | None = knob(
+        None,
+        "local path or hub name; default the task's shipped model (minilm; smollm2 for "
+        "qa / causal-lm; EfficientNet-Lite0 for images)",
+        commands=(TRAIN, COMPARE, INSPECT),
+    )
     target_modules: list[str] | None = knob(
-        None, "layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head; "
-        "EfficientNet: its 1x1 convolutions)", metavar="NAME")  # fmt: skip
-    lora_ga_batches: int = knob(8, "--method lora_ga: training batches (of --batch-size, drawn with --seed) its "
-                                "gradient estimate averages over before training; its cost is reported apart "
-                                "(metrics.json lora_ga_init)", minimum=1)  # fmt: skip
+        None,
+        "layers to adapt: names, name suffixes (query value) or one regex (default every Linear but the head; "
+        "EfficientNet: its 1x1 convolutions)",
+        metavar="NAME",
+    )
+    lora_ga_batches: int = knob(
+        8,
+        "--method lora_ga: training batches (of --batch-size, drawn with --seed) its "
+        "gradient estimate averages over before training; its cost is reported apart "
+        "(metrics.json lora_ga_init)",
+        minimum=1,
+    )
     # The adapter's knobs carry GoatConfig's names and defaults (declared there); `--rank` and `--experts`
     # are the command line's spellings of r and num_experts (FLAG_ALIASES). Their rules are GoatConfig's.
     r: int = adapter_knob("r", "total LoRA rank r (GOAT: over all experts)", commands=(TRAIN, COMPARE, INSPECT))
     num_experts: int = adapter_knob("num_experts", "number of experts E", commands=(TRAIN, COMPARE, INSPECT))
     top_k: int = adapter_knob("top_k", "experts per token k", commands=(TRAIN, COMPARE, INSPECT))
     routing: str = adapter_knob(
-        "routing", "how GOAT's tokens pick experts: top_k (the paper's default), top_p (the fewest most probable "
+        "routing",
+        "how GOAT's tokens pick experts: top_k (the paper's default), top_p (the fewest most probable "
         "experts reaching --top-p), shared (expert 0 always on beside the top-k of the others); the residual follows "
-        "the mode", choices=ROUTINGS)  # fmt: skip
-    top_p: float = adapter_knob("top_p", "--routing top_p: the probability mass a token's experts must reach, in (0, 1]")
+        "the mode",
+        choices=ROUTINGS,
+    )
+    top_p: float = adapter_knob(
+        "top_p", "--routing top_p: the probability mass a token's experts must reach, in (0, 1]"
+    )
     dropout: float = adapter_knob("dropout", "the adapters' dropout, in [0, 1)")
     lora_alpha: float | None = adapter_knob(
-        "lora_alpha", "LoRA alpha (LoRA family: scale alpha / r; GOAT: with --scaling alpha or rslora); default 2 x "
-        "rank, the paper's pairs 8 / 16 and 32 / 64", default=None)  # fmt: skip
+        "lora_alpha",
+        "LoRA alpha (LoRA family: scale alpha / r; GOAT: with --scaling alpha or rslora); default 2 x "
+        "rank, the paper's pairs 8 / 16 and 32 / 64",
+        default=None,
+    )
     scaling: str | None = adapter_knob(
-        "scaling", "GOAT's scale s: goat = sqrt(3 eta n / d) (paper, Theorem 3.5), alpha = lora_alpha / d (what the "
+        "scaling",
+        "GOAT's scale s: goat = sqrt(3 eta n / d) (paper, Theorem 3.5), alpha = lora_alpha / d (what the "
         "public scripts ran), rslora = lora_alpha / sqrt(d); default: the method's (goat; molora: alpha)",
-        default=None, choices=SCALINGS)  # fmt: skip
+        default=None,
+        choices=SCALINGS,
+    )
     init: str | None = adapter_knob(
-        "init", "which singular components GOAT's experts start from: goat (segment heads), goat_mini (segment "
-        "tails), principal, minor, random, zero (MoLoRA); default: the method's", default=None, choices=INITS)  # fmt: skip
+        "init",
+        "which singular components GOAT's experts start from: goat (segment heads), goat_mini (segment "
+        "tails), principal, minor, random, zero (MoLoRA); default: the method's",
+        default=None,
+        choices=INITS,
+    )
     eta: float = adapter_knob("eta", "eta in s = sqrt(3 eta n / d): full fine-tuning's learning rate over LoRA's")
     rho: float = adapter_knob("rho", "prior shrink rho: s B_j A_j = U_j S_j V_j^T / rho")
     init_cof: float | None = adapter_knob(
-        "init_cof", "residual coefficient c in W_res = c s sum_j B_j A_j (default 1/E, which keeps the start at the "
-        "pretrained model)")  # fmt: skip
+        "init_cof",
+        "residual coefficient c in W_res = c s sum_j B_j A_j (default 1/E, which keeps the start at the "
+        "pretrained model)",
+    )
     aux_loss_coef: float = adapter_knob("aux_loss_coef", "load-balancing loss coefficient")
     quantize: str | None = adapter_knob(
-        "quantize", "quantize the frozen base with bitsandbytes (pip install goat-lora[quant]): nf4 or fp4 (4-bit, double "
-        "quantization: QLoRA's recipe) or int8; GOAT computes its experts from W0 in float32, then quantizes W0 - W_res "
-        "(QPiSSA's order); lora, rslora, dora, pissa run as QLoRA, QrsLoRA, QDoRA, QPiSSA; adapters, routers and the "
-        "head stay float32", choices=QUANTIZE_KINDS)  # fmt: skip
+        "quantize",
+        "quantize the frozen base with bitsandbytes (pip install goat-lora[quant]): nf4 or fp4 (4-bit, double "
+        "quantization: QLoRA's recipe) or int8; GOAT computes its experts from W0 in float32, then quantizes "
+        "W0 - W_res (QPiSSA's order); lora, rslora, dora, pissa run as QLoRA, QrsLoRA, QDoRA, QPiSSA; adapters, "
+        "routers and the head stay float32",
+        choices=QUANTIZE_KINDS,
+    )
 
     # ---- the schedule ------------------------------------------------------------------------------
     lr: float | None = knob(None, "learning rate (default: per method, goat 3e-4)", minimum=0.0, exclusive_minimum=True)
     epochs: float | None = knob(None, "epochs (default: the task's, 1 for text)", minimum=0.0, exclusive_minimum=True)
-    batch_size: int | None = knob(None, "training batch size per process (default: the task's, 16 for text)",
-                                  minimum=1)  # fmt: skip
+    batch_size: int | None = knob(None, "training batch size per process (default: the task's, 16 for text)", minimum=1)
     eval_batch_size: int = knob(64, "evaluation batch size", minimum=1, commands=(TRAIN, COMPARE, EVAL))
     max_length: int | None = knob(None, "max tokens per example (default: the task's, 96 for text)", minimum=1)
-    gradient_accumulation_steps: int = knob(1, "batches per optimisation step (effective batch = batch size x this "
-                                            "x processes)", minimum=1)  # fmt: skip
-    lr_scheduler: str = knob("linear", "learning-rate schedule after the warm-up: linear, cosine, constant, ...",
-                             choices=LR_SCHEDULERS)  # fmt: skip
+    gradient_accumulation_steps: int = knob(
+        1, "batches per optimisation step (effective batch = batch size x this x processes)", minimum=1
+    )
+    lr_scheduler: str = knob(
+        "linear", "learning-rate schedule after the warm-up: linear, cosine, constant, ...", choices=LR_SCHEDULERS
+    )
     warmup_ratio: float = knob(0.06, "fraction of the steps with a linear learning-rate warm-up", minimum=0.0)
     weight_decay: float = knob(0.0, "AdamW weight decay", minimum=0.0)
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0: none)", minimum=0.0)
     seed: int = adapter_knob("seed", "seed for splits, initialisation and data order")
     logging_steps: int = knob(10, "log the training loss every N steps", minimum=1)
     eval_each_epoch: bool = knob(True, "the validation metric after every epoch")
-    select: str = knob("best-epoch", "which epoch's model is tested and saved: best-epoch (the best validation "
-                       "--metric, the paper's protocol) or last", choices=("best-epoch", "last"))  # fmt: skip
-    save_steps: int = knob(500, "checkpoint every N steps in the hidden staging folder, for --resume (0: none)",
-                           minimum=0, commands=(TRAIN,))  # fmt: skip
+    select: str = knob(
+        "best-epoch",
+        "which epoch's model is tested and saved: best-epoch (the best validation "
+        "--metric, the paper's protocol) or last",
+        choices=("best-epoch", "last"),
+    )
+    save_steps: int = knob(
+        500,
+        "checkpoint every N steps in the hidden staging folder, for --resume (0: none)",
+        minimum=0,
+        commands=(TRAIN,),
+    )
 
     # ---- goat eval with lm-evaluation-harness (goat_lora.harness) ----------------------------------
     harness: list[str] | None = knob(
-        None, "score the run's model with lm-evaluation-harness tasks (their names, or tasks of --harness-include) "
-        "instead of its own test split; decoders only; needs pip install 'goat-lora[eval]'", commands=(EVAL,),
-        metavar="TASK")  # fmt: skip
-    harness_include: str | None = knob(None, "a folder of lm-eval task YAML files (e.g. examples/harness)",
-                                       commands=(EVAL,), metavar="DIR")  # fmt: skip
-    harness_limit: int | None = knob(None, "at most this many examples per harness task (default all)", minimum=1,
-                                     commands=(EVAL,))  # fmt: skip
+        None,
+        "score the run's model with lm-evaluation-harness tasks (their names, or tasks of --harness-include) "
+        "instead of its own test split; decoders only; needs pip install 'goat-lora[eval]'",
+        commands=(EVAL,),
+        metavar="TASK",
+    )
+    harness_include: str | None = knob(
+        None, "a folder of lm-eval task YAML files (e.g. examples/harness)", commands=(EVAL,), metavar="DIR"
+    )
+    harness_limit: int | None = knob(
+        None, "at most this many examples per harness task (default all)", minimum=1, commands=(EVAL,)
+    )
 
     # ---- scale-out and reporting (goat_lora.scaleout, docs/scaling.md) ------------------------------
-    shuffle: bool = knob(True, "shuffle the training data (--no-shuffle: sequential, so N processes see the "
-                         "1-process run's global batches)")  # fmt: skip
+    shuffle: bool = knob(
+        True,
+        "shuffle the training data (--no-shuffle: sequential, so N processes see the 1-process run's global batches)",
+    )
     gradient_checkpointing: bool = knob(False, "activation checkpointing (use_reentrant=False)")
     bf16: bool = knob(False, "bfloat16 autocast (CPU or GPU); weights, adapters and optimiser state stay float32")
     report_to: str = knob("tensorboard", REPORTERS_HELP)
     deepspeed: str | None = knob(None, "DeepSpeed config (GPU), e.g. configs/ds_zero2.json", metavar="CONFIG")
-    compile: bool = knob(False, "torch.compile the whole model for training (GOAT's routing fused with the rest); the "
-                         "first steps pay the compilation, and a new batch shape one recompilation")  # fmt: skip
-    compile_backend: str = knob("inductor", "--compile: the torch.compile backend; inductor generates fused kernels, "
-                                "aot_eager and eager run the captured graph with eager kernels (a quick check that a "
-                                "model compiles)", choices=COMPILE_BACKENDS)  # fmt: skip
-    compile_mode: str = knob("auto", "--compile: torch.compile's mode; auto is reduce-overhead (the step captured in "
-                             "CUDA graphs) on CUDA and default elsewhere", choices=COMPILE_MODES)  # fmt: skip
-    pad_to_multiple: int | None = knob(None, "pad each batch to a multiple of N tokens (at most --max-length), so that "
-                                       "batches come in a few shapes; default 64 when --compile records CUDA graphs "
-                                       "(each new shape is a new graph), none otherwise", metavar="N",
-                                       minimum=1)  # fmt: skip
+    compile: bool = knob(
+        False,
+        "torch.compile the whole model for training (GOAT's routing fused with the rest); the "
+        "first steps pay the compilation, and a new batch shape one recompilation",
+    )
+    compile_backend: str = knob(
+        "inductor",
+        "--compile: the torch.compile backend; inductor generates fused kernels, "
+        "aot_eager and eager run the captured graph with eager kernels (a quick check that a "
+        "model compiles)",
+        choices=COMPILE_BACKENDS,
+    )
+    compile_mode: str = knob(
+        "auto",
+        "--compile: torch.compile's mode; auto is reduce-overhead (the step captured in "
+        "CUDA graphs) on CUDA and default elsewhere",
+        choices=COMPILE_MODES,
+    )
+    pad_to_multiple: int | None = knob(
+        None,
+        "pad each batch to a multiple of N tokens (at most --max-length), so that "
+        "batches come in a few shapes; default 64 when --compile records CUDA graphs "
+        "(each new shape is a new graph), none otherwise",
+        metavar="N",
+        minimum=1,
+    )
 
     # ---- conversions --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -313,7 +437,11 @@ def field_type(spec: dataclasses.Field) -> tuple[type, bool]:
     if not _HINTS:
         _HINTS.update(typing.get_type_hints(RunSettings))
     hint = _HINTS[spec.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, _union_type()) else [hint]
+    args = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, _union_type())
+        else [hint]
+    )
     optional = hint is not args[0]
     base = args[0]
     return (list if typing.get_origin(base) is list else base), optional
@@ -327,8 +455,11 @@ def _union_type():
 
 def type_text(spec: dataclasses.Field) -> str:
     base, optional = field_type(spec)
-    text = "a list of strings" if base is list else {int: "an integer", float: "a number", str: "a string",
-                                                      bool: "true or false"}[base]  # fmt: skip
+    text = (
+        "a list of strings"
+        if base is list
+        else {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
+    )
     return text + (" or null" if optional else "")
 
 
@@ -352,8 +483,12 @@ def upgrade_legacy(values: dict) -> dict:
     """Settings written by older versions (config.json "args", --config files) in today's names: the
     adapter knobs were `rank` and `experts` (now GoatConfig's r and num_experts); in goat-lora 0.1.0 an
     image run was task "classification" on fashion-mnist, now the image-classification family."""
-    values = {LEGACY_NAMES.get(name, name): value for name, value in values.items()}  # rank -> r, experts -> num_experts
+    values = {
+        LEGACY_NAMES.get(name, name): value for name, value in values.items()
+    }  # rank -> r, experts -> num_experts
     if values.get("task") == "classification" and str(values.get("data")).lower().replace("_", "-") in (
-        "fashion-mnist", "fashionmnist"):  # fmt: skip
+        "fashion-mnist",
+        "fashionmnist",
+    ):
         values["task"] = "image-classification"
     return values

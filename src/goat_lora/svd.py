@@ -104,7 +104,9 @@ def batched_singular_components(
         return []
     shape = tuple(weights[0].shape)
     if any(tuple(w.shape) != shape for w in weights):
-        raise ValueError(f"batched_singular_components needs weights of one shape, got {[tuple(w.shape) for w in weights]}")
+        raise ValueError(
+            f"batched_singular_components needs weights of one shape, got {[tuple(w.shape) for w in weights]}"
+        )
     method = resolve_method(method, weights[0])
     indices = indices.reshape(len(weights), -1)
     if method == SvdMethod.EXACT.value:

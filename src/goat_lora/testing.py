@@ -27,29 +27,48 @@ def llama_config(hidden: int = 32, **fields):
     """A LlamaConfig: vocabulary 64, 4 heads (2 key-value heads), 64 positions, pad / bos / eos 0 / 1 / 2."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**{
-        "vocab_size": 64, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0,
-        "bos_token_id": 1, "eos_token_id": 2, **fields,
-    })  # fmt: skip
+    return LlamaConfig(
+        **{
+            "vocab_size": 64,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            **fields,
+        }
+    )
 
 
 def bert_config(hidden: int = 32, **fields):
     """A BertConfig: vocabulary 64, 4 heads, 64 positions, 2 labels."""
     from transformers import BertConfig
 
-    return BertConfig(**{
-        "vocab_size": 64, "hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 2 * hidden, "max_position_embeddings": 64, "num_labels": 2, **fields,
-    })  # fmt: skip
+    return BertConfig(
+        **{
+            "vocab_size": 64,
+            "hidden_size": hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 2 * hidden,
+            "max_position_embeddings": 64,
+            "num_labels": 2,
+            **fields,
+        }
+    )
 
 
 def gpt2_config(**fields):
     """A GPT2Config: vocabulary 64, 64 positions, width 32, 4 heads, pad 0."""
     from transformers import GPT2Config
 
-    return GPT2Config(**{"vocab_size": 64, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "pad_token_id": 0,
-                         **fields})  # fmt: skip
+    return GPT2Config(
+        **{"vocab_size": 64, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "pad_token_id": 0, **fields}
+    )
 
 
 # ---- models --------------------------------------------------------------------------------------------
@@ -104,8 +123,15 @@ def tiny_vit(seed: int = 0, layers: int = 2, heads: int = 2, num_labels: int = 2
     """ViTForImageClassification on 16 x 16 images in 8 x 8 patches, width 32 (train mode)."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                       intermediate_size=64, num_labels=num_labels)  # fmt: skip
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=64,
+        num_labels=num_labels,
+    )
     torch.manual_seed(seed)
     return ViTForImageClassification(config)
 
@@ -190,8 +216,12 @@ def save_tiny_decoder(folder, texts: list[str] | None = None, vocab_size: int = 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.save_pretrained(str(folder))
@@ -210,8 +240,13 @@ def save_word_bert(folder, words: list[str], hidden: int = 32) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(str(folder))
-    config = bert_config(hidden, vocab_size=len(words) + 5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                         classifier_dropout=0.0)  # fmt: skip
+    config = bert_config(
+        hidden,
+        vocab_size=len(words) + 5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(str(folder))
     return str(folder)

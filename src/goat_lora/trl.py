@@ -37,8 +37,9 @@ class GoatSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.goat_model.padding_mask(inputs.get("attention_mask")):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)  # fmt: skip
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         loss, outputs = result if return_outputs else (result, None)
         aux = self.goat_model.aux_loss()  # of the forward above, summed over the adapted layers
         # With num_items_in_batch, TRL's token loss is already a share of the accumulated batch's; the balance

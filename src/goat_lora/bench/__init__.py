@@ -198,7 +198,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.methods = list(COMPILE_METHODS)
         tiny = [m for m in args.models if m.startswith("tiny-")]  # --smoke may name one of its two models
         models = {}
-        for name in ((tiny or ["tiny-bert", "tiny-llama"]) if args.smoke else args.models):
+        for name in (tiny or ["tiny-bert", "tiny-llama"]) if args.smoke else args.models:
             models[name] = bench_model(name, args, device)
             print(format_model_table(name, models[name]))
             print(flush=True)
@@ -222,12 +222,14 @@ def _check_methods(args: argparse.Namespace) -> None:
         try:
             quant.bitsandbytes()
         except ImportError:
-            raise SystemExit(f"goat bench: error: --quantize {quantize} needs bitsandbytes: "
-                             f"{quant.INSTALL_HINT}") from None  # fmt: skip
+            raise SystemExit(
+                f"goat bench: error: --quantize {quantize} needs bitsandbytes: {quant.INSTALL_HINT}"
+            ) from None
         other = [m for m in args.methods if m not in QUANT_METHODS + ("head",)]
         if other:
-            raise SystemExit(f"goat bench: error: --quantize runs {', '.join(QUANT_METHODS)} and head; "
-                             f"not {', '.join(other)}")  # fmt: skip
+            raise SystemExit(
+                f"goat bench: error: --quantize runs {', '.join(QUANT_METHODS)} and head; not {', '.join(other)}"
+            )
     elif "goat_runtime" in args.methods:
         raise SystemExit("goat bench: error: method goat_runtime needs --quantize (it adapts a quantized base)")
 
@@ -247,10 +249,16 @@ def _git_commit() -> str | None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "") if commit else None
@@ -287,4 +295,3 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="goat bench", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))
-

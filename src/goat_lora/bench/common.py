@@ -23,7 +23,10 @@ COMPILED_SUFFIXES = ("_compiled", "_cudagraphs")
 ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
 QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
 MODEL_SHAPES = {  # batch x tokens; "-arch": the same architecture with random weights
-    "minilm": (32, 64), "smollm2": (8, 128), "minilm-arch": (32, 64), "smollm2-arch": (8, 128),
+    "minilm": (32, 64),
+    "smollm2": (8, 128),
+    "minilm-arch": (32, 64),
+    "smollm2-arch": (8, 128),
     "llama2-7b-2layers": (4, 512),  # the GPU stack: LLaMA-2-7B's shapes, 2 decoder layers
 }
 ARCHITECTURES = ("minilm-arch", "smollm2-arch", "llama2-7b-2layers")  # random weights, built from a config
@@ -67,19 +70,41 @@ def architecture_config(name: str):
 
     if name == "minilm-arch":  # all-MiniLM-L6-v2
         return BertConfig(
-            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-            max_position_embeddings=512, num_labels=2,
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            max_position_embeddings=512,
+            num_labels=2,
         )
     if name == "smollm2-arch":  # SmolLM2-135M
         return LlamaConfig(
-            vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-            intermediate_size=1536, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-            rope_theta=100000.0, num_labels=2, pad_token_id=2,
+            vocab_size=49152,
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            num_labels=2,
+            pad_token_id=2,
         )
     if name == "llama2-7b-2layers":  # meta-llama/Llama-2-7b-hf's layer shapes, 2 of its 32 layers
         return LlamaConfig(
-            vocab_size=32000, hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32,
-            intermediate_size=11008, max_position_embeddings=4096, rms_norm_eps=1e-5, num_labels=2, pad_token_id=0,
+            vocab_size=32000,
+            hidden_size=4096,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            num_labels=2,
+            pad_token_id=0,
         )
     raise ValueError(f"unknown benchmark architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
 
@@ -137,7 +162,10 @@ def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.M
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear",
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.05,
+            target_modules="all-linear",
             modules_to_save=heads,
         )
         return get_peft_model(model, config)
@@ -146,8 +174,14 @@ def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.M
 
     routing = {"goat_top_p": "top_p", "goat_shared": "shared"}.get(method, "top_k")
     config = GoatConfig(
-        r=args.rank, num_experts=args.experts, top_k=args.top_k, modules_to_save=heads, seed=args.seed,
-        routing=routing, top_p=args.top_p, quantize=quantize if method == "goat" else None,
+        r=args.rank,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        modules_to_save=heads,
+        seed=args.seed,
+        routing=routing,
+        top_p=args.top_p,
+        quantize=quantize if method == "goat" else None,
     )
     goat = get_goat_model(model, config)
     if method == "goat_loop":
@@ -162,8 +196,15 @@ def build_method(method: str, base: nn.Module, args: argparse.Namespace) -> nn.M
 class Runner:
     """One method's model, optimizer and step / eval closures on a fixed batch."""
 
-    def __init__(self, method: str, model: nn.Module, batch: dict, device: torch.device, backend: str = "inductor",
-                 bf16: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        method: str,
+        model: nn.Module,
+        batch: dict,
+        device: torch.device,
+        backend: str = "inductor",
+        bf16: bool = False,
+    ):
         self.method, self.model, self.batch, self.device = method, model.to(device), batch, device
         self.autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -224,5 +265,11 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 def timing_stats(values: list[float]) -> dict:
     ordered = sorted(values)
     q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
-    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0], "max": ordered[-1],
-            "n": len(ordered)}
+    return {
+        "median": statistics.median(ordered),
+        "p25": q[0],
+        "p75": q[2],
+        "min": ordered[0],
+        "max": ordered[-1],
+        "n": len(ordered),
+    }

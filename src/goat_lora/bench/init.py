@@ -25,7 +25,10 @@ def format_init_table(figures: dict) -> str:
         f"{'method':<34} {'seconds':>9} {'speed-up':>9}",
     ]
     exact = figures["exact_s"]["median"]
-    for key, label in (("exact_s", "exact float32 SVD per matrix"), ("fast_s", f"this project ({figures['fast_method']})")):
+    for key, label in (
+        ("exact_s", "exact float32 SVD per matrix"),
+        ("fast_s", f"this project ({figures['fast_method']})"),
+    ):
         seconds = figures[key]["median"]
         lines.append(f"{label:<34} {seconds:>9.2f} {exact / seconds:>8.2f}x")
     verdict = "met" if figures["speedup"] >= INIT_TARGET else "MISSED"
@@ -40,23 +43,29 @@ def format_init_table(figures: dict) -> str:
     )
     for name, layer in q["per_layer"].items():
         lines.append(
-            f"    {name:<10} max angle {layer['max_angle_deg']:.3g} deg (exact route {layer['exact_max_angle_deg']:.3g}), "
-            f"max rel. error {layer['max_rel_error']:.2e}"
+            f"    {name:<10} max angle {layer['max_angle_deg']:.3g} deg "
+            f"(exact route {layer['exact_max_angle_deg']:.3g}), max rel. error {layer['max_rel_error']:.2e}"
         )
     m = figures["largest_matrix"]
     verdict = "met" if m["speedup"] >= INIT_TARGET else "MISSED"
-    lines.append(f"largest matrix alone ({m['name']} {m['shape']}): exact {m['exact_s']['median']:.2f} s, this project "
-                 f"{m['fast_s']['median']:.2f} s, speed-up {m['speedup']:.2f}x (target >= {INIT_TARGET:.1f}x)  {verdict}")  # fmt: skip
+    lines.append(
+        f"largest matrix alone ({m['name']} {m['shape']}): exact {m['exact_s']['median']:.2f} s, this project "
+        f"{m['fast_s']['median']:.2f} s, speed-up {m['speedup']:.2f}x (target >= {INIT_TARGET:.1f}x)  {verdict}"
+    )
     if "floor_s" in m:
         steps = ("gram_product", "band_reduction", "band_eigenvalues", "sytrd")
         seconds = {step: m[f"{step}_s"]["median"] for step in steps}
-        lines.append(f"  floor of the Gram route: Gram product {seconds['gram_product']:.2f} s + band reduction "
-                     f"{seconds['band_reduction']:.2f} s + band eigenvalues {seconds['band_eigenvalues']:.2f} s = "
-                     f"{m['floor_s']:.2f} s, {m['floor_share']:.0%} of the route; exact / floor = "
-                     f"{m['floor_speedup']:.2f}x")  # fmt: skip
-        lines.append(f"  one-stage route (LAPACK sytrd {seconds['sytrd']:.2f} s; the route below h = "
-                     f"{TWO_STAGE_MIN_SIZE}): {m['one_stage_s']['median']:.2f} s, "
-                     f"speed-up {m['one_stage_speedup']:.2f}x")  # fmt: skip
+        lines.append(
+            f"  floor of the Gram route: Gram product {seconds['gram_product']:.2f} s + band reduction "
+            f"{seconds['band_reduction']:.2f} s + band eigenvalues {seconds['band_eigenvalues']:.2f} s = "
+            f"{m['floor_s']:.2f} s, {m['floor_share']:.0%} of the route; exact / floor = "
+            f"{m['floor_speedup']:.2f}x"
+        )
+        lines.append(
+            f"  one-stage route (LAPACK sytrd {seconds['sytrd']:.2f} s; the route below h = "
+            f"{TWO_STAGE_MIN_SIZE}): {m['one_stage_s']['median']:.2f} s, "
+            f"speed-up {m['one_stage_speedup']:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -103,7 +112,9 @@ def bench_init(args: argparse.Namespace, device: torch.device) -> dict:
         for method in ("exact", fast):
             model = copy.deepcopy(block)
             config = GoatConfig(r=args.rank, num_experts=args.experts, top_k=args.top_k, svd_method=method)
-            elapsed = timed(lambda m=model, c=config, k=method: layers.__setitem__(k, inject_goat_layers(m, c, targets)), device)
+            elapsed = timed(
+                lambda m=model, c=config, k=method: layers.__setitem__(k, inject_goat_layers(m, c, targets)), device
+            )
             times[method].append(elapsed)
             del model
     from ..svd import compute_device, resolve_method
@@ -144,8 +155,16 @@ def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace,
     from scipy.linalg import eig_banded
 
     from ..functional import expert_component_indices
-    from ..svd import (band_reduce_, band_width, gram_block_triangle, gram_lower_column_major, gram_singular_components,
-                      lapack_available, lower_band_storage, singular_components)  # fmt: skip
+    from ..svd import (
+        band_reduce_,
+        band_width,
+        gram_block_triangle,
+        gram_lower_column_major,
+        gram_singular_components,
+        lapack_available,
+        lower_band_storage,
+        singular_components,
+    )
 
     rows, cols = weight.shape
     wide, bandwidth = rows < cols, band_width(min(rows, cols))
@@ -171,13 +190,22 @@ def bench_init_matrix(name: str, weight: torch.Tensor, args: argparse.Namespace,
                 _timed_call(times["sytrd"], lapack.ssytrd, gram, lower=1, overwrite_a=1)
             del lower, band, gram
     exact_s, fast_s = timing_stats(times["exact"]), timing_stats(times[method])
-    figures = {"name": name, "shape": f"{rows}x{cols}", "exact_s": exact_s, "fast_s": fast_s,
-               "speedup": exact_s["median"] / fast_s["median"]}  # fmt: skip
+    figures = {
+        "name": name,
+        "shape": f"{rows}x{cols}",
+        "exact_s": exact_s,
+        "fast_s": fast_s,
+        "speedup": exact_s["median"] / fast_s["median"],
+    }
     if floor_measurable:
         floor = statistics.median(g + r + e for g, r, e in zip(*(times[k] for k in steps[:3])))
         figures.update({f"{step}_s": timing_stats(times[step]) for step in steps})
-        figures.update(floor_s=floor, floor_share=floor / fast_s["median"], floor_speedup=exact_s["median"] / floor,
-                       one_stage_speedup=exact_s["median"] / figures["one_stage_s"]["median"])  # fmt: skip
+        figures.update(
+            floor_s=floor,
+            floor_share=floor / fast_s["median"],
+            floor_speedup=exact_s["median"] / floor,
+            one_stage_speedup=exact_s["median"] / figures["one_stage_s"]["median"],
+        )
     return figures
 
 
@@ -229,8 +257,11 @@ def init_quality(exact_layers: dict, fast_layers: dict, originals: dict) -> dict
         angles += layer_angles
         exact_angles += layer_exact_angles
         errors += layer_errors
-        per_layer[name] = {"max_angle_deg": max(layer_angles), "exact_max_angle_deg": max(layer_exact_angles),
-                           "max_rel_error": max(layer_errors)}  # fmt: skip
+        per_layer[name] = {
+            "max_angle_deg": max(layer_angles),
+            "exact_max_angle_deg": max(layer_exact_angles),
+            "max_rel_error": max(layer_errors),
+        }
     return {
         "experts_compared": len(angles),
         "reference": "float64 SVD",

@@ -35,8 +35,11 @@ def count_step_ops(name: str, args: argparse.Namespace) -> dict:
     base = load_model(name, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     vocab = base.config.vocab_size
-    batch = {"input_ids": torch.randint(1, vocab, (4, 32), generator=generator),
-             "attention_mask": torch.ones(4, 32, dtype=torch.long), "labels": torch.randint(0, 2, (4,), generator=generator)}  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(1, vocab, (4, 32), generator=generator),
+        "attention_mask": torch.ones(4, 32, dtype=torch.long),
+        "labels": torch.randint(0, 2, (4,), generator=generator),
+    }
     figures = {}
     for method in ("lora", "goat"):
         runner = Runner(method, build_method(method, base, args), batch, torch.device("cpu"), bf16=True)
@@ -46,8 +49,11 @@ def count_step_ops(name: str, args: argparse.Namespace) -> dict:
             runner.train_step()
         with _OpCounter() as evaluation:
             runner.eval_step()
-        figures[method] = {"train": sum(train.counts.values()), "eval": sum(evaluation.counts.values()),
-                           "by_op": dict(sorted(train.counts.items()))}  # fmt: skip
+        figures[method] = {
+            "train": sum(train.counts.values()),
+            "eval": sum(evaluation.counts.values()),
+            "by_op": dict(sorted(train.counts.items())),
+        }
     figures["train_ratio"] = figures["goat"]["train"] / figures["lora"]["train"]
     figures["eval_ratio"] = figures["goat"]["eval"] / figures["lora"]["eval"]
     figures["met"] = figures["train_ratio"] <= OPS_TARGET
@@ -55,11 +61,15 @@ def count_step_ops(name: str, args: argparse.Namespace) -> dict:
 
 
 def format_ops_table(figures: dict) -> str:
-    lines = ["compute ops per step (views left out), bf16 autocast, batch 4 x 32, GOAT r=8 E=8 top-2 vs peft LoRA r=8",
-             f"{'model':<14} {'LoRA train':>10} {'GOAT train':>10} {'x LoRA':>7} {'LoRA eval':>10} {'GOAT eval':>10} "
-             f"{'x LoRA':>7}"]  # fmt: skip
+    lines = [
+        "compute ops per step (views left out), bf16 autocast, batch 4 x 32, GOAT r=8 E=8 top-2 vs peft LoRA r=8",
+        f"{'model':<14} {'LoRA train':>10} {'GOAT train':>10} {'x LoRA':>7} {'LoRA eval':>10} {'GOAT eval':>10} "
+        f"{'x LoRA':>7}",
+    ]
     for name, f in figures.items():
-        lines.append(f"{name:<14} {f['lora']['train']:>10} {f['goat']['train']:>10} {f['train_ratio']:>6.2f}x "
-                     f"{f['lora']['eval']:>10} {f['goat']['eval']:>10} {f['eval_ratio']:>6.2f}x  "
-                     f"train target <= {OPS_TARGET}x {'met' if f['met'] else 'MISSED'}")  # fmt: skip
+        lines.append(
+            f"{name:<14} {f['lora']['train']:>10} {f['goat']['train']:>10} {f['train_ratio']:>6.2f}x "
+            f"{f['lora']['eval']:>10} {f['goat']['eval']:>10} {f['eval_ratio']:>6.2f}x  "
+            f"train target <= {OPS_TARGET}x {'met' if f['met'] else 'MISSED'}"
+        )
     return "\n".join(lines)

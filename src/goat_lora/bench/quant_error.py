@@ -48,10 +48,14 @@ def quant_error_sums(weights: dict[str, torch.Tensor], args: argparse.Namespace)
     for name, W0 in weights.items():
         W0 = W0.float()
         W_res = F.residual_weight(factors[name], torch.tensor(config.residual_coefs))
-        (U, S, V), = batched_singular_components([W0], torch.arange(args.rank)[None], "auto")
+        ((U, S, V),) = batched_singular_components([W0], torch.arange(args.rank)[None], "auto")
         P_r = (U * S) @ V.T  # top-r components: PiSSA's s B A
-        entry = {"norm2": _norm2(W0), "goat_norm2": _norm2(W0 - W_res), "pissa_norm2": _norm2(W0 - P_r),
-                 "residual_norm2": _norm2(W_res)}  # fmt: skip
+        entry = {
+            "norm2": _norm2(W0),
+            "goat_norm2": _norm2(W0 - W_res),
+            "pissa_norm2": _norm2(W0 - P_r),
+            "residual_norm2": _norm2(W_res),
+        }
         for kind in QUANT_KINDS:
             spec = quant.QuantSpec(kind)
 
@@ -125,8 +129,11 @@ def bench_quant_error(args: argparse.Namespace, device: torch.device) -> dict:
     weights = {name: getattr(block, name).weight.detach().to(device) for name, _, _ in layer_shapes(args.smoke)}
     del block
     large = summarise_quant_errors(quant_error_sums(weights, args), lambda name: name)
-    return {"rank": args.rank, "experts": args.experts, "models": {source: small,
-            "one LLaMA-2-7B-shaped layer (random Kaiming-uniform weights)": large}}  # fmt: skip
+    return {
+        "rank": args.rank,
+        "experts": args.experts,
+        "models": {source: small, "one LLaMA-2-7B-shaped layer (random Kaiming-uniform weights)": large},
+    }
 
 
 def format_quant_error_table(figures: dict) -> str:
@@ -137,8 +144,10 @@ def format_quant_error_table(figures: dict) -> str:
     ]
     for source, rows in figures["models"].items():
         lines.append(f"{source}")
-        lines.append(f"  {'layer':<10} {'|W_res|/|W0|':>12} {'kind':>5} {'QLoRA':>8} {'GOAT':>8} {'GOAT/QLoRA':>10} "
-                     f"{'QPiSSA':>8} {'unload':>8} {'requant':>8}")  # fmt: skip
+        lines.append(
+            f"  {'layer':<10} {'|W_res|/|W0|':>12} {'kind':>5} {'QLoRA':>8} {'GOAT':>8} {'GOAT/QLoRA':>10} "
+            f"{'QPiSSA':>8} {'unload':>8} {'requant':>8}"
+        )
         for name, row in rows.items():
             for kind in QUANT_KINDS:
                 first = kind == QUANT_KINDS[0]

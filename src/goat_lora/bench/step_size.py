@@ -92,8 +92,9 @@ def base_weight(kind: str, size: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return (U * S) @ V.T, torch.zeros(size), f"synthetic {size} x {size}, S_i = 6 sqrt({size}/384) exp(-4 i/{size})"
 
 
-def adapt(weight, bias, *, method: str, s: float | None, rank: int, experts: int, top_k: int, alpha: float,
-          seed: int) -> GoatModel:
+def adapt(
+    weight, bias, *, method: str, s: float | None, rank: int, experts: int, top_k: int, alpha: float, seed: int
+) -> GoatModel:
     """GOAT at scale s (None: the theoretical sqrt(3 n / d), scaling "goat"; else scaling "alpha" with
     lora_alpha = s d), or the LoRA stand-in at alpha / r."""
     common = {"r": rank, "dropout": 0.0, "target_modules": ["query"], "seed": seed}
@@ -102,8 +103,9 @@ def adapt(weight, bias, *, method: str, s: float | None, rank: int, experts: int
     elif s is None:
         config = GoatConfig(num_experts=experts, top_k=top_k, scaling="goat", **common)
     else:
-        config = GoatConfig(num_experts=experts, top_k=top_k, scaling="alpha", lora_alpha=s * (rank // experts),
-                            **common)  # fmt: skip
+        config = GoatConfig(
+            num_experts=experts, top_k=top_k, scaling="alpha", lora_alpha=s * (rank // experts), **common
+        )
     return get_goat_model(OneLayer(weight.float(), bias.float()), config)
 
 
@@ -136,8 +138,19 @@ def first_step_prediction(layer, lr: float) -> tuple[float, float]:
     return first, second
 
 
-def trajectory(model: GoatModel, target_w, target_b, probe, *, lr: float, checkpoints, tokens: int, seed: int,
-               aux_coef: float, peft_model=None) -> list[dict]:
+def trajectory(
+    model: GoatModel,
+    target_w,
+    target_b,
+    probe,
+    *,
+    lr: float,
+    checkpoints,
+    tokens: int,
+    seed: int,
+    aux_coef: float,
+    peft_model=None,
+) -> list[dict]:
     """Train `model` (and peft_model beside it, on the same batches) for max(checkpoints) steps; at each
     checkpoint N the measures of the module docstring (and the peft model's `out`)."""
     layer = next(model.goat_layers())
@@ -168,9 +181,13 @@ def trajectory(model: GoatModel, target_w, target_b, probe, *, lr: float, checkp
                 layer.router.weight.copy_(router0)  # routing as at the start, for one forward
                 fixed = model(probe)
                 layer.router.weight.copy_(trained)
-            row = {"N": step, "out": float((now[0] - start[0]).norm()) / math.sqrt(probe.shape[0]),
-                   "out_fixed_routing": float((fixed - start[0]).norm()) / math.sqrt(probe.shape[0]),
-                   "probe_mse_ratio": float((now[0] - probe_target).pow(2).mean()) / start_mse, **weight_terms(layer)}
+            row = {
+                "N": step,
+                "out": float((now[0] - start[0]).norm()) / math.sqrt(probe.shape[0]),
+                "out_fixed_routing": float((fixed - start[0]).norm()) / math.sqrt(probe.shape[0]),
+                "probe_mse_ratio": float((now[0] - probe_target).pow(2).mean()) / start_mse,
+                **weight_terms(layer),
+            }
             if peft_model is not None:
                 row["peft_out"] = float((now[1] - start[1]).norm()) / math.sqrt(probe.shape[0])
             rows.append(row)
@@ -207,20 +224,56 @@ def problem(kind: str, size: int, seed: int, probe_tokens: int) -> Problem:
     return Problem(weight.float(), bias.float(), target_w, bias.float(), probe, described)
 
 
-def run(prob: Problem, method: str, s: float | None, lr: float, args: argparse.Namespace, checkpoints, seed: int,
-        peft_check: bool = False) -> list[dict]:
+def run(
+    prob: Problem,
+    method: str,
+    s: float | None,
+    lr: float,
+    args: argparse.Namespace,
+    checkpoints,
+    seed: int,
+    peft_check: bool = False,
+) -> list[dict]:
     """One method at one (s, lr) from a fresh adapter: a record per checkpoint N."""
-    model = adapt(prob.weight, prob.bias, method=method, s=s, rank=args.rank, experts=args.experts,
-                  top_k=args.top_k, alpha=args.alpha, seed=seed)  # fmt: skip
+    model = adapt(
+        prob.weight,
+        prob.bias,
+        method=method,
+        s=s,
+        rank=args.rank,
+        experts=args.experts,
+        top_k=args.top_k,
+        alpha=args.alpha,
+        seed=seed,
+    )
     layer = next(model.goat_layers())
     scale = float(layer.expert_scale[0]) if method == "goat" else args.alpha / args.rank
     peft_model = peft_lora(prob.weight, prob.bias, model, args.rank, args.alpha) if peft_check else None
     pred_first, pred_second = first_step_prediction(layer, lr)
-    rows = trajectory(model, prob.target_w, prob.target_b, prob.probe, lr=lr, checkpoints=checkpoints,
-                      tokens=args.tokens, seed=seed, aux_coef=args.aux_coef, peft_model=peft_model)  # fmt: skip
-    return [{"method": method, "s": round(scale, 4), "lr": lr, "seed": seed, "pred_first_step": pred_first,
-             "pred_second_first_step": pred_second, **row}
-            for row in rows]  # fmt: skip
+    rows = trajectory(
+        model,
+        prob.target_w,
+        prob.target_b,
+        prob.probe,
+        lr=lr,
+        checkpoints=checkpoints,
+        tokens=args.tokens,
+        seed=seed,
+        aux_coef=args.aux_coef,
+        peft_model=peft_model,
+    )
+    return [
+        {
+            "method": method,
+            "s": round(scale, 4),
+            "lr": lr,
+            "seed": seed,
+            "pred_first_step": pred_first,
+            "pred_second_first_step": pred_second,
+            **row,
+        }
+        for row in rows
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,8 +291,11 @@ def lstsq_exponents(rows: list[dict], key: str, names: tuple[str, ...]) -> dict 
     coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
     resid = y - X @ coef
     fit = {f"exp_{n}": round(float(c), 4) for n, c in zip(names, coef[1:])}
-    fit.update(log_const=round(float(coef[0]), 4), points=len(rows),
-               rms_log_residual=round(float(resid.pow(2).mean().sqrt()), 4))
+    fit.update(
+        log_const=round(float(coef[0]), 4),
+        points=len(rows),
+        rms_log_residual=round(float(resid.pow(2).mean().sqrt()), 4),
+    )
     return fit
 
 
@@ -248,8 +304,17 @@ def median_table(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], r["s"], r["lr"], r["N"]), []).append(r)
-    keys = ("out", "out_fixed_routing", "weq", "first", "second", "probe_mse_ratio", "pred_first_step",
-            "pred_second_first_step", "peft_out")
+    keys = (
+        "out",
+        "out_fixed_routing",
+        "weq",
+        "first",
+        "second",
+        "probe_mse_ratio",
+        "pred_first_step",
+        "pred_second_first_step",
+        "peft_out",
+    )
     rows = []
     for (method, s, lr, N), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
         row = {"method": method, "s": s, "lr": lr, "N": N, "seeds": len(group)}
@@ -286,16 +351,21 @@ def fits(rows: list[dict], lora_lr: float) -> dict:
             "weq_small_step": lstsq_exponents(small, "weq", ("s", "lr")),
             "first_all": lstsq_exponents(at_n, "first", ("s", "lr")),
             "second_all": lstsq_exponents(at_n, "second", ("s", "lr")),
-            "small_step_points": len(small), "points": len(at_n),
+            "small_step_points": len(small),
+            "points": len(at_n),
         }
         lora_n = [r for r in lora if r["N"] == N]
-        result["lora_per_N"][N] = {"out": lstsq_exponents(lora_n, "out", ("lr",)),
-                                   "weq": lstsq_exponents(lora_n, "weq", ("lr",))}
+        result["lora_per_N"][N] = {
+            "out": lstsq_exponents(lora_n, "out", ("lr",)),
+            "weq": lstsq_exponents(lora_n, "weq", ("lr",)),
+        }
         for key, name in (("out", "equivalent_lr"), ("out_fixed_routing", "equivalent_lr_fixed_routing")):
             ref = [r["out"] for r in lora_n if r["lr"] == lora_lr]  # LoRA has one expert: its routing is fixed
             if ref:
-                per_s = {s: equivalent_rate([dict(r, out=r[key]) for r in at_n if r["s"] == s], ref[0])
-                         for s in sorted({r["s"] for r in at_n})}  # fmt: skip
+                per_s = {
+                    s: equivalent_rate([dict(r, out=r[key]) for r in at_n if r["s"] == s], ref[0])
+                    for s in sorted({r["s"] for r in at_n})
+                }
                 result.setdefault(name, {})[N] = per_s
                 # lr_eq = lora_lr * K * s^-p: log(lr_eq / lora_lr) = log K - p log s over the s that have one
                 pts = [{"s": s, "ratio": v / lora_lr} for s, v in per_s.items() if v]
@@ -338,12 +408,27 @@ def study(args: argparse.Namespace) -> dict:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''} ".strip() + f", torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)",
-        "config": {"weight": described, "rank": args.rank, "experts": args.experts, "top_k": args.top_k,
-                   "expert_rank": args.rank // args.experts, "theory_s": theory_s, "s": sorted(args.s),
-                   "lr": list(args.lr), "N": list(checkpoints), "seeds": args.seeds, "tokens_per_step": args.tokens,
-                   "probe_tokens": args.probe_tokens, "aux_coef": args.aux_coef, "lora_alpha": args.alpha,
-                   "lora_lr": args.lora_lr, "rho": 10.0, "adamw": "betas (0.9, 0.999), eps 1e-8, weight decay 0",
-                   "dropout": 0.0, "target": "W0 + D, D Gaussian with |D|_F = |W0|_F; fresh N(0, I) inputs"},
+        "config": {
+            "weight": described,
+            "rank": args.rank,
+            "experts": args.experts,
+            "top_k": args.top_k,
+            "expert_rank": args.rank // args.experts,
+            "theory_s": theory_s,
+            "s": sorted(args.s),
+            "lr": list(args.lr),
+            "N": list(checkpoints),
+            "seeds": args.seeds,
+            "tokens_per_step": args.tokens,
+            "probe_tokens": args.probe_tokens,
+            "aux_coef": args.aux_coef,
+            "lora_alpha": args.alpha,
+            "lora_lr": args.lora_lr,
+            "rho": 10.0,
+            "adamw": "betas (0.9, 0.999), eps 1e-8, weight decay 0",
+            "dropout": 0.0,
+            "target": "W0 + D, D Gaussian with |D|_F = |W0|_F; fresh N(0, I) inputs",
+        },
         "seconds": round(time.perf_counter() - started, 1),
         "table": rows,
         "fits": fits(rows, args.lora_lr),
@@ -355,15 +440,20 @@ def format_tables(figures: dict, show_n=(1, 4, 16, 64)) -> str:
     cfg = figures["config"]
     rows = figures["table"]
     lrs = cfg["lr"]
-    header = (f"{cfg['weight']}; r={cfg['rank']} E={cfg['experts']} k={cfg['top_k']} (d={cfg['expert_rank']}), "
-              f"theoretical s = {cfg['theory_s']:.2f}; LoRA alpha={cfg['lora_alpha']:g} (alpha/r = "
-              f"{cfg['lora_alpha'] / cfg['rank']:g}); median of {cfg['seeds']} seed(s); {figures['seconds']} s")
+    header = (
+        f"{cfg['weight']}; r={cfg['rank']} E={cfg['experts']} k={cfg['top_k']} (d={cfg['expert_rank']}), "
+        f"theoretical s = {cfg['theory_s']:.2f}; LoRA alpha={cfg['lora_alpha']:g} (alpha/r = "
+        f"{cfg['lora_alpha'] / cfg['rank']:g}); median of {cfg['seeds']} seed(s); {figures['seconds']} s"
+    )
     lines = [header]
     tables = [(N, "out") for N in show_n if N in cfg["N"]]
     tables += [(N, "out_fixed_routing") for N in (1, 16) if N in cfg["N"]]
     for N, key in tables:
-        lines.append(f"\nN = {N}: {key} = RMS change of the layer's output per probe token"
-                     + (" (router at its start)" if key != "out" else "") + "  [|Q|/|F|]")
+        lines.append(
+            f"\nN = {N}: {key} = RMS change of the layer's output per probe token"
+            + (" (router at its start)" if key != "out" else "")
+            + "  [|Q|/|F|]"
+        )
         lines.append(f"{'method':<8}{'s':>8} " + "".join(f"{lr:>17.0e}" for lr in lrs))
         keyed = {(r["method"], r["s"], r["lr"]): r for r in rows if r["N"] == N}
         for method, s in sorted({(r["method"], r["s"]) for r in rows}, key=lambda k: (k[0] == "lora", k[1])):
@@ -376,40 +466,56 @@ def format_tables(figures: dict, show_n=(1, 4, 16, 64)) -> str:
     if first:
         worst = max(abs(r["first"] / r["pred_first_step"] - 1) for r in first)
         worst_q = max(abs(r["second"] / r["pred_second_first_step"] - 1) for r in first if r["pred_second_first_step"])
-        lines.append(f"\nfirst step against the sign-step prediction (first_step_prediction), largest relative gap: "
-                     f"|F| {worst:.3f}, |Q| {worst_q:.3f}")
+        lines.append(
+            f"\nfirst step against the sign-step prediction (first_step_prediction), largest relative gap: "
+            f"|F| {worst:.3f}, |Q| {worst_q:.3f}"
+        )
     checked = [r for r in rows if "peft_out" in r]
     if checked:
         gap = max(abs(r["peft_out"] / r["out"] - 1) for r in checked)
-        lines.append(f"peft LoRA trained beside the LoRA stand-in (same A, same batches, lr {checked[0]['lr']:g}): "
-                     f"largest relative gap in out {gap:.1e} over N = {[r['N'] for r in checked]}")
+        lines.append(
+            f"peft LoRA trained beside the LoRA stand-in (same A, same batches, lr {checked[0]['lr']:g}): "
+            f"largest relative gap in out {gap:.1e} over N = {[r['N'] for r in checked]}"
+        )
     f = figures["fits"]
     lines.append("\nfitted exponents, log out = a + p log s + q log lr (GOAT), per N:")
     for N, fit in f["per_N"].items():
         parts = []
         for key in ("out_small_step", "out_fixed_routing_small_step", "out_all", "first_all", "second_all"):
             v = fit[key]
-            parts.append(f"{key} " + (f"p={v['exp_s']:.2f} q={v['exp_lr']:.2f} (rms {v['rms_log_residual']:.2f}, "
-                                      f"{v['points']} pts)" if v else "-"))  # fmt: skip
+            parts.append(
+                f"{key} "
+                + (
+                    f"p={v['exp_s']:.2f} q={v['exp_lr']:.2f} (rms {v['rms_log_residual']:.2f}, {v['points']} pts)"
+                    if v
+                    else "-"
+                )
+            )
         lora = f["lora_per_N"][N]["out"]
         parts.append("LoRA q=" + (f"{lora['exp_lr']:.2f}" if lora else "-"))
         lines.append(f"  N={N:<3} " + "; ".join(parts))
     for key in ("out_small_step_all_N", "out_fixed_routing_small_step_all_N"):
         v = f[key]
         if v:
-            lines.append(f"{key}: out ~ s^{v['exp_s']:.2f} lr^{v['exp_lr']:.2f} N^{v['exp_N']:.2f} "
-                         f"(rms {v['rms_log_residual']:.2f}, {v['points']} pts)")  # fmt: skip
+            lines.append(
+                f"{key}: out ~ s^{v['exp_s']:.2f} lr^{v['exp_lr']:.2f} N^{v['exp_N']:.2f} "
+                f"(rms {v['rms_log_residual']:.2f}, {v['points']} pts)"
+            )
     for key in ("ratio_second_first", "ratio_second_first_N_le_16"):
         v = f[key]
         if v:
-            lines.append(f"|Q|/|F| ~ s^{v['exp_s']:.2f} lr^{v['exp_lr']:.2f} N^{v['exp_N']:.2f} "
-                         f"(const e^{v['log_const']:.2f}, rms {v['rms_log_residual']:.2f}) [{key}]")  # fmt: skip
+            lines.append(
+                f"|Q|/|F| ~ s^{v['exp_s']:.2f} lr^{v['exp_lr']:.2f} N^{v['exp_N']:.2f} "
+                f"(const e^{v['log_const']:.2f}, rms {v['rms_log_residual']:.2f}) [{key}]"
+            )
     for name, what in (("equivalent_lr", "out"), ("equivalent_lr_fixed_routing", "out_fixed_routing")):
         if not f.get(name):
             continue
-        lines.append(f"\nLoRA-equivalent GOAT rate: lr at which GOAT's {what} equals LoRA's out at lr "
-                     f"{cfg['lora_lr']:g}; "
-                     f"fit lr = {cfg['lora_lr']:g} K s^p")  # fmt: skip
+        lines.append(
+            f"\nLoRA-equivalent GOAT rate: lr at which GOAT's {what} equals LoRA's out at lr "
+            f"{cfg['lora_lr']:g}; "
+            f"fit lr = {cfg['lora_lr']:g} K s^p"
+        )
         s_values = sorted({s for per in f[name].values() for s in per})
         lines.append(f"{'N':>4} " + "".join(f"{'s=' + format(s, '.3g'):>10}" for s in s_values) + f"{'K':>8}{'p':>7}")
         for N, per in f[name].items():

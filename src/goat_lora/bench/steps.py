@@ -48,7 +48,6 @@ def peak_step_memory(runner: Runner) -> int:
     return resident + peak
 
 
-
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """All methods on one model, interleaved round robin; returns the figures as a dict."""
     smoke = args.smoke
@@ -76,8 +75,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         model = build_method(method, base, args)
         setup_s[method] = time.perf_counter() - start
         trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        runners[method] = Runner(method, model, batch, device, getattr(args, "compile_backend", "inductor"),
-                                  bf16=getattr(args, "bf16", False))
+        runners[method] = Runner(
+            method,
+            model,
+            batch,
+            device,
+            getattr(args, "compile_backend", "inductor"),
+            bf16=getattr(args, "bf16", False),
+        )
     del base
 
     step_times = {m: [] for m in runners}
@@ -119,8 +124,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "batch_size": batch_size,
         "seq_len": seq_len,
         "load_s": load_s,
-        "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
-        "params+buffers+optimizer state + peak of the allocations (torch.profiler allocator events) during one step",
+        "memory_method": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "params+buffers+optimizer state + peak of the allocations (torch.profiler allocator events) in one step",
         "methods": methods,
         "ratios": _ratios(step_times, eval_times, memory, getattr(args, "quantize", None)),
         "quantize": getattr(args, "quantize", None),
@@ -158,8 +164,11 @@ def _ratios(step_times: dict, eval_times: dict, memory: dict, quantize: str | No
         ratios["compile_speedup"] = _paired_ratio(step_times["goat"], step_times["goat_compiled"])
     if "lora_compiled" in step_times and "lora" in step_times:
         ratios["lora_compile_speedup"] = _paired_ratio(step_times["lora"], step_times["lora_compiled"])
-    for method, key in (("goat_top_p", "top_p_step"), ("goat_shared", "shared_step"),
-                        ("goat_runtime", "runtime_step")):  # routing variants; the run-time residual
+    for method, key in (
+        ("goat_top_p", "top_p_step"),
+        ("goat_shared", "shared_step"),
+        ("goat_runtime", "runtime_step"),
+    ):  # routing variants; the run-time residual
         if "goat" in step_times and method in step_times:
             ratios[key] = _paired_ratio(step_times[method], step_times["goat"])
     if "goat_runtime" in memory and "lora" in memory:
@@ -237,6 +246,8 @@ def format_model_table(name: str, figures: dict) -> str:
         lines.append(f"  {label:<46} {ratios[key]:5.2f}x  (target {op} {bound:.2f}x)  {verdict}")
     for method, entry in methods.items():
         if "compile_s" in entry:
-            lines.append(f"  {method}: compile time {entry['compile_s']:.1f} s (first step minus the median)"
-                         + (f", eval {entry['eval_compile_s']:.1f} s" if "eval_compile_s" in entry else ""))
+            lines.append(
+                f"  {method}: compile time {entry['compile_s']:.1f} s (first step minus the median)"
+                + (f", eval {entry['eval_compile_s']:.1f} s" if "eval_compile_s" in entry else "")
+            )
     return "\n".join(lines)

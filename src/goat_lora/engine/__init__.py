@@ -9,10 +9,20 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Comparison": "resolve", "compare": "comparison", "evaluate_run": "run", "load_run": "run", "Writing": "run",
-    "given_settings": "resolve", "preflight": "resolve", "read_config_file": "resolve", "resolve_run": "resolve",
-    "Run": "resolve", "resume": "run", "summary_line": "run", "train": "run",
-}  # fmt: skip
+    "Comparison": "resolve",
+    "compare": "comparison",
+    "evaluate_run": "run",
+    "load_run": "run",
+    "Writing": "run",
+    "given_settings": "resolve",
+    "preflight": "resolve",
+    "read_config_file": "resolve",
+    "resolve_run": "resolve",
+    "Run": "resolve",
+    "resume": "run",
+    "summary_line": "run",
+    "train": "run",
+}
 __all__ = sorted(_EXPORTS)
 
 

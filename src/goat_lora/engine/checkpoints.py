@@ -55,7 +55,9 @@ def find_resumable(run: str) -> tuple[dict, str, str, str]:
     else:  # the newest staging folder with a resume state, else the newest at all (its errors name it)
         candidates = run_staging_folders(run)
         resumable = [f for f in candidates if os.path.isfile(os.path.join(f, TRAINER_DIR, RESUME_FILE))]
-        staging = (resumable or candidates or [os.path.join(os.path.dirname(run), f".{os.path.basename(run)}.*.partial")])[0]
+        staging = (
+            resumable or candidates or [os.path.join(os.path.dirname(run), f".{os.path.basename(run)}.*.partial")]
+        )[0]
     if not os.path.isdir(staging):
         if os.path.isfile(os.path.join(run, "metrics.json")):
             raise ValueError(f"--resume {run!r}: this run already finished; nothing to resume")

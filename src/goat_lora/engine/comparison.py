@@ -44,7 +44,9 @@ def trainable_count(parts, settings: RunSettings, method: str, rank: int) -> int
     """Trainable parameters of `method` at `rank` on a copy of the task's base model. Initialisations
     that cost an SVD are replaced by one with the same parameters (GOAT's by zero-init, PiSSA's and
     MiLoRA's by LoRA's): the count does not depend on them."""
-    proxy = {"goat": "molora", "goat_mini": "molora", "goat_s": "molora", "pissa": "lora", "milora": "lora"}.get(method, method)
+    proxy = {"goat": "molora", "goat_mini": "molora", "goat_s": "molora", "pissa": "lora", "milora": "lora"}.get(
+        method, method
+    )
     # alpha, init and scale change no count; fixed values keep every proxy buildable
     trial = settings.replace(method=proxy, r=rank, lora_alpha=2.0 * rank, init="zero", scaling="alpha")
     model = prepare_model(proxy, copy.deepcopy(parts.model), trial, parts.targets, parts.head)
@@ -73,15 +75,20 @@ def param_budget(entries: list[Entry], settings: RunSettings, task, meta: dict, 
             guess = max(1, round(1 + (target - one) / slope))
             rank = min((max(1, guess + d) for d in (-1, 0, 1)), key=lambda r: abs(one + (r - 1) * slope - target))
         count = trainable_count(parts, entry_settings, entry.method, rank)
-        plan[entry.label] = {"rank": rank, "trainable_params": count, "exempt": False,
-                             "within_budget": abs(count - target) <= BUDGET_TOLERANCE * target}  # fmt: skip
+        plan[entry.label] = {
+            "rank": rank,
+            "trainable_params": count,
+            "exempt": False,
+            "within_budget": abs(count - target) <= BUDGET_TOLERANCE * target,
+        }
     plan["_goat_target"] = {"trainable_params": target}
     return plan
 
 
 # ---- the comparison -----------------------------------------------------------------------------
-def compare(comparison: Comparison, base: RunSettings, output: str, *, overwrite: bool = False,
-            resume: bool = False, log=print) -> dict:  # fmt: skip
+def compare(
+    comparison: Comparison, base: RunSettings, output: str, *, overwrite: bool = False, resume: bool = False, log=print
+) -> dict:
     """Run the comparison on `base` (the settings as given: engine.given_settings), each row resolved
     with its method, rank, learning rate and seed; write the report folder; return the summary."""
     from ..report import write_compare_report
@@ -97,8 +104,13 @@ def compare(comparison: Comparison, base: RunSettings, output: str, *, overwrite
     first = resolve_run(row(entries[0]))
     data_by_seed = {seeds[0]: first.task.load_data(first.settings.replace(seed=seeds[0]))}
     ranks = param_budget(entries, first.settings, first.task, data_by_seed[seeds[0]].meta, budget)
-    plan = {"entries": [e.__dict__ for e in entries], "seeds": list(seeds), "base": base.to_dict(), "lr_grid": grids,
-            "budget": budget}  # fmt: skip
+    plan = {
+        "entries": [e.__dict__ for e in entries],
+        "seeds": list(seeds),
+        "base": base.to_dict(),
+        "lr_grid": grids,
+        "budget": budget,
+    }
     for entry in entries:  # every row's settings checked before the first run starts
         for lr in grids[entry.label]:
             resolve_run(row(entry, r=ranks[entry.label]["rank"] or base.r, lr=lr))
@@ -124,34 +136,64 @@ def compare(comparison: Comparison, base: RunSettings, output: str, *, overwrite
                     else:
                         metrics = train(run, run_dir, data=data_by_seed[seed], writing=quiet)
                     done += 1
-                    row_result = {k: metrics.get(k) for k in ("method", "trainable_params", "trainable_percent",
-                                                              "step_time_s", "peak_memory_mb", "wall_time_s", "router",
-                                                              "selected_epoch")}  # fmt: skip
-                    row_result.update(label=entry.label, rank=rank if entry.method not in EXEMPT else None, lr=lr,
-                                      seed=seed, validation=metrics.get(f"validation_{args.metric}"),
-                                      test=metrics.get(f"test_{args.metric}"),
-                                      test_metrics={k[5:]: v for k, v in metrics.items() if k.startswith("test_")},
-                                      run=f"runs/{name}")  # fmt: skip
+                    row_result = {
+                        k: metrics.get(k)
+                        for k in (
+                            "method",
+                            "trainable_params",
+                            "trainable_percent",
+                            "step_time_s",
+                            "peak_memory_mb",
+                            "wall_time_s",
+                            "router",
+                            "selected_epoch",
+                        )
+                    }
+                    row_result.update(
+                        label=entry.label,
+                        rank=rank if entry.method not in EXEMPT else None,
+                        lr=lr,
+                        seed=seed,
+                        validation=metrics.get(f"validation_{args.metric}"),
+                        test=metrics.get(f"test_{args.metric}"),
+                        test_metrics={k[5:]: v for k, v in metrics.items() if k.startswith("test_")},
+                        run=f"runs/{name}",
+                    )
                     results.append(row_result)
-                    log(f"[{done}/{total}] {entry.label:<22} lr={lr:<7g} seed={seed}  validation {args.metric} "
+                    log(
+                        f"[{done}/{total}] {entry.label:<22} lr={lr:<7g} seed={seed}  validation {args.metric} "
                         f"{_fmt(row_result['validation'])}  test {_fmt(row_result['test'])}  epoch "
-                        f"{row_result['selected_epoch']}  ({row_result['wall_time_s']:.0f} s)")  # fmt: skip
+                        f"{row_result['selected_epoch']}  ({row_result['wall_time_s']:.0f} s)"
+                    )
                     # a partial report after every run: a long comparison can be read while it runs
                     write_json(os.path.join(staging, "results.partial.json"), {"runs": results})
         task, chosen = first.task, first.settings
-        report_settings = {**comparison.record, "task": task.name, "data": chosen.data, "model": chosen.model,
-                           "metric": chosen.metric, "budget": budget, "epochs": chosen.epochs,
-                           "select": chosen.select, "baseline_name": task.baseline_name,
-                           "lower_is_better": chosen.metric in task.lower_is_better,
-                           "reference": "goat" if "goat" in grids else entries[0].label, "ranks": ranks}  # fmt: skip
-        summary = write_compare_report(staging, results, report_settings, task.constant_baseline(data_by_seed[seeds[0]]))
+        report_settings = {
+            **comparison.record,
+            "task": task.name,
+            "data": chosen.data,
+            "model": chosen.model,
+            "metric": chosen.metric,
+            "budget": budget,
+            "epochs": chosen.epochs,
+            "select": chosen.select,
+            "baseline_name": task.baseline_name,
+            "lower_is_better": chosen.metric in task.lower_is_better,
+            "reference": "goat" if "goat" in grids else entries[0].label,
+            "ranks": ranks,
+        }
+        summary = write_compare_report(
+            staging, results, report_settings, task.constant_baseline(data_by_seed[seeds[0]])
+        )
         for name in ("results.partial.json", COMPARE_PLAN):
             os.unlink(os.path.join(staging, name))
         publish(staging, output, replace=overwrite)
     except BaseException:
         if results:  # keep finished runs for --resume, never under the final name
-            log(f"goat compare: {len(results)} finished run(s) kept in {staging}; "
-                "run the same command with --resume to continue")  # fmt: skip
+            log(
+                f"goat compare: {len(results)} finished run(s) kept in {staging}; "
+                "run the same command with --resume to continue"
+            )
         else:
             shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -171,8 +213,10 @@ def _compare_staging(output: str, plan: dict, resume: bool) -> str:
             saved = json.load(fh)
         if saved != plan:
             differing = sorted(k for k in plan if saved.get(k) != plan.get(k))
-            raise ValueError(f"--resume: the interrupted comparison in {staging!r} ran other settings "
-                             f"(differing: {', '.join(differing)}); use the same command, or drop --resume")  # fmt: skip
+            raise ValueError(
+                f"--resume: the interrupted comparison in {staging!r} ran other settings "
+                f"(differing: {', '.join(differing)}); use the same command, or drop --resume"
+            )
         return staging
     if os.path.isdir(os.path.join(staging, "runs")) and os.listdir(os.path.join(staging, "runs")):
         os.replace(staging, f"{os.path.abspath(output)}.failed-{time.strftime('%Y%m%d-%H%M%S')}")

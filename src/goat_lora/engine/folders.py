@@ -78,8 +78,10 @@ def publish(staging: str, output: str, replace: bool = False) -> None:
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise
-            raise ValueError(f"output {output!r} was written by another process while this one ran; "
-                             "nothing of this run was kept (use another --output, or --overwrite)") from None  # fmt: skip
+            raise ValueError(
+                f"output {output!r} was written by another process while this one ran; "
+                "nothing of this run was kept (use another --output, or --overwrite)"
+            ) from None
         return
     old = None
     if os.path.exists(output):

@@ -1,10 +1,10 @@
 """A run resolved once, before anything heavy is imported: what the engine passes on.
 
-    resolve_run(settings | flags, config)        every knob filled in, in the one order of precedence, and checked -> Run
-    given_settings(settings | flags, config)     its first half: what the user gave (--config, --recipe, flags)
-    read_config_file(path)              the settings of `--config FILE`
-    preflight(run, output, overwrite)   the task's data loaded and --output checked, before any model loads
-    plan_entries(methods, vary)         the rows of `goat compare` (methods, then GOAT variants); Comparison
+    resolve_run(settings | flags, config)     every knob filled in, in the one order of precedence, checked -> Run
+    given_settings(settings | flags, config)  its first half: what the user gave (--config, --recipe, flags)
+    read_config_file(path)                    the settings of `--config FILE`
+    preflight(run, output, overwrite)         the task's data loaded and --output checked, before any model loads
+    plan_entries(methods, vary)               the rows of `goat compare` (methods, then GOAT variants); Comparison
 
 This module imports the settings, the task families and the method registry only (no Trainer, no peft,
 no bitsandbytes): a missing data file, a bad column or an unusable --output is refused in one line
@@ -42,8 +42,9 @@ class Run:
     given: RunSettings  # before the family's and the method's defaults: what --resume rebuilds from
 
 
-def given_settings(settings: RunSettings | None = None, *, flags: dict | None = None,
-                   config: str | None = None) -> RunSettings:  # fmt: skip
+def given_settings(
+    settings: RunSettings | None = None, *, flags: dict | None = None, config: str | None = None
+) -> RunSettings:
     """What the user gave, highest last: `settings` (or the settings of --config FILE), then the values of
     --recipe (named in `flags`), then the other `flags`. Knobs nobody gave keep their default or None."""
     if settings is not None and config is not None:
@@ -76,7 +77,9 @@ def resolve_run(settings: RunSettings | None = None, *, flags: dict | None = Non
     if values["metric"] is None:
         values["metric"] = task.metrics[0]
     elif values["metric"] not in task.metrics:
-        raise ValueError(f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}")
+        raise ValueError(
+            f"--metric {values['metric']!r} is not one of the {task.name} task's: {', '.join(task.metrics)}"
+        )
     cuda_graphs = values["compile"] and compile_mode(values["compile_mode"], _cuda()) == "reduce-overhead"
     if values["pad_to_multiple"] is None and cuda_graphs:  # each batch shape is one CUDA graph: a few shapes
         values["pad_to_multiple"] = CUDA_GRAPH_PAD_MULTIPLE
@@ -153,12 +156,14 @@ def plan_entries(methods: list[str], vary: str | None) -> list[Entry]:
 
 
 def parse_vary(text: str) -> tuple[str, list]:
-    """"init=goat,principal" -> ("init", ["goat", "principal"]), each value read as the knob's type."""
+    """ "init=goat,principal" -> ("init", ["goat", "principal"]), each value read as the knob's type."""
     written, _, values = text.partition("=")
     name = knob_name(written)  # the flag's spelling works too: rank -> r
     if name is None or not values:
-        raise ValueError(f"--vary {text!r} must look like FIELD=V1,V2 with FIELD a setting (e.g. init, scaling, top_k, "
-                         "aux_loss_coef, routing)")  # fmt: skip
+        raise ValueError(
+            f"--vary {text!r} must look like FIELD=V1,V2 with FIELD a setting (e.g. init, scaling, top_k, "
+            "aux_loss_coef, routing)"
+        )
     base, _ = field_type(knob_fields()[name])
     parsed = []
     for value in (v.strip() for v in values.split(",") if v.strip()):

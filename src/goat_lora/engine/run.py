@@ -118,7 +118,9 @@ def save_method_weights(model, method: str, folder: str) -> None:
     atomic_write_bytes(os.path.join(folder, "method_state.safetensors"), safetensors.torch.save(state))
 
 
-def evaluate_split(task: Task, model, split, parts: ModelParts, settings: RunSettings, device) -> tuple[Evaluation, dict]:
+def evaluate_split(
+    task: Task, model, split, parts: ModelParts, settings: RunSettings, device
+) -> tuple[Evaluation, dict]:
     """(the task's evaluation of `model` on `split`, the experts' load over that pass)."""
     reset_expert_load(model)
     with recording_expert_load(model):  # GOAT counts its experts' load at inference only when asked
@@ -129,8 +131,14 @@ def evaluate_split(task: Task, model, split, parts: ModelParts, settings: RunSet
 
 
 # ---- training -----------------------------------------------------------------------------------
-def train(run: Run | RunSettings, output: str | None = None, *, data: TaskData | None = None,
-          writing: Writing = Writing(), resume_checkpoint: str | None = None) -> dict:  # fmt: skip
+def train(
+    run: Run | RunSettings,
+    output: str | None = None,
+    *,
+    data: TaskData | None = None,
+    writing: Writing = Writing(),
+    resume_checkpoint: str | None = None,
+) -> dict:
     """Train, evaluate on test, write the run folder; return the metrics (also in metrics.json).
     `run`: resolved (engine.resolve), or settings that are resolved here. `data`: the task's data,
     already loaded (preflight; goat compare shares it between methods). `resume_checkpoint`: continue
@@ -167,20 +175,33 @@ def _train_in(job: Job, checkpoint: str | None, writing: Writing) -> dict:
     start = time.time()
     callback = ExpertLoadCallback(model)
     validating = settings.eval_each_epoch and len(data.validation) > 0
-    training_args = training_arguments(settings, job.staging, writing.quiet,
-                                       eval_strategy="epoch" if validating else "no")  # fmt: skip
+    training_args = training_arguments(
+        settings, job.staging, writing.quiet, eval_strategy="epoch" if validating else "no"
+    )
     device = training_args.device
 
     def validate() -> dict:
         return evaluate_split(task, model, data.validation, job.parts, settings, device)[0].metrics
 
-    best = BestEpoch(model, settings.metric, settings.metric in task.lower_is_better,
-                     os.path.join(job.staging, TRAINER_DIR) if settings.save_steps else None)  # fmt: skip
+    best = BestEpoch(
+        model,
+        settings.metric,
+        settings.metric in task.lower_is_better,
+        os.path.join(job.staging, TRAINER_DIR) if settings.save_steps else None,
+    )
     if checkpoint is not None:
         best.resume(int(checkpoint.rsplit("-", 1)[-1]))
-    trainer = make_trainer(model, training_args, settings, job.staging, [callback, best],
-                           data_collator=job.parts.collator, train_dataset=data.train,
-                           eval_dataset=data.validation if validating else None, goat_validate=validate)  # fmt: skip
+    trainer = make_trainer(
+        model,
+        training_args,
+        settings,
+        job.staging,
+        [callback, best],
+        data_collator=job.parts.collator,
+        train_dataset=data.train,
+        eval_dataset=data.validation if validating else None,
+        goat_validate=validate,
+    )
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     finally:  # Ctrl-C, SIGTERM or an error: the bar closed first, so the command's message is the last line
@@ -228,8 +249,9 @@ def write_run_folder(job: Job, metrics: dict, test: Evaluation, writing: Writing
         write_run_plots(job.staging)
 
 
-def run_metrics(job: Job, trainer: GoatTrainer, callback: ExpertLoadCallback, test: Evaluation, load: dict,
-                train_time: float) -> dict:  # fmt: skip
+def run_metrics(
+    job: Job, trainer: GoatTrainer, callback: ExpertLoadCallback, test: Evaluation, load: dict, train_time: float
+) -> dict:
     """metrics.json's dict: the test metrics first, then validation, training, the experts' load, cost."""
     settings, task, data = job.run.settings, job.run.task, job.data
     trainable, total = job.counts
@@ -266,7 +288,9 @@ def run_metrics(job: Job, trainer: GoatTrainer, callback: ExpertLoadCallback, te
         "wall_time_s": time.time() - job.started,  # loading the data and model, initialisation, training, test
         "step_time_s": sum(steps) / len(steps) if steps else None,
         "steps": trainer.state.global_step,
-        "distributed": str(trainer.accelerator.distributed_type).split(".")[-1],  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+        "distributed": str(trainer.accelerator.distributed_type).split(".")[
+            -1
+        ],  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         "processes": trainer.args.world_size,
         "peak_memory_mb": peak_memory_mb(),
         "expert_load": load,  # over the test set
@@ -285,8 +309,13 @@ def versions() -> dict:
     import peft
     import transformers
 
-    return {"goat_lora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": sys.version.split()[0]}  # fmt: skip
+    return {
+        "goat_lora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def resume(run: str, *, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -333,8 +362,9 @@ def load_run(run_dir: str) -> tuple[torch.nn.Module, ModelParts, Run]:
     return model, parts, run
 
 
-def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | None = None,
-                 overwrite: bool = False) -> dict:  # fmt: skip
+def evaluate_run(
+    run_dir: str, output: str | None = None, *, overrides: dict | None = None, overwrite: bool = False
+) -> dict:
     """Reload a run and evaluate it on its own test split (same seed and sizes), or on
     overrides["data"] (a built-in data set, a file or a hub name, with the run's classes); write
     metrics.json (the run's metric names), predictions.jsonl where the task has them, and
@@ -351,7 +381,10 @@ def evaluate_run(run_dir: str, output: str | None = None, *, overrides: dict | N
     model.to(device)
     if source is None:
         data = task.load_data(settings)
-        split, where = data.test, {"data": settings.data, "split": "the run's test split", "note": data.info.get("note")}
+        split, where = (
+            data.test,
+            {"data": settings.data, "split": "the run's test split", "note": data.info.get("note")},
+        )
     else:
         split, where = task.load_eval_split(settings.replace(data=source), source, parts.meta), {"data": source}
     if not len(split):
@@ -391,11 +424,12 @@ def summary_line(metrics: dict, task: Task | None = None) -> str:
     text = f"test {metric} {metrics[f'test_{metric}']:.4f}"
     if baseline is not None:
         text += f" ({task.baseline_name} {baseline:.4f})"
-    others = [f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics]
+    others = [
+        f"{name} {metrics[f'test_{name}']:.4f}" for name in task.metrics if name != metric and f"test_{name}" in metrics
+    ]
     if others:
         text += " | " + ", ".join(others)
     text += f" | {method_label(metrics['method'], metrics.get('quantize'))}"
     if "trainable_params" in metrics:
         text += f" | trainable {metrics['trainable_params']:,d} params ({metrics['trainable_percent']:.2f}%)"
     return text + f" | {metrics['wall_time_s']:.0f} s"
-

@@ -37,8 +37,14 @@ class GoatTrainer(Trainer):
     """transformers.Trainer that adds GOAT's load-balancing loss to the task loss and validates with
     the task's own metrics (`goat_validate`: a function returning {metric: value})."""
 
-    def __init__(self, *args, goat_validate: Callable[[], dict] | None = None, goat_shuffle: bool = True,
-                 goat_aux_loss_coef: float = 0.0, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        goat_validate: Callable[[], dict] | None = None,
+        goat_shuffle: bool = True,
+        goat_aux_loss_coef: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.goat_aux_loss_coef = goat_aux_loss_coef  # MixLoRA's balance-loss weight (GOAT's is in its GoatConfig)
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean; let Trainer average
@@ -60,8 +66,11 @@ class GoatTrainer(Trainer):
             if model.training:
                 self._aux_sum += float(aux.detach())
                 self._aux_count += 1
-        elif (extra := method_loss(self.accelerator.unwrap_model(model, keep_torch_compile=False),
-                                   self.goat_aux_loss_coef)) is not None:  # MixLoRA's balance loss, KaSA's regularisers
+        elif (
+            extra := method_loss(
+                self.accelerator.unwrap_model(model, keep_torch_compile=False), self.goat_aux_loss_coef
+            )
+        ) is not None:  # MixLoRA's balance loss, KaSA's regularisers
             loss = loss + extra[0]
             if model.training:
                 self._aux_sum += float(extra[1].detach())
@@ -138,8 +147,9 @@ class ConsoleProgress(TrainerCallback):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -158,8 +168,11 @@ class ConsoleProgress(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.bar is None or not metrics:
             return
-        values = ", ".join(f"{key[5:]} {value:.4f}" for key, value in metrics.items()
-                           if key.startswith("eval_") and key != "eval_runtime" and isinstance(value, (int, float)))  # fmt: skip
+        values = ", ".join(
+            f"{key[5:]} {value:.4f}"
+            for key, value in metrics.items()
+            if key.startswith("eval_") and key != "eval_runtime" and isinstance(value, (int, float))
+        )
         self.bar.write(f"epoch {state.epoch:g}: validation {values} ({metrics.get('eval_runtime', 0.0):.1f} s)")
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -207,14 +220,20 @@ class BestEpoch(TrainerCallback):
         if not self._better(value, loss):
             return
         self.value, self.loss, self.epoch = float(value), loss, state.epoch
-        self.state = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()
-                      if p.requires_grad}  # fmt: skip
+        self.state = {
+            name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters() if p.requires_grad
+        }
         if self.folder is not None and state.is_world_process_zero:
             import safetensors.torch
 
             from ..files import atomic_write_bytes
 
-            meta = {"epoch": str(self.epoch), "value": str(self.value), "loss": str(self.loss), "step": str(state.global_step)}
+            meta = {
+                "epoch": str(self.epoch),
+                "value": str(self.value),
+                "loss": str(self.loss),
+                "step": str(state.global_step),
+            }
             atomic_write_bytes(os.path.join(self.folder, self.FILE), safetensors.torch.save(self.state, metadata=meta))
 
     def resume(self, up_to_step: int) -> None:
@@ -310,17 +329,23 @@ def training_arguments(settings, staging: str, quiet: bool, **task_kwargs) -> Tr
     )
 
 
-def make_trainer(model, training_args: TrainingArguments, settings, staging: str, callbacks: list,
-                 **trainer_kwargs) -> GoatTrainer:  # fmt: skip
+def make_trainer(
+    model, training_args: TrainingArguments, settings, staging: str, callbacks: list, **trainer_kwargs
+) -> GoatTrainer:
     """A GoatTrainer with the given callbacks, the console progress (none when the arguments are quiet:
     training_arguments(quiet=True) disables tqdm) and the scale-out ones (TensorBoard into
     RUN/tensorboard), and the run's shuffling."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     console = [] if training_args.disable_tqdm else [ConsoleProgress()]
-    trainer = GoatTrainer(model=model, args=training_args, goat_shuffle=settings.shuffle,
-                          goat_aux_loss_coef=settings.aux_loss_coef,
-                          callbacks=[*callbacks, *console, *scaleout.callbacks(settings, staging)], **trainer_kwargs)  # fmt: skip
+    trainer = GoatTrainer(
+        model=model,
+        args=training_args,
+        goat_shuffle=settings.shuffle,
+        goat_aux_loss_coef=settings.aux_loss_coef,
+        callbacks=[*callbacks, *console, *scaleout.callbacks(settings, staging)],
+        **trainer_kwargs,
+    )
     trainer.remove_callback(PrinterCallback)  # the raw dictionaries; ConsoleProgress shows them readably
     trainer.remove_callback(ProgressCallback)
     return trainer

@@ -25,8 +25,27 @@ from .registry import (
 )
 
 __all__ = [
-    "DEFAULT_LR", "DEFAULT_LR_GRID", "GOAT_METHODS", "GOAT_PRESETS", "METHODS", "NOT_QUANTIZABLE", "PEFT_METHODS",
-    "PEFT_VARIANTS", "QUANTIZABLE", "check_adapter", "check_method", "check_quantize", "count_parameters",
-    "data_dependent_state", "expert_load", "goat_config_for", "init_cost", "loraga_batches", "method_defaults",
-    "method_loss", "prepare_model", "recording_expert_load", "reset_expert_load",
-]  # fmt: skip
+    "DEFAULT_LR",
+    "DEFAULT_LR_GRID",
+    "GOAT_METHODS",
+    "GOAT_PRESETS",
+    "METHODS",
+    "NOT_QUANTIZABLE",
+    "PEFT_METHODS",
+    "PEFT_VARIANTS",
+    "QUANTIZABLE",
+    "check_adapter",
+    "check_method",
+    "check_quantize",
+    "count_parameters",
+    "data_dependent_state",
+    "expert_load",
+    "goat_config_for",
+    "init_cost",
+    "loraga_batches",
+    "method_defaults",
+    "method_loss",
+    "prepare_model",
+    "recording_expert_load",
+    "reset_expert_load",
+]

@@ -38,7 +38,9 @@ class HydraLoraLayer(nn.Module):
         self.router = nn.Linear(in_features, num_experts, bias=False, device=device)
         nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5), generator=generator)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("load_sums", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer(
+            "load_sums", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -71,8 +73,14 @@ def get_hydralora_model(model: nn.Module, settings, targets: list[str], head: li
         param.requires_grad_(False)
     for index, name in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
-        layer = HydraLoraLayer(model.get_submodule(name), settings.r, settings.num_experts, settings.lora_alpha,
-                               settings.dropout, generator)  # fmt: skip
+        layer = HydraLoraLayer(
+            model.get_submodule(name),
+            settings.r,
+            settings.num_experts,
+            settings.lora_alpha,
+            settings.dropout,
+            generator,
+        )
         layer.base_layer.requires_grad_(False)
         replace_module(model, name, layer)
     for name in head:

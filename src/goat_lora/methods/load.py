@@ -18,8 +18,11 @@ def expert_load(model: nn.Module) -> dict[str, list[float]]:
     probability); empty for methods without a router."""
     if _answers_for_its_layers(model):  # its layers' loads, summed over processes
         return {name: [float(v) for v in load] for name, load in model.expert_load().items()}
-    return {name: [float(v) for v in module.expert_load()] for name, module in model.named_modules()
-            if module is not model and callable(getattr(module, "expert_load", None))}  # fmt: skip
+    return {
+        name: [float(v) for v in module.expert_load()]
+        for name, module in model.named_modules()
+        if module is not model and callable(getattr(module, "expert_load", None))
+    }
 
 
 def reset_expert_load(model: nn.Module) -> None:

@@ -84,8 +84,17 @@ class MixLoraExperts(nn.Module):
     output per top-k slot, (..., k, m); as the output layer (`mixes=True`) it maps (..., k, n) to (..., m),
     weighting the k slots by the router. A_j Kaiming-uniform, B_j zero: the block starts at the FFN."""
 
-    def __init__(self, base_layer: nn.Linear, router: MixLoraRouter, routes: bool, mixes: bool, rank: int,
-                 alpha: float, dropout: float, generator):  # fmt: skip
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        router: MixLoraRouter,
+        routes: bool,
+        mixes: bool,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        generator,
+    ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             # ValueError: the command line's one-line refusal (exit 2), as for the other methods' layers
@@ -146,9 +155,16 @@ def get_mixlora_model(model: nn.Module, settings, targets: list[str], head: list
         first = model.get_submodule(inputs[0])
         router = MixLoraRouter(first.in_features, settings.num_experts, settings.top_k, generator, first.weight.device)
         for name in [*inputs, output]:
-            layer = MixLoraExperts(model.get_submodule(name), router, routes=name == inputs[0], mixes=name == output,
-                                   rank=settings.r, alpha=settings.lora_alpha, dropout=settings.dropout,
-                                   generator=generator)  # fmt: skip
+            layer = MixLoraExperts(
+                model.get_submodule(name),
+                router,
+                routes=name == inputs[0],
+                mixes=name == output,
+                rank=settings.r,
+                alpha=settings.lora_alpha,
+                dropout=settings.dropout,
+                generator=generator,
+            )
             replace_module(model, name, layer)
             routed.append(layer)
     in_blocks = {name for inputs, output in blocks for name in [*inputs, output]}
@@ -157,9 +173,16 @@ def get_mixlora_model(model: nn.Module, settings, targets: list[str], head: list
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator
-        model = get_peft_model(model, LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha,
-                                                 lora_dropout=settings.dropout, target_modules=attention,
-                                                 modules_to_save=head or None))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=settings.r,
+                lora_alpha=settings.lora_alpha,
+                lora_dropout=settings.dropout,
+                target_modules=attention,
+                modules_to_save=head or None,
+            ),
+        )
     for layer in routed:  # peft freezes every parameter it did not add
         for name, param in layer.named_parameters():
             param.requires_grad_(not name.startswith("base_layer."))

@@ -29,23 +29,33 @@ def check_peft_support(method: str) -> None:
 
     attribute, version = PEFT_SUPPORT[method]
     if not hasattr(peft, attribute):
-        raise ValueError(f"--method {method} needs peft >= {version} (peft.{attribute}); the installed peft "
-                         f"{peft.__version__} lacks it: pip install 'peft>={version}'")  # fmt: skip
+        raise ValueError(
+            f"--method {method} needs peft >= {version} (peft.{attribute}); the installed peft "
+            f"{peft.__version__} lacks it: pip install 'peft>={version}'"
+        )
 
 
 def _linear_only(method: str, model: nn.Module, targets: list[str]) -> None:
     """peft runs KaSA and LoRA-GA on nn.Linear only (LoRA-GA also GPT-2's Conv1D); say so in one line."""
     others = sorted({type(model.get_submodule(name)).__name__ for name in targets} - {"Linear"})
     if others:
-        raise ValueError(f"--method {method}: peft adapts nn.Linear layers only; this model's targets include "
-                         f"{', '.join(others)} (e.g. the image model's 1x1 convolutions)")  # fmt: skip
+        raise ValueError(
+            f"--method {method}: peft adapts nn.Linear layers only; this model's targets include "
+            f"{', '.join(others)} (e.g. the image model's 1x1 convolutions)"
+        )
 
 
 def _lora_config(settings, targets: list[str], head: list[str], **extra):
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
-                      target_modules=targets, modules_to_save=head or None, **extra)  # fmt: skip
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=head or None,
+        **extra,
+    )
 
 
 def get_kasa_model(model: nn.Module, settings, targets: list[str], head: list[str]):
@@ -96,8 +106,11 @@ def get_loraga_model(model: nn.Module, settings, targets: list[str], head: list[
                 model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss.backward()
 
         preprocess_loraga(model, config, train_step)
-        cost = {"batches": len(batches), "examples": sum(len(b["labels"]) for b in batches if "labels" in b),
-                "gradient_s": time.time() - started}  # fmt: skip
+        cost = {
+            "batches": len(batches),
+            "examples": sum(len(b["labels"]) for b in batches if "labels" in b),
+            "gradient_s": time.time() - started,
+        }
     torch.manual_seed(settings.seed)
     peft_model = get_peft_model(model, config)
     if cost is not None:

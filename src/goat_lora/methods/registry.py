@@ -40,10 +40,22 @@ METHODS = GOAT_METHODS + ("hydralora", "mixlora") + PEFT_METHODS + PEFT_VARIANTS
 # Learning rate when --lr is not given. GOAT's s = sqrt(3 n / d) makes its update behave like a
 # larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
 DEFAULT_LR = {
-    "goat": 3e-4, "goat_mini": 3e-4, "goat_s": 3e-4, "molora": 1e-3, "hydralora": 1e-3,
-    "lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "pissa": 5e-4, "milora": 1e-3, "full": 5e-5, "head": 3e-2,
-    "kasa": 1e-3, "lora_ga": 1e-3, "mixlora": 1e-3,
-}  # fmt: skip
+    "goat": 3e-4,
+    "goat_mini": 3e-4,
+    "goat_s": 3e-4,
+    "molora": 1e-3,
+    "hydralora": 1e-3,
+    "lora": 1e-3,
+    "rslora": 1e-3,
+    "dora": 1e-3,
+    "pissa": 5e-4,
+    "milora": 1e-3,
+    "full": 5e-5,
+    "head": 3e-2,
+    "kasa": 1e-3,
+    "lora_ga": 1e-3,
+    "mixlora": 1e-3,
+}
 
 # What a GOAT-family method changes in GoatConfig when the flag is not given (--init, --scaling).
 GOAT_PRESETS = {
@@ -103,8 +115,10 @@ def check_quantize(methods: str | list[str], kind: str | None) -> None:
     refused = [m for m in ([methods] if isinstance(methods, str) else methods) if m not in QUANTIZABLE]
     if refused:
         why = "; ".join(f"{m!r}: {NOT_QUANTIZABLE[m]}" for m in refused)
-        raise ValueError(f"--quantize {kind}: {'method' if len(refused) == 1 else 'methods'} {why}; methods that run "
-                         f"on a quantized base: {', '.join(QUANTIZABLE)}")  # fmt: skip
+        raise ValueError(
+            f"--quantize {kind}: {'method' if len(refused) == 1 else 'methods'} {why}; methods that run "
+            f"on a quantized base: {', '.join(QUANTIZABLE)}"
+        )
     try:
         quant.bitsandbytes()
     except ImportError:
@@ -125,8 +139,13 @@ def goat_config_for(method: str, settings, targets: list[str], head: list[str]) 
     """The GoatConfig of a GOAT-family method: the run's adapter knobs by name (they are GoatConfig's
     fields), the layers the task adapts and trains in full, and GOAT-s's per-expert scales."""
     knobs = {name: getattr(settings, name) for name in adapter_knobs()}
-    return GoatConfig(**knobs, per_expert_scaling=method == "goat_s", target_modules=targets,
-                      modules_to_save=head or None, base_model_name_or_path=settings.model)  # fmt: skip
+    return GoatConfig(
+        **knobs,
+        per_expert_scaling=method == "goat_s",
+        target_modules=targets,
+        modules_to_save=head or None,
+        base_model_name_or_path=settings.model,
+    )
 
 
 def check_adapter(settings) -> None:
@@ -145,8 +164,9 @@ def check_adapter(settings) -> None:
         raise ValueError(f"GoatConfig.num_experts={experts} must be >= 1")
 
 
-def prepare_model(method: str, model: nn.Module, settings, targets: list[str], head: list[str],
-                  batches: list[dict] | None = None) -> nn.Module:  # fmt: skip
+def prepare_model(
+    method: str, model: nn.Module, settings, targets: list[str], head: list[str], batches: list[dict] | None = None
+) -> nn.Module:
     """Adapt `model` for `method` (in place where possible) and return the model to train.
     `settings`: the run's resolved RunSettings (rank, experts, top_k, lora_alpha, dropout, seed, ...).
     `batches`: training batches for a method whose start depends on data (LoRA-GA); without them its

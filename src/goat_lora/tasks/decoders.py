@@ -47,14 +47,18 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             chunk = prompts[start : start + batch_size]
             encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             generated = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             for prompt, row in zip(chunk, generated[:, encoded["input_ids"].shape[1] :].tolist()):
                 if tokenizer.eos_token_id in row:  # what follows the end of sequence is padding
                     row = row[: row.index(tokenizer.eos_token_id) + 1]
-                out.append({"prompt": prompt, "completion": tokenizer.decode(row, skip_special_tokens=True),
-                            "token_ids": row})  # fmt: skip
+                out.append(
+                    {"prompt": prompt, "completion": tokenizer.decode(row, skip_special_tokens=True), "token_ids": row}
+                )
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -69,8 +69,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ---- built-in data: Fashion-MNIST ------------------------------------------------------------------
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = [
-    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 
 def _read_idx(path: str):
@@ -99,9 +108,12 @@ def fashion_mnist() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): 60000 / 10000 uint8 28x28 arrays."""
     images = {s: _read_idx(_fashion_mnist_file(f"{s}-images-idx3-ubyte")) for s in ("train", "t10k")}
     labels = {s: _read_idx(_fashion_mnist_file(f"{s}-labels-idx1-ubyte")) for s in ("train", "t10k")}
-    return (Split(list(images["train"]), [int(v) for v in labels["train"]]),
-            Split(list(images["t10k"]), [int(v) for v in labels["t10k"]]),
-            list(FASHION_MNIST_LABELS), {"source": FASHION_MNIST_DIR})  # fmt: skip
+    return (
+        Split(list(images["train"]), [int(v) for v in labels["train"]]),
+        Split(list(images["t10k"]), [int(v) for v in labels["t10k"]]),
+        list(FASHION_MNIST_LABELS),
+        {"source": FASHION_MNIST_DIR},
+    )
 
 
 BUILTINS = {name: fashion_mnist for name in ("fashion-mnist", "fashion_mnist", "fashionmnist")}  # 0.1.0 took all three
@@ -170,8 +182,11 @@ def image_files(folder: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
+        found += [
+            os.path.join(root, f)
+            for f in sorted(files)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return found
 
 
@@ -184,8 +199,9 @@ def read_image_folder(folder: str) -> tuple[list, list]:
     for name in classes:
         files = image_files(os.path.join(folder, name))
         if not files:
-            raise ValueError(f"image folder {folder!r}: class folder {name!r} holds no image file "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
+            raise ValueError(
+                f"image folder {folder!r}: class folder {name!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         inputs += files
         raw += [name] * len(files)
     return inputs, raw
@@ -194,8 +210,9 @@ def read_image_folder(folder: str) -> tuple[list, list]:
 def frame_images(frame, settings, source: str, base_dir: str | None, info: dict | None = None) -> tuple[list, list]:
     """(image sources, raw labels) of a table or a hub split. A path is relative to `base_dir` (the
     table's folder); a datasets Image value ({"bytes", "path"}) becomes its bytes (or its path)."""
-    kept = require_columns(frame, {"--image-column": settings.image_column, "--label-column": settings.label_column},
-                           source, info)  # fmt: skip
+    kept = require_columns(
+        frame, {"--image-column": settings.image_column, "--label-column": settings.label_column}, source, info
+    )
     inputs = []
     for row, value in zip(kept.index, kept[settings.image_column]):
         if isinstance(value, dict) and value.get("bytes") is not None:
@@ -203,8 +220,10 @@ def frame_images(frame, settings, source: str, base_dir: str | None, info: dict 
             continue
         path = value.get("path") if isinstance(value, dict) else value
         if not isinstance(path, str) or not path.strip():
-            raise ValueError(f"data {source!r}: image column {settings.image_column!r} holds {value!r} at row {row}; "
-                             "expected an image file path")  # fmt: skip
+            raise ValueError(
+                f"data {source!r}: image column {settings.image_column!r} holds {value!r} at row {row}; "
+                "expected an image file path"
+            )
         inputs.append(os.path.join(base_dir, path) if base_dir is not None else path)
     raw = kept[settings.label_column].tolist()
     check_class_values(raw, settings.label_column, source)
@@ -247,8 +266,10 @@ class ImageCollator:
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         else:
             pixels = torch.stack([self.imagenet_pixels(item["input"]) for item in batch])
-        return {"pixel_values": pixels.float().contiguous(),
-                "labels": torch.tensor([item["labels"] for item in batch], dtype=torch.long)}  # fmt: skip
+        return {
+            "pixel_values": pixels.float().contiguous(),
+            "labels": torch.tensor([item["labels"] for item in batch], dtype=torch.long),
+        }
 
     def imagenet_pixels(self, source) -> torch.Tensor:
         import numpy as np
@@ -262,8 +283,9 @@ class ImageCollator:
         pixels = torch.from_numpy(np.array(array, dtype=np.float32)) / 255.0
         pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)  # (C, H, W), C = 1 or 3
         # antialias: a large photo shrunk to --image-size keeps its detail (no effect when enlarging)
-        pixels = torch.nn.functional.interpolate(pixels[None], size=(self.image_size, self.image_size),
-                                                 mode="bilinear", align_corners=False, antialias=True)[0]  # fmt: skip
+        pixels = torch.nn.functional.interpolate(
+            pixels[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
         pixels = pixels.expand(3, -1, -1)
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
         return (pixels - mean) / std  # (3, image_size, image_size)
@@ -297,9 +319,16 @@ class ImageClassification:
     def defaults(self, settings) -> dict:
         data = settings.data or "fashion-mnist"
         builtin = data in BUILTINS
-        return {"data": data, "model": hf.EFFICIENTNET_LITE0, "image_column": "image", "label_column": "label",
-                "epochs": 2, "batch_size": 32,
-                "train_size": 3000 if builtin else None, "test_size": 1000 if builtin else None}  # fmt: skip
+        return {
+            "data": data,
+            "model": hf.EFFICIENTNET_LITE0,
+            "image_column": "image",
+            "label_column": "label",
+            "epochs": 2,
+            "batch_size": 32,
+            "train_size": 3000 if builtin else None,
+            "test_size": 1000 if builtin else None,
+        }
 
     def load_data(self, settings) -> TaskData:
         source = settings.data
@@ -354,8 +383,10 @@ class ImageClassification:
             model = load_model(settings, hf.load_image_classifier, len(names), names, dtype=torch.float32)
             head = hf.default_modules_to_save(model)
             if not head:
-                raise ValueError(f"model {settings.model!r} ({type(model).__name__}) has no `classifier` head; "
-                                 "give a transformers image classifier")  # fmt: skip
+                raise ValueError(
+                    f"model {settings.model!r} ({type(model).__name__}) has no `classifier` head; "
+                    "give a transformers image classifier"
+                )
             targets = target_layers(model, settings, head)
             collator = ImageCollator(processor=load_model(settings, hf.load_image_processor))
         freeze_batch_norm_statistics(model)
@@ -366,8 +397,9 @@ class ImageClassification:
         if source in BUILTINS:
             _, test, builtin_names, _ = BUILTINS[source]()
             if builtin_names != list(names):
-                raise ValueError(f"data {source!r} has labels {builtin_names[:10]}, but the run was trained on "
-                                 f"{names[:10]}")  # fmt: skip
+                raise ValueError(
+                    f"data {source!r} has labels {builtin_names[:10]}, but the run was trained on {names[:10]}"
+                )
             return test
         if os.path.isdir(source) or is_table_path(source):
             inputs, raw, _ = read_labelled_images(source, settings)

@@ -136,18 +136,21 @@ def normalize_text(text: str) -> str:
     """SQuAD's answer normalisation plus accents: lower case, accents dropped (é -> e),
     punctuation and symbols removed, the articles a / an / the removed, spaces collapsed."""
     text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c) and unicodedata.category(c)[0] not in "PSC"
-                   or c in string.whitespace)  # fmt: skip
+    text = "".join(
+        c
+        for c in text
+        if not unicodedata.combining(c) and unicodedata.category(c)[0] not in "PSC" or c in string.whitespace
+    )
     return " ".join(_ARTICLES.sub(" ", text.lower()).split())
 
 
 def extract_text(text: str) -> str:
     """The first non-empty line, normalised (a model may go on after its answer on later lines).
 
-        "Paris"                            -> "paris"
-        "  The   Hague!\\nNext question..."  -> "hague"
-        "Port-au-Prince"                   -> "portauprince"
-        "Yaoundé"  "Yaound'e"              -> "yaounde"
+    "Paris"                            -> "paris"
+    "  The   Hague!\\nNext question..."  -> "hague"
+    "Port-au-Prince"                   -> "portauprince"
+    "Yaoundé"  "Yaound'e"              -> "yaounde"
     """
     for line in text.splitlines():
         if line.strip():
@@ -180,16 +183,21 @@ def builtin(name: str) -> tuple[Split, Split, dict]:
     texts, answers = quiz.questions(spec)
     whole = Split([{"prompt": t, "target": a[0]} for t, a in zip(texts, answers)], answers)
     train, test = quiz.fixed_split(len(whole))
-    info = {"source": f"bsdgames quiz files {[s[0] for s in spec]} in {quiz.QUIZ_DIR}",
-            "test_split": f"a fixed {quiz.TEST_FRACTION:.0%} of the questions (seed {quiz.SPLIT_SEED})"}  # fmt: skip
+    info = {
+        "source": f"bsdgames quiz files {[s[0] for s in spec]} in {quiz.QUIZ_DIR}",
+        "test_split": f"a fixed {quiz.TEST_FRACTION:.0%} of the questions (seed {quiz.SPLIT_SEED})",
+    }
     return whole.subset(train), whole.subset(test), info
 
 
 def read_pairs(frame, settings, source: str, info: dict | None = None) -> Split:
     """A table -> Split of {"prompt", "target"} inputs and [gold answer] labels; empty and blank rows
     are left out and recorded in `info` (tables.note_dropped)."""
-    columns = {"--text-column": settings.text_column, "--label-column": settings.label_column,
-               "--target-column": settings.target_column}  # fmt: skip
+    columns = {
+        "--text-column": settings.text_column,
+        "--label-column": settings.label_column,
+        "--target-column": settings.target_column,
+    }
     kept = require_columns(frame, columns, source, info)
     target_column = settings.target_column or settings.label_column
     inputs, labels = [], []
@@ -214,8 +222,10 @@ def check_gold(split: Split, answer_type: str, source: str) -> None:
     usually a wrong --answer-type or --label-column."""
     for index, accepted in enumerate(split.labels):
         if not gold_answers(accepted, answer_type):
-            raise ValueError(f"data {source!r}: gold answer {str(accepted[0])[:60]!r} (example {index}) holds no "
-                             f"{answer_type} answer; check --answer-type and --label-column")  # fmt: skip
+            raise ValueError(
+                f"data {source!r}: gold answer {str(accepted[0])[:60]!r} (example {index}) holds no "
+                f"{answer_type} answer; check --answer-type and --label-column"
+            )
 
 
 # ---- the family -----------------------------------------------------------------------------------
@@ -233,9 +243,18 @@ class QA:
         answer_type = BUILTINS[data][1] if data in BUILTINS else "text"
         if settings.prompt_template is not None:
             template_text(settings.prompt_template)  # a bad template fails before any loading
-        return {"data": data, "model": DEFAULT_DECODER, "text_column": "question", "label_column": "answer",
-                "answer_type": answer_type, "prompt_template": "instruction", "max_new_tokens": 32, "epochs": 1,
-                "batch_size": 8, "max_length": 256}  # fmt: skip
+        return {
+            "data": data,
+            "model": DEFAULT_DECODER,
+            "text_column": "question",
+            "label_column": "answer",
+            "answer_type": answer_type,
+            "prompt_template": "instruction",
+            "max_new_tokens": 32,
+            "epochs": 1,
+            "batch_size": 8,
+            "max_length": 256,
+        }
 
     def load_data(self, settings) -> TaskData:
         template_text(settings.prompt_template)
@@ -263,16 +282,23 @@ class QA:
     def evaluate(self, model, split: Split, parts: ModelParts, settings, device) -> Evaluation:
         loss = token_loss(model, split, parts.collator, settings.eval_batch_size, device)
         prompts = [format_prompt(settings.prompt_template, x["prompt"]) for x in split.inputs]
-        generated = generate_greedy(model, parts.tokenizer, prompts, settings.max_new_tokens,
-                                    batch_size=settings.eval_batch_size)  # fmt: skip
+        generated = generate_greedy(
+            model, parts.tokenizer, prompts, settings.max_new_tokens, batch_size=settings.eval_batch_size
+        )
         rows = []
         for out, accepted in zip(generated, split.labels):
             extracted = extract_answer(out["completion"], settings.answer_type)
             gold = gold_answers(accepted, settings.answer_type)
-            rows.append({"prompt": out["prompt"], "generation": out["completion"], "extracted": extracted,
-                         "gold": accepted[0] if len(accepted) == 1 else accepted,
-                         "gold_extracted": gold[0] if len(gold) == 1 else gold,
-                         "correct": bool(extracted) and extracted in gold})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": out["prompt"],
+                    "generation": out["completion"],
+                    "extracted": extracted,
+                    "gold": accepted[0] if len(accepted) == 1 else accepted,
+                    "gold_extracted": gold[0] if len(gold) == 1 else gold,
+                    "correct": bool(extracted) and extracted in gold,
+                }
+            )
         exact = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
         return Evaluation({"exact_match": exact, "loss": loss}, rows=rows)
 
@@ -318,5 +344,9 @@ class QACollator:
         return ids, min(len(head), len(ids))
 
     def __call__(self, batch: list[dict]) -> dict:
-        return pad_for_causal_lm([self.encode(item["input"]["prompt"], item["input"]["target"]) for item in batch],
-                                 self.tokenizer, self.pad_multiple, self.max_length)  # fmt: skip
+        return pad_for_causal_lm(
+            [self.encode(item["input"]["prompt"], item["input"]["target"]) for item in batch],
+            self.tokenizer,
+            self.pad_multiple,
+            self.max_length,
+        )

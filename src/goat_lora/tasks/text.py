@@ -51,8 +51,10 @@ def first_line(err: BaseException) -> str:
 def target_layers(model, settings, head: list[str]) -> list[str]:
     """--target-modules (names, suffixes or a regex; a miss names the adaptable layers), else every
     Linear except the head and the output embedding."""
-    config = GoatConfig(target_modules=list(settings.target_modules) if settings.target_modules else "all-linear",
-                        modules_to_save=head or None)  # fmt: skip
+    config = GoatConfig(
+        target_modules=list(settings.target_modules) if settings.target_modules else "all-linear",
+        modules_to_save=head or None,
+    )
     return find_target_modules(model, config)
 
 
@@ -85,8 +87,9 @@ class TextCollator:
     length is rounded up to a multiple of it, at most max_length). A pair (text, text) goes to the
     tokenizer as two texts, so the tokenizer adds its own separator and segment ids."""
 
-    def __init__(self, tokenizer, max_length: int, label_dtype: torch.dtype = torch.long,
-                 pad_multiple: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, tokenizer, max_length: int, label_dtype: torch.dtype = torch.long, pad_multiple: int | None = None
+    ) -> None:
         self.tokenizer, self.max_length, self.label_dtype = tokenizer, max_length, label_dtype
         self.pad_multiple = pad_multiple
 
@@ -94,11 +97,15 @@ class TextCollator:
         inputs = [item["input"] for item in batch]
         texts = [x[0] if isinstance(x, tuple) else x for x in inputs]
         pairs = [x[1] for x in inputs] if isinstance(inputs[0], tuple) else None
-        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
-                                 return_tensors="pt")  # fmt: skip
+        encoded = self.tokenizer(
+            texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
         if self.pad_multiple:
-            encoded = pad_length(encoded, padded_length(encoded["input_ids"].shape[1], self.pad_multiple,
-                                                        self.max_length), self.tokenizer)  # fmt: skip
+            encoded = pad_length(
+                encoded,
+                padded_length(encoded["input_ids"].shape[1], self.pad_multiple, self.max_length),
+                self.tokenizer,
+            )
         encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         encoded["labels"] = torch.tensor([item["labels"] for item in batch], dtype=self.label_dtype)
         return encoded
