@@ -39,6 +39,22 @@ def _seeded():
     yield
 
 
+@pytest.fixture
+def reviews(tmp_path):
+    """80 seeded two-class reviews (columns review, score) in a JSONL file: the engine's tests' data."""
+    import pandas as pd
+
+    words = {"great": ["tasty", "lovely", "great", "perfect"], "other": ["stale", "awful", "bland", "broken"]}
+    rows = [
+        {"review": f"{words[lab][i % 4]} snack number {i}", "score": lab}
+        for i in range(40)
+        for lab in ("great", "other")
+    ]
+    path = tmp_path / "reviews.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    return str(path)
+
+
 # ---- the shipped MiniLM, loaded once per session ---------------------------------------------------
 
 

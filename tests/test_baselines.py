@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 import torch
 
@@ -39,19 +38,6 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-@pytest.fixture
-def reviews(tmp_path):
-    words = {"great": ["tasty", "lovely", "great", "perfect"], "other": ["stale", "awful", "bland", "broken"]}
-    rows = [
-        {"review": f"{words[lab][i % 4]} snack number {i}", "score": lab}
-        for i in range(40)
-        for lab in ("great", "other")
-    ]
-    path = tmp_path / "reviews.jsonl"
-    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
-    return str(path)
 
 
 @pytest.mark.parametrize("method", ["kasa", "lora_ga", "mixlora"])

