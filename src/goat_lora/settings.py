@@ -404,7 +404,7 @@ def adapter_knobs() -> tuple[str, ...]:
 
 # The command line's spellings of two adapter knobs (the flags users know; config.json says r, num_experts)
 FLAG_ALIASES = {"r": "rank", "num_experts": "experts"}
-# Settings written before the adapter knobs took GoatConfig's names (goat-lora <= 0.2: config.json "args")
+# Settings written before the adapter knobs took GoatConfig's names (config.json "args" before 2026-12-06)
 LEGACY_NAMES = {alias: name for name, alias in FLAG_ALIASES.items()}
 
 
