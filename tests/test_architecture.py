@@ -147,7 +147,9 @@ def test_print_config_resolves_without_loading_a_model(capsys, monkeypatch):
     assert main(["train", "--task", "regression", "--rank", "16", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["task"] == "regression" and printed["r"] == 16 and printed["lora_alpha"] == 32.0
-    assert printed["data"] == "tate" and printed["metric"] == "pearson" and printed["lr"] == 3e-4
+    assert printed["data"] == "tate" and printed["metric"] == "pearson"
+    # GOAT's rate follows from LoRA's default once the model is built (the rate rule): none printed yet
+    assert printed["lr"] is None and printed["lr_from_lora"] == 1e-3
 
 
 def test_config_file_then_flags(tmp_path, capsys):
@@ -249,13 +251,18 @@ def test_precedence_knob_default_family_method_config_recipe_flags(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"args": {"epochs": 3, "lr": 5e-4, "max_length": 40}}))
     plain = resolve_run().settings
-    assert (plain.epochs, plain.lr, plain.eval_batch_size) == (1, 3e-4, 64)  # family, method, knob default
+    # family (epochs from the data's size, decided when it is loaded), method (GOAT's rate from LoRA's), knob default
+    assert (plain.epochs, plain.lr, plain.lr_from_lora, plain.eval_batch_size) == (None, None, 1e-3, 64)
+    assert resolve_run(RunSettings(method="lora")).settings.lr == 1e-3
     from_config = resolve_run(config=str(config)).settings
     assert (from_config.epochs, from_config.lr, from_config.max_length) == (3, 5e-4, 40)  # config over both
     recipe = resolve_run(config=str(config), flags={"recipe": "paper-glue", "data_config": "mrpc"}).settings
     assert (recipe.epochs, recipe.lr, recipe.max_length) == (10, 1e-4, 128)  # the recipe over the config
     flags = resolve_run(config=str(config), flags={"recipe": "paper-glue", "data_config": "mrpc", "epochs": 2}).settings
     assert (flags.epochs, flags.lr) == (2, 1e-4)  # flags over everything
+    # one way to give the rate per level: --lr-from-lora on the command line over the recipe's lr
+    ruled = resolve_run(config=str(config), flags={"recipe": "paper-glue", "data_config": "mrpc", "lr_from_lora": 2e-3})
+    assert (ruled.settings.lr, ruled.settings.lr_from_lora) == (None, 2e-3)
     assert resolve_run(RunSettings(method="molora")).settings.scaling == "alpha"  # the method's preset
     assert resolve_run(RunSettings(method="molora", scaling="goat")).settings.scaling == "goat"
 

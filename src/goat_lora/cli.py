@@ -261,14 +261,15 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "rows": [e.label for e in entries],
         "seeds": seeds,
-        "lr_grid": {e.label: comparison.grid(e) for e in entries},
+        "lr_grid": {e.label: comparison.grid(e, base)[1] for e in entries},
+        "rate_knob": {e.label: comparison.grid(e, base)[0] for e in entries},  # lr, or lr_from_lora (a LoRA rate)
         "data": base.data,
         "model": base.model,
         "quantize": base.quantize,
         "given": given_knobs(ns),
     }
     # the first row's settings, the data and --output are checked before any model or peft loads
-    preflight(resolve_run(base.replace(method=entries[0].method, **entries[0].overrides)), output, ns.overwrite)
+    preflight(resolve_run(Comparison.row(entries[0], base)), output, ns.overwrite)
     from .engine import compare
 
     summary = compare(comparison, base, output, overwrite=ns.overwrite, resume=ns.resume)

@@ -267,8 +267,28 @@ class RunSettings:
     )
 
     # ---- the schedule ------------------------------------------------------------------------------
-    lr: float | None = knob(None, "learning rate (default: per method, goat 3e-4)", minimum=0.0, exclusive_minimum=True)
-    epochs: float | None = knob(None, "epochs (default: the task's, 1 for text)", minimum=0.0, exclusive_minimum=True)
+    lr: float | None = knob(
+        None,
+        "learning rate (default: per method; GOAT's from --lr-from-lora)",
+        minimum=0.0,
+        exclusive_minimum=True,
+    )
+    lr_from_lora: float | None = knob(
+        None,
+        "GOAT methods: the learning rate derived from a LoRA rate that works on the same layers (a LoRA of rank "
+        "--rank, alpha --lora-alpha): the rate at which AdamW's first step moves each layer as far as that "
+        "LoRA's, the geometric mean over the layers (goat_lora.rate_rule). Default for goat, goat_mini and "
+        "goat_s when --lr is not given: 1e-3, LoRA's default rate",
+        minimum=0.0,
+        exclusive_minimum=True,
+    )
+    epochs: float | None = knob(
+        None,
+        "epochs (default: the task's; for text classification and regression, from the data's size: enough "
+        "for 250 optimizer steps, at most 20, the best epoch kept)",
+        minimum=0.0,
+        exclusive_minimum=True,
+    )
     batch_size: int | None = knob(None, "training batch size per process (default: the task's, 16 for text)", minimum=1)
     eval_batch_size: int = knob(64, "evaluation batch size", minimum=1, commands=(TRAIN, COMPARE, EVAL))
     max_length: int | None = knob(None, "max tokens per example (default: the task's, 96 for text)", minimum=1)

@@ -30,7 +30,7 @@ import time
 from ..methods import GOAT_METHODS, check_quantize, count_parameters, prepare_model
 from ..settings import RunSettings
 from .folders import check_output, publish, staging_folder, staging_path, write_json
-from .resolve import Comparison, Entry, resolve_run
+from .resolve import Comparison, Entry, epochs_for_data, resolve_run
 from .run import Writing, train
 
 COMPARE_PLAN = "compare_plan.json"
@@ -96,38 +96,43 @@ def compare(
     entries, seeds, budget = comparison.entries, comparison.seeds, comparison.budget
     check_quantize([e.method for e in entries], base.quantize)  # names every method without a quantized route
     check_output(output, overwrite)
-    grids = {e.label: comparison.grid(e) for e in entries}
+    grids = {e.label: comparison.grid(e, base) for e in entries}  # label -> (the knob its rates set, rates)
 
-    def row(entry: Entry, **changes) -> RunSettings:
-        return base.replace(method=entry.method, **changes, **entry.overrides)
+    def row(entry: Entry, knob: str, rate: float, **changes) -> RunSettings:
+        other = "lr_from_lora" if knob == "lr" else "lr"
+        return comparison.row(entry, base, **{knob: rate, other: None}, **changes)
 
-    first = resolve_run(row(entries[0]))
+    first = resolve_run(comparison.row(entries[0], base))
     data_by_seed = {seeds[0]: first.task.load_data(first.settings.replace(seed=seeds[0]))}
     ranks = param_budget(entries, first.settings, first.task, data_by_seed[seeds[0]].meta, budget)
     plan = {
         "entries": [e.__dict__ for e in entries],
         "seeds": list(seeds),
         "base": base.to_dict(),
-        "lr_grid": grids,
+        "lr_grid": {label: rates for label, (_, rates) in grids.items()},
+        "rate_knob": {label: knob for label, (knob, _) in grids.items()},
         "budget": budget,
     }
     for entry in entries:  # every row's settings checked before the first run starts
-        for lr in grids[entry.label]:
-            resolve_run(row(entry, r=ranks[entry.label]["rank"] or base.r, lr=lr))
+        knob, rates = grids[entry.label]
+        for rate in rates:
+            resolve_run(row(entry, knob, rate, r=ranks[entry.label]["rank"] or base.r))
     staging = _compare_staging(output, plan, resume)
     results: list[dict] = []
     quiet = Writing(quiet=True, save_weights=False, plots=False)
     try:
-        total, done = sum(len(g) for g in grids.values()) * len(seeds), 0
+        total, done = sum(len(rates) for _, rates in grids.values()) * len(seeds), 0
         for entry in entries:
             rank = ranks[entry.label]["rank"] or base.r
-            for lr in grids[entry.label]:
+            knob, rates = grids[entry.label]
+            for rate in rates:
                 for seed in seeds:
-                    run = resolve_run(row(entry, r=rank, lr=lr, seed=seed))
+                    run = resolve_run(row(entry, knob, rate, r=rank, seed=seed))
                     args = run.settings
                     if seed not in data_by_seed:  # the same seeded splits (and data order) for every method
                         data_by_seed[seed] = run.task.load_data(args)
-                    name = f"{entry.label}-lr{lr:g}-seed{seed}".replace("[", "_").replace("]", "").replace("=", "-")
+                    rate_name = f"lr{rate:g}" if knob == "lr" else f"from-lora{rate:g}"
+                    name = f"{entry.label}-{rate_name}-seed{seed}".replace("[", "_").replace("]", "").replace("=", "-")
                     run_dir = os.path.join(staging, "runs", name)
                     finished = os.path.join(run_dir, "metrics.json")
                     if os.path.isfile(finished):  # done before an interruption (only with resume)
@@ -152,7 +157,8 @@ def compare(
                     row_result.update(
                         label=entry.label,
                         rank=rank if entry.method not in EXEMPT else None,
-                        lr=lr,
+                        lr=metrics.get("lr") or rate,  # the rate trained with (the rate rule's for lr_from_lora)
+                        lr_from_lora=rate if knob == "lr_from_lora" else None,
                         seed=seed,
                         validation=metrics.get(f"validation_{args.metric}"),
                         test=metrics.get(f"test_{args.metric}"),
@@ -161,7 +167,8 @@ def compare(
                     )
                     results.append(row_result)
                     log(
-                        f"[{done}/{total}] {entry.label:<22} lr={lr:<7g} seed={seed}  validation {args.metric} "
+                        f"[{done}/{total}] {entry.label:<22} lr={row_result['lr']:<7.3g} seed={seed}  "
+                        f"validation {args.metric} "
                         f"{_fmt(row_result['validation'])}  test {_fmt(row_result['test'])}  epoch "
                         f"{row_result['selected_epoch']}  ({row_result['wall_time_s']:.0f} s)"
                     )
@@ -175,7 +182,7 @@ def compare(
             "model": chosen.model,
             "metric": chosen.metric,
             "budget": budget,
-            "epochs": chosen.epochs,
+            "epochs": chosen.epochs or epochs_for_data(len(data_by_seed[seeds[0]].train), chosen),
             "select": chosen.select,
             "baseline_name": task.baseline_name,
             "lower_is_better": chosen.metric in task.lower_is_better,
@@ -211,8 +218,12 @@ def _compare_staging(output: str, plan: dict, resume: bool) -> str:
             raise ValueError(f"--resume: no interrupted comparison for {output!r} ({plan_path!r} does not exist)")
         with open(plan_path, encoding="utf-8") as fh:
             saved = json.load(fh)
+        saved.setdefault("rate_knob", {label: "lr" for label in saved.get("lr_grid", {})})  # older: rates were lr
+        if isinstance(saved.get("base"), dict):  # written by an older version: its names and knobs as today's
+            base = RunSettings.from_dict(saved["base"], plan_path).to_dict()
+            saved["base"] = json.loads(json.dumps(base, default=str))
         if saved != plan:
-            differing = sorted(k for k in plan if saved.get(k) != plan.get(k))
+            differing = sorted(_differing(saved, plan))
             raise ValueError(
                 f"--resume: the interrupted comparison in {staging!r} ran other settings "
                 f"(differing: {', '.join(differing)}); use the same command, or drop --resume"
@@ -223,6 +234,19 @@ def _compare_staging(output: str, plan: dict, resume: bool) -> str:
     staging = staging_folder(output, shared=True)
     write_json(plan_path, plan)
     return staging
+
+
+def _differing(saved: dict, plan: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, a nested dict's as `outer.inner`, so a refused --resume names the
+    setting that changed, not only the section it is in."""
+    names = []
+    for key in sorted(set(saved) | set(plan)):
+        old, new = saved.get(key), plan.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += _differing(old, new, f"{prefix}{key}.")
+        elif old != new:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def _fmt(value) -> str:

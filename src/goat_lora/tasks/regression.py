@@ -53,7 +53,7 @@ class Regression:
             "model": DEFAULT_TEXT_MODEL,
             "text_column": "text",
             "label_column": "label",
-            "epochs": 1,
+            "epochs": None,  # from the data's size (engine.resolve.epochs_for_data)
             "batch_size": 16,
             "max_length": 64,
         }
