@@ -21,6 +21,7 @@ _EXPORTS = {  # public name -> submodule that defines it
     "GoatLayer": "layer",
     "GoatModel": "model",
     "get_goat_model": "model",
+    "lora_equivalent_lr": "rate_rule",
     "RunSettings": "settings",
     "train": "engine",
     "evaluate_run": "engine",
@@ -44,6 +45,7 @@ __all__ = [
     "get_goat_model",
     "get_task",
     "load_run",
+    "lora_equivalent_lr",
     "register_with_peft",
     "train",
 ]
@@ -54,6 +56,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below l
     from .engine import evaluate_run, load_run, train
     from .model import GoatModel, get_goat_model
     from .peft_integration import register_with_peft
+    from .rate_rule import lora_equivalent_lr
     from .settings import RunSettings
     from .tasks import get_task
 

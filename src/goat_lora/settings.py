@@ -113,9 +113,9 @@ class RunSettings:
     task: str = knob("classification", "task family: classification, regression, image-classification, qa, causal-lm")
     data: str | None = knob(
         None,
-        "a built-in data set (finefoods, fashion-mnist, ucla-courses, tate, quiz-capitals, quiz-elements, "
-        "instructions), a .csv/.tsv/.jsonl/.json/.parquet file, an image folder DIR/<class>/<file>, or a datasets "
-        "hub name (needs network); default: the task's built-in one",
+        "a built-in data set (finefoods, ucla-courses, ucla-subjects, trump-tweets, fashion-mnist, tate, "
+        "quiz-capitals, quiz-elements, instructions), a .csv/.tsv/.jsonl/.json/.parquet file, an image folder "
+        "DIR/<class>/<file>, or a datasets hub name (needs network); default: the task's built-in one",
         commands=(TRAIN, COMPARE, EVAL),
     )
     data_config: str | None = knob(

@@ -5,6 +5,7 @@
     read_config_file(path)                    the settings of `--config FILE`
     preflight(run, output, overwrite)         the task's data loaded and --output checked, before any model loads
     plan_entries(methods, vary)               the rows of `goat compare` (methods, then GOAT variants); Comparison
+    epochs_for_data(examples, settings)       the training budget a family leaves to the data's size
 
 This module imports the settings, the task families and the method registry only (no Trainer, no peft,
 no bitsandbytes): a missing data file, a bad column or an unusable --output is refused in one line
@@ -13,6 +14,8 @@ before a model or the quantization stack is loaded (engine.run does that afterwa
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
 from .. import scaleout
@@ -123,9 +126,6 @@ MIN_STEPS, MAX_EPOCHS = 250, 20
 
 def epochs_for_data(train_examples: int, settings: RunSettings) -> int:
     """The epochs that give at least MIN_STEPS optimizer steps on `train_examples` (at most MAX_EPOCHS)."""
-    import math
-    import os
-
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     batch = settings.batch_size * settings.gradient_accumulation_steps * processes
     steps_per_epoch = max(1, math.ceil(train_examples / batch))
