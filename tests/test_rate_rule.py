@@ -43,7 +43,8 @@ def test_the_rule_is_the_closed_form_of_goats_init():
         expected = 2.0 * math.sqrt(rho * E * k * r * m / (3 * s * (m + n) * float(S.sum())))
         rule = lora_equivalent_lr(model, 1e-3, 8, 16.0)
         assert rule.ratio == pytest.approx(expected, rel=1e-4), config
-        assert rule.lr == pytest.approx(1e-3 * expected, rel=1e-4) and rule.layers == 1
+        assert rule.lr == pytest.approx(1e-3 * expected / 3.0, rel=1e-4) and rule.layers == 1  # the margin
+        assert lora_equivalent_lr(model, 1e-3, 8, 16.0, margin=1.0).lr == pytest.approx(1e-3 * expected, rel=1e-4)
 
 
 def test_at_the_rules_rate_goats_first_step_moves_like_loras(prob):
@@ -58,7 +59,7 @@ def test_at_the_rules_rate_goats_first_step_moves_like_loras(prob):
         model = step_size.adapt(
             prob.weight, prob.bias, method="goat", s=s, rank=8, experts=8, top_k=2, alpha=16.0, seed=0
         )
-        rate = lora_equivalent_lr(model, 1e-3, 8, 16.0).lr
+        rate = lora_equivalent_lr(model, 1e-3, 8, 16.0, margin=1.0).lr  # the first-step-equal rate itself
         goat = step_size.run(prob, "goat", s, rate, args, (1,), seed=0)[0]
         assert goat["out_fixed_routing"] == pytest.approx(lora["out"], rel=0.15), s
 
@@ -109,7 +110,8 @@ def test_a_goat_run_trains_at_the_rules_rate(reviews, tmp_path):
     settings = RunSettings(data=reviews, train_size=32, **SMALL)
     metrics = train(settings, str(tmp_path / "run"))
     rule = metrics["lr_rule"]
-    assert rule["lora_lr"] == 1e-3 and rule["lr"] == metrics["lr"] and rule["layers"] > 1
+    assert rule["lora_lr"] == 1e-3 and rule["lr"] == metrics["lr"] and rule["layers"] > 1 and rule["margin"] == 3.0
+    assert metrics["lr"] == pytest.approx(1e-3 * rule["ratio"] / 3.0)
     assert rule["ratio_min"] <= rule["ratio"] <= rule["ratio_max"]
     peak = max(h["learning_rate"] for h in metrics["train_loss"])
     assert peak <= metrics["lr"] * (1 + 1e-6) and peak > 0.5 * metrics["lr"]  # the warm-up's end
@@ -143,11 +145,11 @@ def test_compare_runs_goat_on_loras_grid_through_the_rule(reviews, tmp_path):
 # ---- the training budget ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "examples, batch, expected",
-    [(658, 16, 6), (2160, 16, 2), (4000, 16, 1), (40, 16, 20), (658, 32, 12), (250 * 16, 16, 1)],
+    [(658, 16, 10), (2160, 16, 3), (2700, 16, 3), (6400, 16, 1), (40, 16, 20), (658, 32, 20), (401 * 16, 16, 1)],
 )
 def test_epochs_from_the_datas_size(examples, batch, expected):
-    """Enough epochs for 250 optimizer steps, at most 20 (ucla-subjects' 658 training titles: 6 epochs of 42
-    steps; Fine Foods' 2,160: 2 epochs)."""
+    """Enough epochs for 400 optimizer steps, at most 20 (ucla-subjects' 658 training titles: 10 epochs of 42
+    steps; Fine Foods' 2,160 reviews and trump-tweets' 2,700: 3 epochs)."""
     from goat_lora.engine.resolve import epochs_for_data
     from goat_lora.settings import RunSettings
 

@@ -277,15 +277,16 @@ class RunSettings:
         None,
         "GOAT methods: the learning rate derived from a LoRA rate that works on the same layers (a LoRA of rank "
         "--rank, alpha --lora-alpha): the rate at which AdamW's first step moves each layer as far as that "
-        "LoRA's, the geometric mean over the layers (goat_lora.rate_rule). Default for goat, goat_mini and "
-        "goat_s when --lr is not given: 1e-3, LoRA's default rate",
+        "LoRA's (geometric mean over the layers), divided by 3 for GOAT's larger second-order move "
+        "(goat_lora.rate_rule). Default for goat, goat_mini and goat_s when --lr is not given: 1e-3, LoRA's "
+        "default rate",
         minimum=0.0,
         exclusive_minimum=True,
     )
     epochs: float | None = knob(
         None,
         "epochs (default: the task's; for text classification and regression, from the data's size: enough "
-        "for 250 optimizer steps, at most 20, the best epoch kept)",
+        "for 400 optimizer steps, at most 20, the best epoch kept)",
         minimum=0.0,
         exclusive_minimum=True,
     )

@@ -121,7 +121,7 @@ def resolve_run(settings: RunSettings | None = None, *, flags: dict | None = Non
 # best epoch kept (--select best-epoch). One epoch of a few hundred examples is a few dozen steps: too
 # few for any adapter to leave its start, while a linear head on frozen features already fits
 # (docs/results/defaults/).
-MIN_STEPS, MAX_EPOCHS = 250, 20
+MIN_STEPS, MAX_EPOCHS = 400, 20
 
 
 def epochs_for_data(train_examples: int, settings: RunSettings) -> int:
