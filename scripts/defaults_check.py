@@ -3,7 +3,7 @@ tasks the defaults were not chosen on, for GOAT, head-only training and LoRA. Re
 are kept); writes summary.json and summary.md beside the runs.
 
     .venv/bin/python scripts/defaults_check.py [--out runs/defaults] [--data ucla-subjects trump-tweets]
-        [--methods goat head lora] [--seeds 3]
+        [--methods goat head lora] [--seeds 3] [--name summary]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", nargs="+", default=["ucla-subjects", "trump-tweets"])
     p.add_argument("--methods", nargs="+", default=["goat", "head", "lora"])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--name", default="summary", help="the summary files' name: NAME.json, NAME.md")
     args = p.parse_args(argv)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     rows = []
@@ -113,9 +114,9 @@ def main(argv=None) -> int:
                     "command": "python scripts/defaults_check.py " + " ".join(argv or sys.argv[1:]),
                     "runs": rows,
                 }
-                with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as fh:
+                with open(os.path.join(args.out, f"{args.name}.json"), "w", encoding="utf-8") as fh:
                     json.dump(summary, fh, indent=2)
-                with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as fh:
+                with open(os.path.join(args.out, f"{args.name}.md"), "w", encoding="utf-8") as fh:
                     fh.write(table + "\n")
     print(table)
     return 0
