@@ -145,11 +145,11 @@ def test_compare_runs_goat_on_loras_grid_through_the_rule(reviews, tmp_path):
 # ---- the training budget ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "examples, batch, expected",
-    [(658, 16, 10), (2160, 16, 3), (2700, 16, 3), (6400, 16, 1), (40, 16, 20), (658, 32, 20), (401 * 16, 16, 1)],
+    [(659, 16, 10), (2400, 16, 3), (2700, 16, 3), (6400, 16, 1), (40, 16, 20), (658, 32, 20), (401 * 16, 16, 1)],
 )
 def test_epochs_from_the_datas_size(examples, batch, expected):
-    """Enough epochs for 400 optimizer steps, at most 20 (ucla-subjects' 658 training titles: 10 epochs of 42
-    steps; Fine Foods' 2,160 reviews and trump-tweets' 2,700: 3 epochs)."""
+    """Enough epochs for 400 optimizer steps, at most 20 (ucla-subjects' 659 training titles: 10 epochs of 42
+    steps; Fine Foods' 2,400 reviews and trump-tweets' 2,700: 3 epochs)."""
     from goat_lora.engine.resolve import epochs_for_data
     from goat_lora.settings import RunSettings
 
