@@ -284,7 +284,7 @@ def markdown_table(
             else f"{_fmt(vs['mean'], '+.4f')} [{_fmt(vs['ci'][0], '+.4f')}, {_fmt(vs['ci'][1], '+.4f')}]"
         )
         wtl = "—" if vs is None else f"{vs['wins']}/{vs['ties']}/{vs['losses']}"
-        seeds = ", ".join(f"{p['lr']:g}/{_fmt(p['epoch'], 'g')}" for p in r["per_seed"])
+        seeds = ", ".join(f"{p['lr']:.3g}/{_fmt(p['epoch'], 'g')}" for p in r["per_seed"])
         rank = "exempt" if r["rank"] is None else str(r["rank"])
         trainable = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "-"
         lines.append(
