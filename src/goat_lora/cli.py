@@ -256,14 +256,15 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     if ns.resume and not ns.output:
         raise ValueError("--resume needs the interrupted comparison's --output")
     comparison = Comparison(entries, seeds, grid, ns.budget)
+    grids = {e.label: comparison.grid(e, base) for e in entries}  # label -> (the knob its rates set, rates)
     comparison.record = {
         "command": "goat " + " ".join(sys.argv[1:]) if ns.command_line is None else ns.command_line,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "rows": [e.label for e in entries],
         "seeds": seeds,
-        "lr_grid": {e.label: comparison.grid(e, base)[1] for e in entries},
-        "rate_knob": {e.label: comparison.grid(e, base)[0] for e in entries},  # lr, or lr_from_lora (a LoRA rate)
+        "lr_grid": {label: rates for label, (_, rates) in grids.items()},
+        "rate_knob": {label: knob for label, (knob, _) in grids.items()},  # lr, or lr_from_lora (a LoRA rate)
         "data": base.data,
         "model": base.model,
         "quantize": base.quantize,
