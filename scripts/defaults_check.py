@@ -13,11 +13,10 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 
-from scipy import stats
+from goat_lora.report import mean_ci
 
 
 def run_one(out: str, data: str, method: str, seed: int) -> dict:
@@ -52,11 +51,9 @@ def run_one(out: str, data: str, method: str, seed: int) -> dict:
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t interval); half-width nan for one value."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    """(mean, half-width of the 95% t interval: report.mean_ci's); half-width nan for one value."""
+    ci = mean_ci(values)
+    return ci["mean"], ci["ci_high"] - ci["mean"]
 
 
 def summarize(rows: list[dict], methods: list[str]) -> str:
