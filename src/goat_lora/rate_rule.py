@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layer import GoatLayer
+
 
 def lora_first_step_move(out_features: int, rank: int, lora_alpha: float) -> float:
     """A LoRA layer's first AdamW step per unit of lr: (alpha / r) sqrt(m r / 3)."""
@@ -91,8 +93,6 @@ def lora_equivalent_lr(
     """GOAT's learning rate for a model whose GOAT layers are in place, from the rate `lora_lr` that works
     for a LoRA of rank `lora_rank` and scale `lora_alpha` on the same layers: the first-step-equal rate
     divided by `margin` (1 gives the first-step-equal rate itself)."""
-    from .layer import GoatLayer
-
     ratios = []
     for layer in model.modules():
         if isinstance(layer, GoatLayer):
