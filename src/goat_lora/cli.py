@@ -228,7 +228,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     best-epoch), each seed's learning rate picked on validation from a per-method grid, the same data
     per seed for every method. report.md / report.json / compare.png: mean ± std and 95% CI over
     seeds, GOAT's paired difference and win / tie / loss, the lr and epoch each seed chose, and a flag
-    on methods that never beat the best constant prediction."""
+    on methods that never beat the best constant prediction; rates.png: the test metric at every rate
+    tried."""
     from .methods import METHODS
     from .engine.resolve import Comparison, given_settings, plan_entries, preflight, resolve_run
     from .report import markdown_table

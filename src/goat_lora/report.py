@@ -2,7 +2,7 @@
 
 write_run_plots(run_dir)            metrics.json -> loss.png, expert_load.png (layers x experts)
 summarize(results) / write_compare_report(folder, ...)
-                                    per-run results -> report.json, report.md, compare.png
+                                    per-run results -> report.json, report.md, compare.png, rates.png
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ def summarize(
       test value is the seed's result: mean, std and 95% CI over seeds;
     - the paired difference to `reference` per seed (reference - method when higher is better, so a
       positive difference means the reference won), its mean and 95% CI, and win / tie / loss counts;
+    - `per_rate`: the test mean and 95% CI over seeds at every rate tried (not a choice: a curve);
     - `flagged` when no run of the row, at any lr and seed, beat `baseline` (the best constant
       prediction) on test: such a row never learnt the task at the rates tried.
     """
@@ -181,6 +182,19 @@ def summarize(
                 }
             )
         chosen_test[label] = {p["seed"]: p["test"] for p in per_seed}
+        per_rate = []  # every rate tried, over its seeds: how wide the row's good band is
+        for lr in sorted(dict.fromkeys(r["lr"] for r in runs)):
+            at_rate = [r for r in runs if r["lr"] == lr]
+            test_at = mean_ci([r.get("test") for r in at_rate])
+            per_rate.append(
+                {
+                    "lr": lr,
+                    "test_mean": test_at["mean"],
+                    "test_ci": [test_at["ci_low"], test_at["ci_high"]],
+                    "validation_mean": mean_ci([r.get("validation") for r in at_rate])["mean"],
+                    "seeds": test_at["n"],
+                }
+            )
         chosen = [r for r in runs if (r["seed"], r["lr"]) in {(p["seed"], p["lr"]) for p in per_seed}]
         test = mean_ci([p["test"] for p in per_seed])
         rows[label] = {
@@ -193,6 +207,7 @@ def summarize(
             "test_ci": [test["ci_low"], test["ci_high"]],
             "seeds": test["n"],
             "per_seed": per_seed,
+            "per_rate": per_rate,
             "flagged": baseline is not None and not any(better(r.get("test"), baseline, lower_is_better) for r in runs),
             "step_time_s": statistics.fmean(_finite([r.get("step_time_s") for r in chosen]) or [float("nan")]),
             "peak_memory_mb": statistics.fmean(_finite([r.get("peak_memory_mb") for r in chosen]) or [float("nan")]),
@@ -325,8 +340,40 @@ def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "
     _save_figure(fig, path)
 
 
+def plot_rates(rows: dict, path: str, metric: str = "accuracy", title: str = "", quantize: str | None = None) -> None:
+    """Test metric against learning rate, one line per row (mean and 95% CI over seeds at each rate):
+    where each method works, not only its best point. A row whose rates set another knob than lr
+    (for example --lr-from-lora) is drawn against that knob's values."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for label, row in rows.items():
+        curve = [p for p in row.get("per_rate") or [] if _finite([p["test_mean"]])]
+        if not curve:
+            continue
+        rates, means = [p["lr"] for p in curve], [p["test_mean"] for p in curve]
+        low = [m - p["test_ci"][0] if _finite([p["test_ci"][0]]) else 0.0 for m, p in zip(means, curve)]
+        high = [p["test_ci"][1] - m if _finite([p["test_ci"][1]]) else 0.0 for m, p in zip(means, curve)]
+        style = "-" if label.startswith("goat") else "--"
+        ax.errorbar(
+            rates,
+            means,
+            yerr=[low, high],
+            fmt=style + "o",
+            capsize=3,
+            markersize=4,
+            label=method_label(label, quantize),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (each row's own grid)")
+    ax.set_ylabel(f"test {metric} (mean, 95% CI over seeds)")
+    ax.set_title(title or "goat compare: test metric against learning rate")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
 def write_compare_report(folder: str, results: list[dict], settings: dict, baseline: dict | None = None) -> dict:
-    """Write report.json, report.md and compare.png into `folder`; return the summary. `settings`
+    """Write report.json, report.md and compare.png (and rates.png where a row tried several rates)
+    into `folder`; return the summary. `settings`
     holds metric, lower_is_better, reference, baseline_name, budget, select, command, date, machine."""
     metric, lower = settings.get("metric", "accuracy"), bool(settings.get("lower_is_better"))
     reference_value = (baseline or {}).get(metric)
@@ -368,6 +415,15 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
         "![comparison](compare.png)",
         "",
     ]
+    several_rates = any(len(row["per_rate"]) > 1 for row in rows.values())
+    if several_rates:
+        text += [
+            f"Test {metric} at every learning rate tried (mean and 95% CI over seeds): how wide each row's good "
+            "band is.",
+            "",
+            "![rates](rates.png)",
+            "",
+        ]
     atomic_write_text(os.path.join(folder, "report.md"), "\n".join(text))
     plot_compare(
         rows,
@@ -376,6 +432,9 @@ def write_compare_report(folder: str, results: list[dict], settings: dict, basel
         title=f"{settings.get('data')}: test {metric}",
         quantize=quantize,
     )
+    if several_rates:
+        title = f"{settings.get('data')}: test {metric} against learning rate"
+        plot_rates(rows, os.path.join(folder, "rates.png"), metric, title=title, quantize=quantize)
     return rows
 
 

@@ -12,11 +12,11 @@
     vary     --vary FIELD=V1,V2,... adds GOAT variants under the same protocol (the paper's ablations:
              init, scaling, top_k, aux_loss_coef, routing), labelled goat[FIELD=V].
 
-Writes report.md, report.json and compare.png, and each run's metrics.json under
-runs/<label>-lr<lr>-seed<seed>/. The comparison is built in the hidden staging folder `.NAME.partial`;
-an interrupted comparison keeps its finished runs there and `resume=True` (same settings and output)
-trains only the others. Without it, a stale folder with finished runs is moved aside to
-`NAME.failed-<time>` rather than deleted.
+Writes report.md, report.json, compare.png and rates.png (test metric against each row's rates), and
+each run's metrics.json under runs/<label>-lr<lr>-seed<seed>/. The comparison is built in the hidden
+staging folder `.NAME.partial`; an interrupted comparison keeps its finished runs there and `resume=True`
+(same settings and output) trains only the others. Without it, a stale folder with finished runs is moved
+aside to `NAME.failed-<time>` rather than deleted.
 """
 
 from __future__ import annotations
