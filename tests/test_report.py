@@ -215,3 +215,13 @@ def test_best_epoch_table_counts_runs_chosen_runs_and_methods_best_before_their_
     assert lines[2] == "| a | 4 | 4 of 9 | 3 of 6 | 1 of 2 |"
     assert lines[3] == "| b | 8 | 9 of 9 | 6 of 6 | 2 of 2 |"  # older report: the epochs given on its command line
     assert lines[4] == "| c | ? | - | - | - |"
+
+
+def test_rate_table_lists_every_rate_and_how_many_seeds_chose_it(tmp_path, capsys):
+    report.write_compare_report(str(tmp_path), _runs(), {"metric": "accuracy", "reference": "goat"})
+    assert report.main(["rates", str(tmp_path / "report.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| goat | 0.001 | 2 | 0.8550 ± " in lines[2] and lines[2].endswith("| 0.8000 | 2 |")
+    assert lines[3].startswith("| goat | 0.003 | 2 | 0.5000 ± 0.0000 |") and lines[3].endswith("| 0 |")
+    assert len(lines) == 2 + 4
+    assert report.main(["rates"]) == 2

@@ -508,14 +508,42 @@ def best_epoch_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def rate_table(report: dict) -> str:
+    """One comparison's rows at every rate tried: test mean ± 95% CI half-width over seeds, the
+    validation mean, and how many seeds chose that rate on validation. A row's good band is the rates
+    whose test interval overlaps its best one's."""
+    metric = report["settings"].get("metric", "accuracy")
+    lines = [
+        f"| row | lr | seeds | test {metric} (mean ± 95% CI) | validation | chosen by |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for label, row in report["methods"].items():
+        chosen = [p["lr"] for p in row["per_seed"]]
+        for point in row.get("per_rate") or []:
+            half = (point["test_ci"][1] - point["test_ci"][0]) / 2 if _finite(point["test_ci"]) else None
+            test = f"{_fmt(point['test_mean'], '.4f')} ± {_fmt(half, '.4f')}"
+            validation, picks = _fmt(point["validation_mean"], ".4f"), chosen.count(point["lr"])
+            lines.append(f"| {label} | {point['lr']:.3g} | {point['seeds']} | {test} | {validation} | {picks} |")
+    return "\n".join(lines)
+
+
+USAGE = (
+    "usage: python -m goat_lora.report study NAME=path/to/report.json ...\n"
+    "       python -m goat_lora.report rates path/to/report.json"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m goat_lora.report study NAME=REPORT.json ...`: print the study table and where each
-    task's runs had their best epoch."""
+    task's runs had their best epoch. `... rates REPORT.json`: one comparison at every rate tried."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "rates":
+        print(rate_table(_read_json(args[1])))
+        return 0
     if not args or args[0] != "study":
-        print("usage: python -m goat_lora.report study NAME=path/to/report.json ...", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     reports = {}
     for item in args[1:]:
