@@ -5,8 +5,10 @@
 Each piece is a finished comparison over some of the rows; `:LABELS` keeps only those rows of a piece.
 The pieces must agree on what makes runs comparable seed by seed (task, data, model, sizes, epochs,
 seeds, metric); the merged report then picks each seed's rate on validation and pairs seeds exactly as
-one `goat compare` over all the rows would. A row may come from one piece only. With one piece and no
-labels the report is written again as it was (for example to add a plot made by a newer version).
+one `goat compare` over all the rows would. A row that a later piece also has is taken from the later
+piece (said on stdout and in the report's `pieces`): a params-budget piece of LoRA and rsLoRA after a
+rank-budget comparison gives the params comparison. With one piece and no labels the report is written
+again as it was (for example to add a plot made by a newer version).
 """
 
 from __future__ import annotations
@@ -44,14 +46,17 @@ def merge(pieces: list[tuple[str, dict, list[str] | None]]) -> tuple[list[dict],
         missing = [label for label in kept if label not in piece["methods"]]
         if missing:
             raise SystemExit(f"{path}: no row {', '.join(missing)}; it has {', '.join(piece['methods'])}")
-        repeated = [label for label in kept if label in rows]
-        if repeated:
-            raise SystemExit(f"{path}: row {', '.join(repeated)} already comes from an earlier piece")
-        rows += kept
+        for label in (label for label in kept if label in rows):  # keeps its place in the table
+            print(f"{path}: row {label} replaces the earlier piece's")
+            runs = [r for r in runs if r.get("label", r["method"]) != label]
+            for source in sources:
+                source["rows"] = [row for row in source["rows"] if row != label]
+        rows += [label for label in kept if label not in rows]
         runs += [r for r in piece["runs"] if r.get("label", r["method"]) in kept]
         lr_grid.update({label: settings.get("lr_grid", {}).get(label) for label in kept})
         ranks.update({label: settings.get("ranks", {}).get(label) for label in kept})
         sources.append({"report": path, "rows": kept, "command": settings.get("command"), "date": settings.get("date")})
+    runs.sort(key=lambda run: rows.index(run.get("label", run["method"])))  # the table's row order (stable)
     if len(pieces) == 1 and pieces[0][2] is None:
         return runs, dict(first), pieces[0][1].get("constant_baseline")
     last = pieces[-1][1]["settings"]
@@ -62,8 +67,8 @@ def merge(pieces: list[tuple[str, dict, list[str] | None]]) -> tuple[list[dict],
         lr_grid=lr_grid,
         ranks=ranks,
         pieces=sources,
-        command=" ; ".join(f"{s['command']} (rows {', '.join(s['rows'])})" for s in sources),
-        date=" to ".join(dict.fromkeys([sources[0]["date"], sources[-1]["date"]])),
+        command=" ; ".join(f"{s['command']} (rows kept: {', '.join(s['rows'])})" for s in sources),
+        date=" to ".join(dict.fromkeys(s["date"] for s in (sources[0], sources[-1]) if s["date"])),
     )
     return runs, merged, pieces[0][1].get("constant_baseline")
 

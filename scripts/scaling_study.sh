@@ -14,7 +14,8 @@
 # resumed (their finished runs kept).
 #
 #   bash scripts/scaling_study.sh [STEP ...]   steps: images, pairs (default: both, images first); pairs is
-#       pairs-core pairs-more pairs-params pairs-merge, which may run as two jobs side by side, e.g.
+#       pairs-core pairs-more (= pairs-rslora pairs-molora) pairs-params pairs-merge, which may run as
+#       separate jobs side by side (never the same step twice at once), e.g.
 #       OMP_NUM_THREADS=1 bash scripts/scaling_study.sh pairs-core pairs-more   and
 #       OMP_NUM_THREADS=1 bash scripts/scaling_study.sh images pairs-params      then   ... pairs-merge
 #   OUT=runs/scaling (where the comparisons are built); reports are copied to docs/results/scaling-study/
@@ -80,14 +81,15 @@ step_pairs-core() {  # GOAT at both scalings and LoRA: the rows the study's ques
   compare ucla-rank-core $PAIRS --budget rank --methods goat lora --vary scaling=alpha \
     --lr-grid $GOAT_GRID "goat[scaling=alpha]=$PAIRS_GRID" lora=$PAIRS_GRID
 }
-step_pairs-more() {  # rsLoRA and MoLoRA
-  compare ucla-rank-more $PAIRS --budget rank --methods rslora molora --lr-grid rslora=$PAIRS_GRID molora=$PAIRS_GRID
-}
+step_pairs-rslora() { compare ucla-rank-rslora $PAIRS --budget rank --methods rslora --lr-grid rslora=$PAIRS_GRID; }
+step_pairs-molora() { compare ucla-rank-molora $PAIRS --budget rank --methods molora --lr-grid molora=$PAIRS_GRID; }
+step_pairs-more() { step_pairs-rslora; step_pairs-molora; }
 step_pairs-params() {
   compare ucla-params-lora $PAIRS --budget params --methods lora rslora --lr-grid lora=$PAIRS_GRID rslora=$PAIRS_GRID
 }
 step_pairs-merge() {  # whichever pieces have finished
-  local rank=(ucla-rank-core); [[ -f "$OUT/ucla-rank-more/report.json" ]] && rank+=(ucla-rank-more)
+  local rank=(ucla-rank-core) piece
+  for piece in ucla-rank-rslora ucla-rank-molora; do [[ ! -f "$OUT/$piece/report.json" ]] || rank+=("$piece"); done
   merge ucla-rank "${rank[@]}"
   [[ -f "$OUT/ucla-params-lora/report.json" ]] && merge ucla-params "${rank[@]}" ucla-params-lora
   return 0

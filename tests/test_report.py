@@ -225,3 +225,46 @@ def test_rate_table_lists_every_rate_and_how_many_seeds_chose_it(tmp_path, capsy
     assert lines[3].startswith("| goat | 0.003 | 2 | 0.5000 ± 0.0000 |") and lines[3].endswith("| 0 |")
     assert len(lines) == 2 + 4
     assert report.main(["rates"]) == 2
+
+
+def _piece(tmp_path, name, runs, **settings):
+    folder = tmp_path / name
+    folder.mkdir()
+    base = {"metric": "accuracy", "reference": "goat", "task": "classification", "data": "x", "seeds": [0, 1]}
+    report.write_compare_report(str(folder), runs, {**base, **settings}, {"accuracy": 0.5})
+    return str(folder / "report.json")
+
+
+def test_pieces_of_a_comparison_merge_into_the_report_one_comparison_gives(tmp_path, capsys):
+    """scripts/merge_comparisons.py: rows from several pieces pair by seed as in one comparison, a
+    later piece's row replaces an earlier one's (the params budget after the rank budget), and pieces
+    that did not train the same data are refused."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "merge_comparisons.py")
+    spec = importlib.util.spec_from_file_location("merge_comparisons", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    goat = [r for r in _runs() if r["method"] == "goat"]
+    lora_rank = [dict(r, rank=8) for r in _runs() if r["method"] == "lora"]
+    lora_params = [dict(r, rank=12, test=r["test"] + 0.1) for r in lora_rank]
+    rank = _piece(tmp_path, "rank", goat + lora_rank, budget="rank")
+    params = _piece(tmp_path, "params", lora_params, budget="params", reference="lora")
+
+    assert script.main([str(tmp_path / "merged"), rank, params]) == 0
+    assert "row lora replaces the earlier piece's" in capsys.readouterr().out
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())
+    assert list(merged["methods"]) == ["goat", "lora"] and merged["settings"]["budget"] == "params"
+    assert merged["methods"]["lora"]["rank"] == 12
+    expected = report.summarize(goat + lora_params, reference="goat")["lora"]["vs_reference"]
+    assert merged["methods"]["lora"]["vs_reference"]["per_seed"] == expected["per_seed"]
+    assert [p["rows"] for p in merged["settings"]["pieces"]] == [["goat"], ["lora"]]
+    assert (tmp_path / "merged" / "rates.png").is_file()
+
+    assert script.main([str(tmp_path / "goat-only"), rank + ":goat"]) == 0
+    assert list(json.loads((tmp_path / "goat-only" / "report.json").read_text())["methods"]) == ["goat"]
+    other_data = _piece(tmp_path, "other", lora_params, data="y")
+    with pytest.raises(SystemExit, match="data is 'y'"):
+        script.main([str(tmp_path / "bad"), rank, other_data])
+    assert not (tmp_path / "bad").exists()
