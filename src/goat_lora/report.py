@@ -342,8 +342,8 @@ def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "
 
 def plot_rates(rows: dict, path: str, metric: str = "accuracy", title: str = "", quantize: str | None = None) -> None:
     """Test metric against learning rate, one line per row (mean and 95% CI over seeds at each rate):
-    where each method works, not only its best point. A row whose rates set another knob than lr
-    (for example --lr-from-lora) is drawn against that knob's values."""
+    where each method works, not only its best point. A row given LoRA rates (--lr-from-lora) is drawn
+    at the rates it ran, the rule's."""
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     for label, row in rows.items():
         curve = [p for p in row.get("per_rate") or [] if _finite([p["test_mean"]])]
@@ -373,8 +373,8 @@ def plot_rates(rows: dict, path: str, metric: str = "accuracy", title: str = "",
 
 def write_compare_report(folder: str, results: list[dict], settings: dict, baseline: dict | None = None) -> dict:
     """Write report.json, report.md and compare.png (and rates.png where a row tried several rates)
-    into `folder`; return the summary. `settings`
-    holds metric, lower_is_better, reference, baseline_name, budget, select, command, date, machine."""
+    into `folder`; return the summary. `settings` holds metric, lower_is_better, reference,
+    baseline_name, budget, select, command, date, machine."""
     metric, lower = settings.get("metric", "accuracy"), bool(settings.get("lower_is_better"))
     reference_value = (baseline or {}).get(metric)
     rows = summarize(results, lower, settings.get("reference"), reference_value)
