@@ -183,7 +183,7 @@ def summarize(
             )
         chosen_test[label] = {p["seed"]: p["test"] for p in per_seed}
         per_rate = []  # every rate tried, over its seeds: how wide the row's good band is
-        for lr in sorted(dict.fromkeys(r["lr"] for r in runs)):
+        for lr in sorted({r["lr"] for r in runs}):
             at_rate = [r for r in runs if r["lr"] == lr]
             test_at = mean_ci([r.get("test") for r in at_rate])
             per_rate.append(
@@ -316,11 +316,17 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def _error_bars(means: list[float], intervals: list[list[float]]) -> tuple[list[float], list[float]]:
+    """matplotlib's (below, above) lengths from each mean's [low, high] interval; 0 where it is unknown."""
+    low = [m - ci[0] if _finite([ci[0]]) else 0.0 for m, ci in zip(means, intervals)]
+    high = [ci[1] - m if _finite([ci[1]]) else 0.0 for m, ci in zip(means, intervals)]
+    return low, high
+
+
 def plot_compare(rows: dict, path: str, metric: str = "accuracy", title: str = "", quantize: str | None = None) -> None:
     names = list(rows)
     means = [rows[n]["test_mean"] for n in names]
-    low = [m - rows[n]["test_ci"][0] if _finite([rows[n]["test_ci"][0]]) else 0.0 for n, m in zip(names, means)]
-    high = [rows[n]["test_ci"][1] - m if _finite([rows[n]["test_ci"][1]]) else 0.0 for n, m in zip(names, means)]
+    low, high = _error_bars(means, [rows[n]["test_ci"] for n in names])
     fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(names) + 2), 4.4))
     colours = ["tab:gray" if rows[n]["flagged"] else "tab:red" if n.startswith("goat") else "tab:blue" for n in names]
     ax.bar(range(len(names)), [m if _finite([m]) else 0.0 for m in means], yerr=[low, high], color=colours, capsize=3)
@@ -350,8 +356,7 @@ def plot_rates(rows: dict, path: str, metric: str = "accuracy", title: str = "",
         if not curve:
             continue
         rates, means = [p["lr"] for p in curve], [p["test_mean"] for p in curve]
-        low = [m - p["test_ci"][0] if _finite([p["test_ci"][0]]) else 0.0 for m, p in zip(means, curve)]
-        high = [p["test_ci"][1] - m if _finite([p["test_ci"][1]]) else 0.0 for m, p in zip(means, curve)]
+        low, high = _error_bars(means, [p["test_ci"] for p in curve])
         style = "-" if label.startswith("goat") else "--"
         ax.errorbar(
             rates,
@@ -510,8 +515,7 @@ def best_epoch_table(reports: dict[str, dict]) -> str:
 
 def rate_table(report: dict) -> str:
     """One comparison's rows at every rate tried: test mean ± 95% CI half-width over seeds, the
-    validation mean, and how many seeds chose that rate on validation. A row's good band is the rates
-    whose test interval overlaps its best one's."""
+    validation mean, and how many seeds chose that rate on validation."""
     metric = report["settings"].get("metric", "accuracy")
     lines = [
         f"| row | lr | seeds | test {metric} (mean ± 95% CI) | validation | chosen by |",
