@@ -29,6 +29,10 @@ Two benchmarks (figures and their meaning: docs/benchmarks.md):
   goat_cudagraphs / lora_cudagraphs, "compile_speedup" goat / goat_compiled (eager GOAT's step over
   compiled GOAT's).
 
+  With --compile-time: how long compiling takes, GOAT against LoRA, the whole model and regionally (as
+  `goat train --compile` compiles), each compile in a fresh process with empty caches
+  (goat_lora.bench.compile_time; target GOAT / LoRA <= 1.3x).
+
   The loop target (GOAT >= 2.2x faster than the per-expert loop) was derived from the public
   layer, so "loop_speedup" is goat_public's step time / goat's. goat_loop / goat is reported as
   "lean_loop_speedup", for information, without a target.
@@ -77,6 +81,7 @@ import torch
 from .common import (  # noqa: F401  (the names the tests and scripts use)
     ARCHITECTURES,
     COMPILE_METHODS,
+    COMPILE_STYLES,
     LLAMA7B_LAYER,
     METHODS,
     MODEL_SHAPES,
@@ -146,6 +151,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "compile time reported apart",
     )
     parser.add_argument(
+        "--compile-time",
+        action="store_true",
+        help="time compiling instead: lora and goat compiled whole and regionally, each compile in a fresh process "
+        "with empty caches, in --compile-rounds alternating rounds (target: GOAT / LoRA <= 1.3x)",
+    )
+    parser.add_argument(
+        "--compile-rounds", type=int, default=3, help="rounds of --compile-time (default 3; 1 with --smoke)"
+    )
+    parser.add_argument(
+        "--compile-styles",
+        nargs="+",
+        default=list(COMPILE_STYLES),
+        choices=COMPILE_STYLES,
+        help="what --compile-time compiles: the whole model (torch.compile) and/or its repeated blocks "
+        "(accelerate's compile_regions, as goat train --compile); default both",
+    )
+    parser.add_argument(
         "--compile-backend",
         default="inductor",
         choices=("inductor", "aot_eager", "eager"),
@@ -190,6 +212,12 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.init:
         result = {"meta": meta, "init": bench_init(args, device)}
         print(format_init_table(result["init"]))
+    elif args.compile_time:
+        from .compile_time import bench_compile_time, format_compile_time_table
+
+        models = ["tiny-bert"] if args.smoke else args.models
+        result = {"meta": meta, "compile_time": bench_compile_time(args, models)}
+        print(format_compile_time_table(result["compile_time"]))
     elif args.ops:
         result = {"meta": meta, "ops": {name: count_step_ops(name, args) for name in OPS_MODELS}}
         print(format_ops_table(result["ops"]))
@@ -283,7 +311,9 @@ def _meta(args: argparse.Namespace, device: torch.device) -> dict:
         "warmup": args.warmup if not args.smoke else 1,
         "smoke": bool(args.smoke),
         "git_commit": _git_commit(),
-        "compile_backend": args.compile_backend if getattr(args, "compile", False) else None,
+        "compile_backend": args.compile_backend
+        if getattr(args, "compile", False) or getattr(args, "compile_time", False)
+        else None,
         "bf16_autocast": bool(getattr(args, "bf16", False)),
     }
     if device.type == "cuda":

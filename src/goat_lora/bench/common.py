@@ -20,6 +20,7 @@ METHODS = ("head", "lora", "goat", "goat_loop", "goat_public")  # the default se
 # the same code as the default mode, as there are no CUDA graphs), all in one round robin
 COMPILE_METHODS = ("lora", "goat", "lora_compiled", "goat_compiled", "lora_cudagraphs", "goat_cudagraphs")
 COMPILED_SUFFIXES = ("_compiled", "_cudagraphs")
+COMPILE_STYLES = ("whole", "regional")  # --compile-time: torch.compile(model), accelerate's compile_regions(model)
 ROUTING_METHODS = ("goat_top_p", "goat_shared")  # GOAT's routing variants, on request
 QUANT_METHODS = ("lora", "goat", "goat_runtime")  # the default set with --quantize (head on request)
 MODEL_SHAPES = {  # batch x tokens; "-arch": the same architecture with random weights
@@ -39,6 +40,7 @@ TARGETS = {  # ratio to LoRA (GOAT / LoRA) and the bound; "loop_speedup" is publ
     "compiled_memory": ("<=", 1.05),
     "cudagraph_step": ("<=", 1.05),  # GOAT against LoRA, both compiled with CUDA graphs
 }
+COMPILE_TIME_TARGET = 1.3  # --compile-time: GOAT's compile time / LoRA's
 QUANT_TARGETS = {**TARGETS, "memory": ("<=", 1.05)}  # on a quantized base: GOAT / QLoRA
 INIT_TARGET = 4.0  # exact SVD time / this project's time
 LLAMA7B_LAYER = (  # (name, out, in) of one LLaMA-2-7B decoder layer's adapted matrices
