@@ -156,6 +156,7 @@ def test_ucla_courses_builtin_is_a_pair_task():
         ("ucla-subjects", 10, 732, 182, 0.082, 0),
         ("trump-tweets", 4, 3000, 1000, 0.536, 2),  # two sayings he tweeted twice, once on each side
         ("movie-genres", 5, 1544, 1000, 0.436, 0),
+        ("fastfood-items", 8, 373, 124, 0.202, 0),
     ],
 )
 def test_the_multi_class_text_sets(name, classes, train, test, majority, shared):

