@@ -60,6 +60,7 @@ def merge(pieces: list[tuple[str, dict, list[str] | None]]) -> tuple[list[dict],
     if len(pieces) == 1 and pieces[0][2] is None:
         return runs, dict(first), pieces[0][1].get("constant_baseline")
     last = pieces[-1][1]["settings"]
+    starts = sorted(s["date"] for s in sources if s["date"])  # "YYYY-MM-DD HH:MM UTC" sorts as time
     merged = dict(first)
     merged.update(
         budget=last.get("budget"),  # the params pieces come last: GOAT's rows are the same at either budget
@@ -68,7 +69,7 @@ def merge(pieces: list[tuple[str, dict, list[str] | None]]) -> tuple[list[dict],
         ranks=ranks,
         pieces=sources,
         command=" ; ".join(f"{s['command']} (rows kept: {', '.join(s['rows'])})" for s in sources),
-        date=" to ".join(dict.fromkeys(s["date"] for s in (sources[0], sources[-1]) if s["date"])),
+        date=" to ".join(dict.fromkeys(starts[:1] + starts[-1:])),  # the earliest and the latest piece's start
     )
     return runs, merged, pieces[0][1].get("constant_baseline")
 

@@ -249,8 +249,8 @@ def test_pieces_of_a_comparison_merge_into_the_report_one_comparison_gives(tmp_p
     goat = [r for r in _runs() if r["method"] == "goat"]
     lora_rank = [dict(r, rank=8) for r in _runs() if r["method"] == "lora"]
     lora_params = [dict(r, rank=12, test=r["test"] + 0.1) for r in lora_rank]
-    rank = _piece(tmp_path, "rank", goat + lora_rank, budget="rank")
-    params = _piece(tmp_path, "params", lora_params, budget="params", reference="lora")
+    rank = _piece(tmp_path, "rank", goat + lora_rank, budget="rank", date="2026-12-07 03:43 UTC")
+    params = _piece(tmp_path, "params", lora_params, budget="params", reference="lora", date="2026-12-07 00:54 UTC")
 
     assert script.main([str(tmp_path / "merged"), rank, params]) == 0
     assert "row lora replaces the earlier piece's" in capsys.readouterr().out
@@ -260,6 +260,7 @@ def test_pieces_of_a_comparison_merge_into_the_report_one_comparison_gives(tmp_p
     expected = report.summarize(goat + lora_params, reference="goat")["lora"]["vs_reference"]
     assert merged["methods"]["lora"]["vs_reference"]["per_seed"] == expected["per_seed"]
     assert [p["rows"] for p in merged["settings"]["pieces"]] == [["goat"], ["lora"]]
+    assert merged["settings"]["date"] == "2026-12-07 00:54 UTC to 2026-12-07 03:43 UTC"  # whatever the order
     assert (tmp_path / "merged" / "rates.png").is_file()
 
     assert script.main([str(tmp_path / "goat-only"), rank + ":goat"]) == 0
