@@ -131,6 +131,16 @@ def load_model(name: str, seed: int) -> nn.Module:
     return hf.load_sequence_classifier(name, 2, dtype=torch.float32)
 
 
+def random_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int) -> dict:
+    """A seeded batch of random token ids (above the special ids 0-2), no padding, and binary labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=generator),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+    }
+
+
 def _head_names(model: nn.Module) -> list[str]:
     from ..hf import default_modules_to_save
 

@@ -38,7 +38,7 @@ def compile_once(model_name: str, method: str, style: str, options: dict) -> dic
     from accelerate.utils import compile_regions
 
     from . import add_bench_arguments
-    from .common import MODEL_SHAPES, Runner, build_method, load_model
+    from .common import MODEL_SHAPES, Runner, build_method, load_model, random_batch
 
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
@@ -51,14 +51,8 @@ def compile_once(model_name: str, method: str, style: str, options: dict) -> dic
         base.config.problem_type = "single_label_classification"
     batch_size, seq_len = (4, 16) if model_name.startswith("tiny-") else MODEL_SHAPES.get(model_name, (8, 128))
     batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
-    generator = torch.Generator().manual_seed(args.seed)
-    batch = {
-        "input_ids": torch.randint(3, base.config.vocab_size, (batch_size, seq_len), generator=generator),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
-    }
     model = build_method(method, base, args)
-    runner = Runner(method, model, batch, torch.device("cpu"))
+    runner = Runner(method, model, random_batch(base, batch_size, seq_len, args.seed), torch.device("cpu"))
     backend = args.compile_backend
     if style == "whole":
         runner.forward = torch.compile(model, backend=backend, fullgraph=method == "goat")

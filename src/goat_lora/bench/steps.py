@@ -17,6 +17,7 @@ from .common import (
     Runner,
     build_method,
     load_model,
+    random_batch,
     sync_device,
     timed,
     timing_stats,
@@ -60,14 +61,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     load_s = time.perf_counter() - start
     if base.config.problem_type is None:  # set by the first forward otherwise: a recompile of compiled methods
         base.config.problem_type = "single_label_classification"
-    vocab = base.config.vocab_size
-    generator = torch.Generator().manual_seed(args.seed)
-    batch = {
-        "input_ids": torch.randint(3, vocab, (batch_size, seq_len), generator=generator),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
-    }
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in random_batch(base, batch_size, seq_len, args.seed).items()}
 
     runners, setup_s, trainable = {}, {}, {}
     for method in args.methods:
