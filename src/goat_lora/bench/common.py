@@ -122,13 +122,18 @@ def _architecture_model(name: str, seed: int) -> nn.Module:
 
 
 def load_model(name: str, seed: int) -> nn.Module:
+    """The benchmark model `name`, without a KV cache (as `goat train` trains: engine.trainer.without_kv_cache)."""
     if name.startswith("tiny-"):
-        return tiny_model(name, seed)
-    if name in ARCHITECTURES:
-        return _architecture_model(name, seed)
-    from .. import hf
+        model = tiny_model(name, seed)
+    elif name in ARCHITECTURES:
+        model = _architecture_model(name, seed)
+    else:
+        from .. import hf
 
-    return hf.load_sequence_classifier(name, 2, dtype=torch.float32)
+        model = hf.load_sequence_classifier(name, 2, dtype=torch.float32)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
 
 
 def random_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int) -> dict:
