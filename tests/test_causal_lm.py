@@ -98,6 +98,29 @@ def test_goat_train_causal_lm_writes_a_run(tiny_run):
     assert os.listdir(os.path.join(tiny_run, "tensorboard"))
 
 
+def test_goat_train_fills_no_kv_cache_while_training(tiny_decoder, tmp_path, monkeypatch):
+    """Every training forward of `goat train` on a decoder returns no KV cache: transformers' Trainer sets the
+    model's use_cache to TrainingArguments.use_cache (False) when it is built. Compiled regionally, a cache
+    would recompile the block once per layer (test_compile.py); generation keeps its cache
+    (generation_config.use_cache)."""
+    from goat_lora.cli import main
+    from goat_lora.engine import trainer
+
+    outputs = []
+    compute_loss = trainer.GoatTrainer.compute_loss
+
+    def spy(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, out = compute_loss(self, model, inputs, True, num_items_in_batch)
+        outputs.append(set(out.keys()))
+        return (loss, out) if return_outputs else loss
+
+    monkeypatch.setattr(trainer.GoatTrainer, "compute_loss", spy)
+    argv = ["train", "--task", "causal-lm", "--model", tiny_decoder, "--data", "instructions", "--train-size", "16"]
+    argv += ["--test-size", "4", "--max-length", "32", "--batch-size", "8", "--epochs", "1", "--save-steps", "0"]
+    assert main([*argv, "--report-to", "none", "--output", str(tmp_path / "run")]) == 0
+    assert outputs and all("cache" not in keys and "logits" in keys for keys in outputs)
+
+
 def test_reloaded_adapter_generates_the_same_tokens(tiny_run):
     """The trained model's greedy samples (in metrics.json) = the adapter reloaded onto a fresh base."""
     with open(os.path.join(tiny_run, "metrics.json")) as fh:

@@ -122,7 +122,9 @@ def _architecture_model(name: str, seed: int) -> nn.Module:
 
 
 def load_model(name: str, seed: int) -> nn.Module:
-    """The benchmark model `name`, without a KV cache (as `goat train` trains: engine.trainer.without_kv_cache)."""
+    """The benchmark model `name`, without a KV cache, as transformers' Trainer trains (TrainingArguments.use_cache
+    is False): left on, a decoder fills one in every step, and compiled regionally each block's cache slot is a
+    guard that recompiles the block once per layer (docs/benchmarks.md)."""
     if name.startswith("tiny-"):
         model = tiny_model(name, seed)
     elif name in ARCHITECTURES:

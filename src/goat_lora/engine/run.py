@@ -54,7 +54,6 @@ from .trainer import (
     peak_memory_mb,
     reset_peak_memory,
     training_arguments,
-    without_kv_cache,
 )
 
 CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE = "config.json", "metrics.json", "predictions.jsonl"
@@ -221,8 +220,7 @@ def _train_in(job: Job, checkpoint: str | None, writing: Writing) -> dict:
         goat_validate=validate,
     )
     try:
-        with without_kv_cache(model):
-            trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
     finally:  # Ctrl-C, SIGTERM or an error: the bar closed first, so the command's message is the last line
         close_progress(trainer)
     train_time = time.time() - start

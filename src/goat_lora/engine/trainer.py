@@ -12,10 +12,9 @@ unchanged (goat_lora.scaleout holds the scale-out knobs).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -268,28 +267,6 @@ def warmup_arguments(ratio: float, fields=None) -> dict:
     transformers 5 dropped `warmup_ratio` and reads a `warmup_steps` below 1 as a ratio."""
     fields = TrainingArguments.__dataclass_fields__ if fields is None else fields
     return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
-
-
-@contextlib.contextmanager
-def without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
-    """Training builds no KV cache. A transformers decoder fills one on every forward while its config says
-    use_cache (the default), also in a training step, which never reads it; compiled regionally, each
-    block's cache slot is a guard, so the block is recompiled once per layer until dynamo's limit (8) and
-    the remaining blocks run eagerly (SmolLM2: 9 compiles of the block, docs/benchmarks.md). Set to False
-    for the run, as transformers does under gradient checkpointing, and restored after; generate() is
-    not affected (it follows generation_config.use_cache)."""
-    configs = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "use_cache", False) is True:
-            configs[id(config)] = config
-    for config in configs.values():
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for config in configs.values():
-            config.use_cache = True
 
 
 REGIONAL_VARIABLE = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
