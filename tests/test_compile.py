@@ -113,6 +113,15 @@ def test_compiled_training_step_equals_eager(name, request):
     _compiled_equals_eager(*_model(name, request))
 
 
+@pytest.mark.parametrize("routing", ["top_p", "shared"])
+def test_compiled_training_step_equals_eager_in_every_routing_mode(routing):
+    """The adapter enters dynamo's graph as one opaque call (functional._routed_experts_node, allow_in_graph),
+    so dynamo cannot see the routing mode inside it: top-p and the shared expert compile to what eager computes
+    (and eager is checked against the per-expert loop in every mode, tests/test_layer.py)."""
+    model = get_goat_model(tiny_mlp(), GoatConfig(r=6, num_experts=3, top_k=1, dropout=0.0, routing=routing, top_p=0.5))
+    _compiled_equals_eager(model, {"x": torch.randn(3, 4, 24)})
+
+
 def test_compiled_llama_with_activation_checkpointing_equals_eager_and_records_routing_once():
     """Non-reentrant checkpointing compiled with the whole model: dynamo traces each checkpointed
     decoder layer as one region and, with skip_fwd_side_effects_in_bwd_under_checkpoint (what

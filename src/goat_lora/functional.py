@@ -380,13 +380,16 @@ class _RoutedExperts(torch.autograd.Function):
 
 
 @torch.compiler.allow_in_graph
-def _routed_experts_node(x, G, A, B, expert_scale, keep, top_k: int, mode: str, top_p: float):
+def _routed_experts_node(x, G, A, B, expert_scale, keep, top_k: int, nucleus: bool, top_p: float):
     """_RoutedExperts.apply as a single call in dynamo's graph. Under torch.compile dynamo does not trace the
     function's Python (its forward, its backward, and torch's checks of each output against each input:
     two thirds of the bytecode dynamo traced for a GOAT decoder block, 30,578 against LoRA's 7,155);
-    AOTAutograd then traces the same aten ops through it, so inductor fuses what it fused before. It is
-    pure (no side effects, no Python state), which is what allow_in_graph asks of a function."""
-    return _RoutedExperts.apply(x, G, A, B, expert_scale, keep, top_k, RoutingMode(mode), top_p)
+    AOTAutograd then traces the same aten ops through it, so inductor fuses what it fused before. What
+    allow_in_graph asks of a function holds: tensors, ints, floats, bools and None in, tensors out, every
+    tensor passed in, no side effects. `nucleus`: top-p routing (the forward's only use of the mode; a
+    shared expert follows from the shapes of G and expert_scale)."""
+    mode = RoutingMode.TOP_P if nucleus else RoutingMode.TOP_K
+    return _RoutedExperts.apply(x, G, A, B, expert_scale, keep, top_k, mode, top_p)
 
 
 def routed_experts(
@@ -403,8 +406,9 @@ def routed_experts(
     r"""route(x G^T) and experts_delta in one step with a hand-written backward (_RoutedExperts): the
     same numbers as the two composed, in about half the ops. x (T, n), G (R, n), A (r, n), B (m, r) in
     one dtype; the delta (T, m) comes back in it, with the Routing (its weights carry no gradient)."""
+    nucleus = RoutingMode(mode) is RoutingMode.TOP_P
     delta, probs, used, weights = _routed_experts_node(
-        x, router_weight, A, B, expert_scale, keep, top_k, RoutingMode(mode).value, top_p
+        x, router_weight, A, B, expert_scale, keep, top_k, nucleus, top_p
     )
     return delta, Routing(probs, used, weights)
 
