@@ -120,7 +120,6 @@ def _check() -> None:
     bench.add_bench_arguments(parser)
     args = parser.parse_args([])
     base = common.load_model("tiny-bert", 0)
-    base.config.problem_type = "single_label_classification"
     batch = common.random_batch(base, 4, 16, 0)
     results, reference = [], F.routed_experts
     for function in (reference, routed_experts):

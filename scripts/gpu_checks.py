@@ -37,12 +37,7 @@ def _setup(smoke: bool):
     name = "tiny-llama" if smoke else "llama2-7b-2layers"
     base = bench.load_model(name, 0)
     batch_size, length = (2, 16) if smoke else bench.MODEL_SHAPES[name]
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(3, base.config.vocab_size, (batch_size, length), generator=generator),
-        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
-        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
-    }
+    batch = bench.random_batch(base, batch_size, length, 0)
     args = argparse.Namespace(rank=8, experts=8, top_k=2, seed=0, top_p=0.25, quantize=None)
     return device, base, {k: v.to(device) for k, v in batch.items()}, args
 

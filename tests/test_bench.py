@@ -152,13 +152,7 @@ def _goat_and_public(model_name: str = "tiny-bert"):
     args = parse(["--smoke"])
     base = bench.load_model(model_name, args.seed)
     goat, public = bench.build_method("goat", base, args), bench.build_method("goat_public", base, args)
-    generator = torch.Generator().manual_seed(args.seed)
-    batch = {
-        "input_ids": torch.randint(3, base.config.vocab_size, (4, 16), generator=generator),
-        "attention_mask": torch.ones(4, 16, dtype=torch.long),
-        "labels": torch.randint(0, 2, (4,), generator=generator),
-    }
-    return goat, public, batch
+    return goat, public, bench.random_batch(base, 4, 16, args.seed)
 
 
 def _step_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -91,6 +91,7 @@ from .common import (  # noqa: F401  (the names the tests and scripts use)
     architecture_config,
     build_method,
     load_model,
+    random_batch,
 )
 from .init import bench_init, format_init_table
 from .ops import OPS_MODELS, count_step_ops, format_ops_table

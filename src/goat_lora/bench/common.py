@@ -122,9 +122,11 @@ def _architecture_model(name: str, seed: int) -> nn.Module:
 
 
 def load_model(name: str, seed: int) -> nn.Module:
-    """The benchmark model `name`, without a KV cache, as transformers' Trainer trains (TrainingArguments.use_cache
-    is False): left on, a decoder fills one in every step, and compiled regionally each block's cache slot is a
-    guard that recompiles the block once per layer (docs/benchmarks.md)."""
+    """The benchmark model `name` (a two-label sequence classifier), ready for training steps: without a KV cache,
+    as transformers' Trainer trains (TrainingArguments.use_cache is False; left on, a decoder fills one in every
+    step, and compiled regionally each block's cache slot is a guard that recompiles the block once per layer,
+    docs/benchmarks.md), and with its problem type set (the first forward would set it, a recompile of
+    compiled methods)."""
     if name.startswith("tiny-"):
         model = tiny_model(name, seed)
     elif name in ARCHITECTURES:
@@ -135,6 +137,8 @@ def load_model(name: str, seed: int) -> nn.Module:
         model = hf.load_sequence_classifier(name, 2, dtype=torch.float32)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    if model.config.problem_type is None:
+        model.config.problem_type = "single_label_classification"
     return model
 
 

@@ -47,8 +47,6 @@ def compile_once(model_name: str, method: str, style: str, options: dict) -> dic
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_model(model_name, args.seed)
-    if base.config.problem_type is None:  # set by the first forward otherwise: a recompile
-        base.config.problem_type = "single_label_classification"
     batch_size, seq_len = (4, 16) if model_name.startswith("tiny-") else MODEL_SHAPES.get(model_name, (8, 128))
     batch_size, seq_len = args.batch_size or batch_size, args.seq_len or seq_len
     model = build_method(method, base, args)

@@ -59,8 +59,6 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     start = time.perf_counter()
     base = load_model(name, args.seed)
     load_s = time.perf_counter() - start
-    if base.config.problem_type is None:  # set by the first forward otherwise: a recompile of compiled methods
-        base.config.problem_type = "single_label_classification"
     batch = {k: v.to(device) for k, v in random_batch(base, batch_size, seq_len, args.seed).items()}
 
     runners, setup_s, trainable = {}, {}, {}
