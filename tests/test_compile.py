@@ -6,8 +6,7 @@ Compiling is slow on a small CPU, so the models are tiny and the configurations 
 * graph breaks are counted by torch._dynamo.explain (tracing only, no code generation);
 * compiled against eager uses the aot_eager backend: dynamo's graph through AOTAutograd (the
   functionalised forward and the partitioned backward that inductor would receive), run by eager
-  kernels. Only the keep mask goes through inductor itself, because inductor lowers torch.rand to
-  its own generator;
+  kernels; the keep mask's operator also goes through inductor itself;
 * MiniLM is the shipped checkpoint cut to its first encoder layer (the six layers are the same code).
 """
 
@@ -151,19 +150,52 @@ def test_compiled_llama_with_activation_checkpointing_equals_eager_and_records_r
             assert torch.equal(layer.load_counts, other_layer.load_counts)
 
 
-def test_compiled_keep_mask_drops_about_p_through_inductor():
-    """Under torch.compile the keep mask is uniform >= p (inductor's own generator, fused with the
-    comparison): P(drop) = p, and torch.manual_seed repeats it."""
+def test_compiled_keep_masks_are_the_eager_draws_one_per_call():
+    """Under torch.compile the keep mask is one opaque operator that draws what eager draws: the same
+    masks for the same seed through inductor, and two calls with equal arguments give two draws (in a
+    training graph AOTAutograd's common-subexpression pass merges equal calls of an operator it does not
+    know to be random)."""
     from goat_lora.layer import keep_mask
 
-    mask = torch.compile(lambda x: keep_mask(x.shape, 0.3, x.device), fullgraph=True)
-    x = torch.empty(600, 1000)
+    def dropped_twice(x):
+        return x * keep_mask(x.shape, 0.3, x.device), x * keep_mask(x.shape, 0.3, x.device)
+
+    compiled = torch.compile(dropped_twice, fullgraph=True)
+    x = torch.ones(600, 1000, requires_grad=True)
     torch.manual_seed(0)
-    keep = mask(x)
-    assert keep.dtype == torch.bool and keep.shape == x.shape
-    assert abs(1.0 - float(keep.double().mean()) - 0.3) < 5 * (0.3 * 0.7 / keep.numel()) ** 0.5
+    first, second = (out.detach() == 1 for out in compiled(x))
     torch.manual_seed(0)
-    assert torch.equal(mask(x), keep)
+    eager_first, eager_second = (out.detach() == 1 for out in dropped_twice(x))
+    assert torch.equal(first, eager_first) and torch.equal(second, eager_second)
+    assert not torch.equal(first, second)
+    assert abs(1.0 - float(first.double().mean()) - 0.3) < 5 * (0.3 * 0.7 / first.numel()) ** 0.5
+
+
+def test_compiled_training_with_the_experts_dropout_equals_eager_draw_for_draw():
+    """With dropout on, a compiled step trains on the masks an eager step draws from the same seed, also
+    with activation checkpointing, whose recompute replays the forward's masks (the operator is tagged
+    as seeded random: the partitioner restores the generator state around it rather than drawing anew).
+    Compared with the same model checkpointed eagerly and not checkpointed; q, k and v share one input,
+    so equal mask calls in one block must stay three draws. Backend aot_eager_decomp_partition: the
+    min-cut partitioner inductor uses. The generator ends where eager leaves it."""
+    model, inputs = _llama(dropout=0.2, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    plain = copy.deepcopy(model)
+    model.activation_checkpointing_enable()
+    eager = copy.deepcopy(model)
+    next_draws = []
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager_decomp_partition")
+        for runner, net in ((compiled, model), (eager, eager), (plain, plain)):
+            net.train()
+            torch.manual_seed(1)
+            _loss(net, runner(**inputs)).backward()
+            next_draws.append(float(torch.rand(())))
+    assert next_draws[0] == next_draws[1] == next_draws[2]
+    for other in (eager, plain):
+        torch.testing.assert_close(model.aux_loss(), other.aux_loss())
+        for (name, p), q in zip(model.named_parameters(), other.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compiled_layer_drops_the_experts_inputs_with_probability_p():

@@ -158,18 +158,38 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     2^b values (b = 16, 15). So P(drop) = round(p * 2^b) / 2^b, within 2^-16 of p. Seeded by
     torch.manual_seed like any other draw. On other devices: bernoulli_.
 
-    Under torch.compile: uniform(0, 1) >= p, exactly 1 - p. Dynamo cannot trace the in-place
-    random_ / bernoulli_, and inductor draws these numbers (Philox) inside the fused kernel anyway,
-    so the compiled path's masks are other draws than eager's for the same seed.
+    Under torch.compile the same draw, as one opaque operator (`goat_lora::keep_mask`): dynamo cannot
+    trace the in-place random_ / bernoulli_, and a torch.rand that inductor lowers into the kernels
+    that use the mask carries the index of its seed as a constant in their code, so compiling a whole
+    model compiled those kernels once per layer (docs/benchmarks.md). Compiled and eager training draw
+    the same masks for the same seed (when nothing else in the model draws random numbers in between).
     """
-    if torch.compiler.is_compiling():
-        return torch.rand(shape, device=device) >= p
+    if torch.compiler.is_compiling():  # a fresh empty tensor per call: AOTAutograd's CSE would merge two
+        # calls with equal arguments (q, k and v of one block) into one mask; it leaves torch.empty alone
+        return _keep_mask_op(torch.empty(0, device=device), list(shape), p)
+    return _draw_keep_mask(shape, p, device)
+
+
+def _draw_keep_mask(shape: Sequence[int], p: float, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
     count = math.prod(shape)
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
     lanes = words.view(torch.int16).view(-1, 4)  # three lanes uniform on [-2^15, 2^15), the top one on [0, 2^15)
     return (lanes >= _lane_thresholds(p)).view(-1)[:count].view(shape)
+
+
+# Tagged as seeded random: the partitioner saves the mask for backward rather than recomputing it (a new
+# draw); where activation checkpointing recomputes it, it replays the forward's generator state first.
+# `draw`: an empty tensor on the mask's device, a new one for each call.
+@torch.library.custom_op("goat_lora::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _keep_mask_op(draw: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    return _draw_keep_mask(shape, p, draw.device)
+
+
+@_keep_mask_op.register_fake
+def _(draw: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.bool, device=draw.device)
 
 
 _LANE_THRESHOLDS: dict[float, torch.Tensor] = {}
