@@ -106,7 +106,7 @@ def _train(runner, steps: int) -> list[dict]:
 def cudagraph(smoke: bool, steps: int = 4) -> dict:
     device, base, batch, args = _setup(smoke)
     model = bench.build_method("goat", base, args)
-    for layer in model.goat_layers():  # no experts' dropout: eager and compiled draw other masks for a seed
+    for layer in model.goat_layers():  # no experts' dropout: the two runs draw from the generator in other states
         layer.dropout = torch.nn.Identity()
     eager = bench.Runner("goat", model, batch, device, bf16=True)
     graphs = bench.Runner("goat", copy.deepcopy(eager.model), batch, device, bf16=True)
