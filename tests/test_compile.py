@@ -121,6 +121,14 @@ def test_compiled_training_step_equals_eager_in_every_routing_mode(routing):
     _compiled_equals_eager(model, {"x": torch.randn(3, 4, 24)})
 
 
+def _assert_same_aux_loss_and_grads(model, other) -> None:
+    """The balance loss and every trainable parameter's gradient of `model` equal `other`'s."""
+    torch.testing.assert_close(model.aux_loss(), other.aux_loss())
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_compiled_llama_with_activation_checkpointing_equals_eager_and_records_routing_once():
     """Non-reentrant checkpointing compiled with the whole model: dynamo traces each checkpointed
     decoder layer as one region and, with skip_fwd_side_effects_in_bwd_under_checkpoint (what
@@ -141,10 +149,7 @@ def test_compiled_llama_with_activation_checkpointing_equals_eager_and_records_r
             _loss(net, runner(**inputs)).backward()
     tokens = float(inputs["attention_mask"].sum())
     for other in (eager, plain):
-        torch.testing.assert_close(model.aux_loss(), other.aux_loss())
-        for (name, p), q in zip(model.named_parameters(), other.parameters()):
-            if p.requires_grad:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        _assert_same_aux_loss_and_grads(model, other)
         for layer, other_layer in zip(model.goat_layers(), other.goat_layers()):
             assert float(layer.load_counts.sum()) == tokens * 2  # one forward's k=2 slots per real token
             assert torch.equal(layer.load_counts, other_layer.load_counts)
@@ -192,10 +197,7 @@ def test_compiled_training_with_the_experts_dropout_equals_eager_draw_for_draw()
             next_draws.append(float(torch.rand(())))
     assert next_draws[0] == next_draws[1] == next_draws[2]
     for other in (eager, plain):
-        torch.testing.assert_close(model.aux_loss(), other.aux_loss())
-        for (name, p), q in zip(model.named_parameters(), other.parameters()):
-            if p.requires_grad:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        _assert_same_aux_loss_and_grads(model, other)
 
 
 def test_compiled_layer_drops_the_experts_inputs_with_probability_p():
