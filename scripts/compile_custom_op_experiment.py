@@ -1,18 +1,28 @@
-"""An experiment, not a feature: GOAT's router, routing and experts (functional._RoutedExperts) wrapped as two
-opaque torch.library custom ops, forward and backward, so that under torch.compile dynamo traces one call
-per adapted layer and inductor generates none of the routing's kernels. It measures what GOAT's compile
-time would be if the adapter were one graph node (docs/benchmarks.md, "Compile time on 2026-12-07").
+"""An experiment, not a feature: GOAT's router, routing and experts (functional._RoutedExperts) wrapped as
+opaque torch.library custom ops, so that under torch.compile dynamo traces one call per adapted layer and
+inductor generates none of the routing's kernels. It measures what GOAT's compile time and compiled step
+would be if the adapter were one graph node (docs/benchmarks.md, "Compile time on 2026-12-07" and
+"The adapter as an opaque operator, compiled whole").
 
-    python scripts/compile_custom_op_experiment.py check               # same loss and gradients as GOAT
-    python scripts/compile_custom_op_experiment.py customop|base       # compile MiniLM regionally, time it
+    customop    forward and backward both custom ops: inductor sees neither
+    forward-op  the forward a custom op, its backward traced (inductor fuses the backward only)
+    base        GOAT as it is (the adapter traced through, inductor fuses it)
+
+    python scripts/compile_custom_op_experiment.py check                    # same loss and gradients as GOAT
+    python scripts/compile_custom_op_experiment.py customop|forward-op|base [--style whole|regional] [--model M]
+                                                                             # compile once, time it
+    python scripts/compile_custom_op_experiment.py steps [--model M]        # compiled whole, steady steps of the
+                                                                             # three and LoRA in one round robin
 
 Run each timing in a fresh process with TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_FX_GRAPH_CACHE=0
-TORCHINDUCTOR_AUTOGRAD_CACHE=0, as goat bench --compile-time does."""
+TORCHINDUCTOR_AUTOGRAD_CACHE=0, as goat bench --compile-time does; `steps` compiles all four in one process
+(the step time does not depend on the cache)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import statistics
+import time
 import types
 
 import torch
@@ -59,8 +69,7 @@ def routed_forward(
     return delta, probs, used, weights, *ctx.saved[7:10]
 
 
-@routed_forward.register_fake
-def _(x, G, A, B, scale, keep, top_k, mode, top_p):
+def _routed_forward_fake(x, G, A, B, scale, keep, top_k, mode, top_p):
     tokens, experts, rank, routed, out = x.shape[0], scale.shape[0], A.shape[0], G.shape[0], B.shape[0]
     return (
         x.new_empty(tokens, out),
@@ -71,6 +80,9 @@ def _(x, G, A, B, scale, keep, top_k, mode, top_p):
         x.new_empty(tokens, rank),
         x.new_empty(tokens, rank),
     )
+
+
+routed_forward.register_fake(_routed_forward_fake)
 
 
 @torch.library.custom_op("goat_experiment::routed_backward", mutates_args=())
@@ -114,30 +126,119 @@ def routed_experts(x, router_weight, A, B, expert_scale, keep=None, top_k=2, mod
     return outputs[0], F.Routing(*outputs[1:4])
 
 
-def _check() -> None:
-    """Loss and gradients of a tiny BERT's GOAT step equal through both paths (no dropout: eval mode)."""
+def _forward_op_backward(ctx, grad_delta, grad_probs, *_unused):
+    """The same backward, traced rather than opaque: _RoutedExperts.backward's ops straight into the graph."""
+    *saved, keep = ctx.saved_tensors
+    x, G, A, B, probs, weights, coef, hidden, scaled = saved
+    inner = types.SimpleNamespace(
+        saved_tensors=(x, keep, G, A, B, probs, weights, coef, hidden, scaled), needs_input_grad=(True,) * 9
+    )
+    return (*F._RoutedExperts.backward(inner, grad_delta, grad_probs, None, None)[:4], None, None, None, None, None)
+
+
+@torch.library.custom_op("goat_experiment::routed_forward_only", mutates_args=())
+def routed_forward_only(
+    x: Tensor,
+    G: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: Tensor,
+    keep: Tensor | None,
+    top_k: int,
+    mode: str,
+    top_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """routed_forward under another name, so that it can carry the traced backward."""
+    return routed_forward(x, G, A, B, scale, keep, top_k, mode, top_p)
+
+
+routed_forward_only.register_fake(_routed_forward_fake)
+routed_forward_only.register_autograd(_forward_op_backward, setup_context=_setup_context)
+
+
+def routed_experts_forward_op(x, router_weight, A, B, expert_scale, keep=None, top_k=2, mode="top_k", top_p=0.25):
+    """functional.routed_experts through the forward op, its backward traced."""
+    outputs = routed_forward_only(x, router_weight, A, B, expert_scale, keep, top_k, RoutingMode(mode).value, top_p)
+    return outputs[0], F.Routing(*outputs[1:4])
+
+
+VARIANTS = {"base": F.routed_experts, "customop": routed_experts, "forward-op": routed_experts_forward_op}
+
+
+def _bench_args(extra: dict | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench.add_bench_arguments(parser)
     args = parser.parse_args([])
+    vars(args).update(extra or {})
+    return args
+
+
+def _check() -> None:
+    """Loss and gradients of a tiny BERT's GOAT step equal through every variant (no dropout: eval mode)."""
+    args = _bench_args()
     base = common.load_model("tiny-bert", 0)
     batch = common.random_batch(base, 4, 16, 0)
-    results, reference = [], F.routed_experts
-    for function in (reference, routed_experts):
+    results = {}
+    for name, function in VARIANTS.items():
         F.routed_experts = function
         model = common.build_method("goat", base, args).eval()
         loss = model(**batch).loss + 1e-3 * model.aux_loss()
         loss.backward()
-        results.append((loss.item(), [p.grad for p in model.parameters() if p.requires_grad]))
-    F.routed_experts = reference
-    gap = max((a - b).abs().max().item() for a, b in zip(results[0][1], results[1][1]))
-    print(f"loss {results[0][0]:.6f} / {results[1][0]:.6f}, largest gradient gap {gap:.2e}")
+        results[name] = (loss.item(), [p.grad for p in model.parameters() if p.requires_grad])
+    F.routed_experts = VARIANTS["base"]
+    reference = results["base"]
+    for name, (loss, grads) in results.items():
+        gap = max((a - b).abs().max().item() for a, b in zip(reference[1], grads))
+        print(f"{name}: loss {loss:.6f} (base {reference[0]:.6f}), largest gradient gap to base {gap:.2e}")
+
+
+def _steps(model_name: str, steps: int = 10) -> None:
+    """GOAT's three variants and LoRA compiled whole in one process, then `steps` round robins of one training step
+    each; the median step of each and its ratio to base. F.routed_experts is set to a variant's own function
+    before each of its steps: dynamo guards on it, and a step under another variant's function would recompile."""
+    args = _bench_args({"compile_backend": "inductor"})
+    base_model = common.load_model(model_name, args.seed)
+    batch_size, seq_len = common.MODEL_SHAPES.get(model_name, (8, 128))
+    batch = common.random_batch(base_model, batch_size, seq_len, args.seed)
+    runners = {}
+    for name in (*VARIANTS, "lora"):
+        method = "lora" if name == "lora" else "goat"
+        F.routed_experts = VARIANTS.get(name, VARIANTS["base"])
+        model = common.build_method(method, base_model, args)
+        runner = common.Runner(method, model, batch, torch.device("cpu"))
+        runner.forward = torch.compile(model, fullgraph=method == "goat")
+        start = time.perf_counter()
+        runner.train_step()
+        runner.train_step()
+        print(f"{name}: compiled and two steps in {time.perf_counter() - start:.1f} s", flush=True)
+        runners[name] = runner
+    times = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, runner in runners.items():
+            F.routed_experts = VARIANTS.get(name, VARIANTS["base"])
+            start = time.perf_counter()
+            runner.train_step()
+            times[name].append(time.perf_counter() - start)
+    F.routed_experts = VARIANTS["base"]
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, median in medians.items():
+        print(
+            f"{name:<10} median step {median:.3f} s (min {min(times[name]):.3f}), "
+            f"/ base {median / medians['base']:.3f}, / LoRA {median / medians['lora']:.3f}"
+        )
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "check":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("check", "steps", *VARIANTS))
+    parser.add_argument("--style", choices=("whole", "regional"), default="regional")
+    parser.add_argument("--model", default="minilm")
+    cli = parser.parse_args()
+    if cli.what == "check":
         _check()
+    elif cli.what == "steps":
+        _steps(cli.model)
     else:
-        if sys.argv[1] == "customop":
-            F.routed_experts = routed_experts  # what GoatLayer calls
+        F.routed_experts = VARIANTS[cli.what]  # what GoatLayer calls
         options = {"compile_backend": "inductor"}
-        print(sys.argv[1], compile_time.compile_once("minilm", "goat", "regional", options))
+        print(cli.what, cli.style, compile_time.compile_once(cli.model, "goat", cli.style, options))
