@@ -407,3 +407,47 @@ def test_compile_time_names_the_compile_that_failed():
 
     with pytest.raises(RuntimeError, match=r"compiling goat \(regional\) on no-such-model failed: OSError"):
         compile_time._spawn("no-such-model", "goat", "regional", {"compile_backend": "eager"})
+
+
+def test_cudagraph_skips_counts_what_inductor_ran_without_cuda_graphs():
+    """The bench and scripts/gpu_checks.py tell a CUDA-graph step from a default-mode one by inductor's skip counter.
+    On the CPU inductor skips CUDA graphs for every graph compiled with mode="reduce-overhead" and counts it in
+    the same counter: if torch renamed it, the GPU checks would read 0 skips and pass a step that had none."""
+    torch._dynamo.reset()
+    before = bench.cudagraph_skips()
+    compiled = torch.compile(lambda x: torch.sin(x) * 2, mode="reduce-overhead", backend="inductor")
+    compiled(torch.randn(8))
+    assert bench.cudagraph_skips() > before
+
+
+def test_skipped_cuda_graphs_are_reported_not_judged(tmp_path, capsys):
+    """A *_cudagraphs method whose graphs ran without CUDA graphs is named in the bench's table, and the GPU
+    summary marks its CUDA-graph step (and the training check) as skipped, not as a CUDA-graph figure."""
+    import subprocess
+    import sys
+
+    step = {"median": 0.01, "p25": 0.01, "p75": 0.01, "min": 0.01, "max": 0.01, "n": 3}
+    entry = {"trainable_params": 1, "step_s": step, "peak_memory_bytes": 2**20}
+    figures = {
+        "batch_size": 4,
+        "seq_len": 16,
+        "methods": {
+            "lora": entry,
+            "lora_cudagraphs": {**entry, "compile_s": 1.0, "cudagraph_skips": 0},
+            "goat_cudagraphs": {**entry, "compile_s": 1.0, "cudagraph_skips": 2},
+        },
+        "ratios": {"cudagraph_step": 1.0, "met": {"cudagraph_step": True}},
+    }
+    table = bench.format_model_table("llama2-7b-2layers", figures)
+    assert "goat_cudagraphs: 2 compiled graph(s) ran without CUDA graphs" in table
+    assert "lora_cudagraphs: 0 compiled" not in table
+    (tmp_path / "llama.json").write_text(json.dumps({"models": {"llama2-7b-2layers": figures}}))
+    (tmp_path / "cudagraph.json").write_text(json.dumps({"met": False, "cudagraph_skips": 2, "steps": []}))
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_checks.py")
+    summary = subprocess.run(
+        [sys.executable, script, "summary", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert (
+        "| llama2-7b-2layers: CUDA-graph step | CUDA graphs skipped (goat_cudagraphs) | <= 1.05x | MISSED |" in summary
+    )
+    assert "| CUDA-graph training = eager (bf16 tolerance, 4 steps) | NO (CUDA graphs skipped) | yes | |" in summary

@@ -90,6 +90,7 @@ from .common import (  # noqa: F401  (the names the tests and scripts use)
     Runner,
     architecture_config,
     build_method,
+    cudagraph_skips,
     load_model,
     random_batch,
 )

@@ -277,6 +277,14 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without CUDA graphs so far in this process (each skip is a graph
+    that mode="reduce-overhead" ran as the default mode: inductor's log says why, e.g. an input it mutates)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def timed(fn: Callable[[], None], device: torch.device) -> float:
     sync_device(device)
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from .common import (
     TARGETS,
     Runner,
     build_method,
+    cudagraph_skips,
     load_model,
     random_batch,
     sync_device,
@@ -79,17 +80,25 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
 
     step_times = {m: [] for m in runners}
     eval_times = {m: [] for m in runners}
+    skips = dict.fromkeys(runners, 0)  # compiled graphs each method ran without CUDA graphs
+
+    def timed_call(method: str, fn) -> float:
+        before = cudagraph_skips()
+        elapsed = timed(fn, device)
+        skips[method] += cudagraph_skips() - before
+        return elapsed
+
     first_step, first_eval = {}, {}  # the first call: a compiled method compiles there
     for repetition in range(warmup + steps):  # round robin: every method once per repetition
         for method, runner in runners.items():
-            elapsed = timed(runner.train_step, device)
+            elapsed = timed_call(method, runner.train_step)
             first_step.setdefault(method, elapsed)
             if repetition >= warmup:
                 step_times[method].append(elapsed)
     if not args.no_eval:
         for repetition in range(warmup + steps):
             for method, runner in runners.items():
-                elapsed = timed(runner.eval_step, device)
+                elapsed = timed_call(method, runner.eval_step)
                 first_eval.setdefault(method, elapsed)
                 if repetition >= warmup:
                     eval_times[method].append(elapsed)
@@ -111,6 +120,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
             entry["compile_s"] = first_step[method] - entry["step_s"]["median"]
             if eval_times[method]:
                 entry["eval_compile_s"] = first_eval[method] - entry["eval_s"]["median"]
+        if method.endswith("_cudagraphs") and device.type == "cuda":  # elsewhere there are no CUDA graphs to skip
+            entry["cudagraph_skips"] = skips[method]
         methods[method] = entry
     return {
         "batch_size": batch_size,
@@ -241,5 +252,10 @@ def format_model_table(name: str, figures: dict) -> str:
             lines.append(
                 f"  {method}: compile time {entry['compile_s']:.1f} s (first step minus the median)"
                 + (f", eval {entry['eval_compile_s']:.1f} s" if "eval_compile_s" in entry else "")
+            )
+        if entry.get("cudagraph_skips"):
+            lines.append(
+                f"  {method}: {entry['cudagraph_skips']} compiled graph(s) ran without CUDA graphs (inductor's log "
+                "says why): its step is the default mode's, not a CUDA graph's"
             )
     return "\n".join(lines)
