@@ -256,6 +256,6 @@ def format_model_table(name: str, figures: dict) -> str:
         if entry.get("cudagraph_skips"):
             lines.append(
                 f"  {method}: {entry['cudagraph_skips']} compiled graph(s) ran without CUDA graphs (inductor's log "
-                "says why): its step is the default mode's, not a CUDA graph's"
+                "says why): they ran the default mode's code, so its figures are not a CUDA graph's"
             )
     return "\n".join(lines)
