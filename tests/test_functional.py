@@ -510,6 +510,33 @@ def test_routed_experts_computes_only_the_gradients_asked_for(frozen):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    "num_experts, top_k, d, mode", [(c[0], c[1], c[2], c[3]) for c in ROUTED_CASES if c[3] != "top_p"]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_routed_experts_inference_equals_the_training_path(num_experts, top_k, d, mode, dtype):
+    """Without gradient or routing statistics (eval, generation) the delta comes from a softmax over the top-k
+    logits alone: the same experts and the same delta as routed_experts' softmax, top-k mask and renormalisation,
+    with or without a shared expert and per-expert scales."""
+    (x, G, A, B), scale, _ = _routed_inputs(num_experts, d, mode, False, dtype=dtype)
+    x, G, A, B, scale = (t.detach() for t in (x, G, A, B, scale.to(dtype)))
+    delta, _ = F.routed_experts(x, G, A, B, scale, None, top_k, mode)
+    with torch.inference_mode():
+        fast = F.routed_experts_inference(x, G, A, B, scale, top_k)
+    torch.testing.assert_close(fast, delta)
+
+
+def test_routed_experts_inference_breaks_ties_as_the_training_path():
+    """A zero router gives every token equal logits and equal probabilities: both paths keep the same k experts
+    (torch.topk's order among equal values), so the deltas agree to rounding."""
+    (x, G, A, B), scale, _ = _routed_inputs(6, 2, "top_k", False)
+    x, A, B = (t.detach() for t in (x, A, B))
+    G = torch.zeros_like(G.detach())
+    delta, routing = F.routed_experts(x, G, A, B, scale, None, 2, "top_k")
+    assert routing.used.sum(-1).eq(2).all()
+    torch.testing.assert_close(F.routed_experts_inference(x, G, A, B, scale, 2), delta)
+
+
 # ---- 7. load-balancing loss -------------------------------------------------------------------------
 
 

@@ -413,6 +413,38 @@ def routed_experts(
     return delta, Routing(probs, used, weights)
 
 
+def routed_experts_inference(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    expert_scale: torch.Tensor,
+    top_k: int = 2,
+) -> torch.Tensor:
+    r"""routed_experts' delta (T, m) for top-k routing, shared expert or not, where nothing needs its gradient or
+    its routing (eval, generation, serving): the same function in fewer ops (a kernel each on a GPU).
+
+    A kept expert's renormalised weight is a softmax over the kept experts' logits alone,
+        w_j = p_j / sum_{i kept} p_i = exp(l_j) / sum_{i kept} exp(l_i),
+    and softmax is increasing, so the top k of the logits are the top k of p: one softmax over k columns
+    replaces the softmax over R, the keep mask and the renormalisation. Two experts whose different logits
+    give the same float32 p may be ordered the other way than routed_experts orders them.
+    """
+    tokens, num_experts, total_rank = x.shape[0], expert_scale.shape[0], A.shape[0]
+    num_shared, rank = num_experts - router_weight.shape[0], total_rank // num_experts
+    route_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        top_logits, index = (x @ router_weight.T).topk(top_k, dim=-1)  # (T, k)
+        top_weights = torch.softmax(top_logits, dim=-1, dtype=route_dtype)  # (T, k): w of the kept experts
+        weights = top_weights.new_zeros(tokens, router_weight.shape[0]).scatter_(-1, index, top_weights)  # (T, R)
+        coef = weights * expert_scale[num_shared:]  # (T, R): w_j s_j
+        if num_shared:  # shared experts: weight 1 for every token, outside the router
+            coef = torch.cat([expert_scale[:num_shared].expand(tokens, num_shared), coef], dim=-1)
+        hidden = x @ A.T  # (T, r)
+        scaled = (hidden.view(tokens, num_experts, rank) * coef.to(hidden.dtype).unsqueeze(-1)).view(tokens, total_rank)
+        return scaled @ B.T  # (T, m)
+
+
 def experts_delta_loop(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: Routing, expert_scale: torch.Tensor
 ) -> torch.Tensor:

@@ -373,7 +373,16 @@ class GoatLayer(nn.Module):
         # dropout(x) = (x * keep) / (1 - p), and 1 / (1 - p) commutes with A_j and B_j: it is folded into
         # the per-expert scales (E numbers) instead of multiplying the (T, n) input forward and backward
         expert_scale = self.expert_scale if keep is None else self.expert_scale * dropout_scale
-        if per_expert_loop:  # the reference: routing, then a Python loop over experts, autograd throughout
+        # inference (eval mode without autograd) records nothing; a training-mode forward without autograd
+        # (reentrant activation checkpointing) still records, so aux_loss() can refuse its missing gradient
+        record = self.training or torch.is_grad_enabled() or self.record_inference
+        routing = None
+        if not record and not per_expert_loop and self.routing != RoutingMode.TOP_P.value:
+            # nothing needs the routing or a gradient: the same delta in fewer ops (docs/design.md)
+            delta = F.routed_experts_inference(
+                tokens, self.router.weight, self.lora_A, self.lora_B, expert_scale, self.top_k
+            )
+        elif per_expert_loop:  # the reference: routing, then a Python loop over experts, autograd throughout
             with torch.autocast(tokens.device.type, enabled=False):  # float32 logits, as softmax takes them
                 logits = self.router(tokens)  # (T, R)
             routing = F.route(logits, self.top_k, self.routing, self.top_p)
@@ -393,9 +402,7 @@ class GoatLayer(nn.Module):
             )
         if self.residual_at_runtime:  # - W_res x, on the undropped input: it belongs to the frozen base
             delta = delta - self.residual_forward(tokens)
-        # inference (eval mode without autograd) records nothing; a training-mode forward without autograd
-        # (reentrant activation checkpointing) still records, so aux_loss() can refuse its missing gradient
-        if self.training or torch.is_grad_enabled() or self.record_inference:
+        if record:
             self._record(routing, x)
         else:  # aux_loss() is then 0 rather than a stale training value
             self.last_stats = None
