@@ -430,19 +430,16 @@ def routed_experts_inference(
     replaces the softmax over R, the keep mask and the renormalisation. Two experts whose different logits
     give the same float32 p may be ordered the other way than routed_experts orders them.
     """
-    tokens, num_experts, total_rank = x.shape[0], expert_scale.shape[0], A.shape[0]
-    num_shared, rank = num_experts - router_weight.shape[0], total_rank // num_experts
+    num_routed = router_weight.shape[0]  # R
+    num_shared = expert_scale.shape[0] - num_routed
     route_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
         top_logits, index = (x @ router_weight.T).topk(top_k, dim=-1)  # (T, k)
         top_weights = torch.softmax(top_logits, dim=-1, dtype=route_dtype)  # (T, k): w of the kept experts
-        weights = top_weights.new_zeros(tokens, router_weight.shape[0]).scatter_(-1, index, top_weights)  # (T, R)
-        coef = weights * expert_scale[num_shared:]  # (T, R): w_j s_j
-        if num_shared:  # shared experts: weight 1 for every token, outside the router
-            coef = torch.cat([expert_scale[:num_shared].expand(tokens, num_shared), coef], dim=-1)
-        hidden = x @ A.T  # (T, r)
-        scaled = (hidden.view(tokens, num_experts, rank) * coef.to(hidden.dtype).unsqueeze(-1)).view(tokens, total_rank)
-        return scaled @ B.T  # (T, m)
+        weights = top_weights.new_zeros(x.shape[0], num_routed).scatter_(-1, index, top_weights)  # (T, R)
+        if num_shared:  # shared experts: weight 1 for every token, outside the router (one op: a constant pad)
+            weights = torch.nn.functional.pad(weights, (num_shared, 0), value=1.0)  # (T, E)
+        return experts_delta(x, A, B, weights, expert_scale)
 
 
 def experts_delta_loop(
