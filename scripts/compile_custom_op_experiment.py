@@ -49,8 +49,7 @@ class _SavingContext:
         pass
 
 
-@torch.library.custom_op("goat_experiment::routed_forward", mutates_args=())
-def routed_forward(
+def _routed_forward(
     x: Tensor,
     G: Tensor,
     A: Tensor,
@@ -82,7 +81,13 @@ def _routed_forward_fake(x, G, A, B, scale, keep, top_k, mode, top_p):
     )
 
 
-routed_forward.register_fake(_routed_forward_fake)
+def _routed_grads(grad_delta, grad_probs, saved, keep) -> tuple:
+    """_RoutedExperts.backward's gradients of x, G, A and B (None where none reaches them)."""
+    x, G, A, B, probs, weights, coef, hidden, scaled = saved
+    ctx = types.SimpleNamespace(
+        saved_tensors=(x, keep, G, A, B, probs, weights, coef, hidden, scaled), needs_input_grad=(True,) * 9
+    )
+    return F._RoutedExperts.backward(ctx, grad_delta, grad_probs, None, None)[:4]
 
 
 @torch.library.custom_op("goat_experiment::routed_backward", mutates_args=())
@@ -93,12 +98,8 @@ def routed_backward(
     keep: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of x, G, A and B (zeros where none reaches them)."""
-    x, G, A, B, probs, weights, coef, hidden, scaled = saved
-    ctx = types.SimpleNamespace(
-        saved_tensors=(x, keep, G, A, B, probs, weights, coef, hidden, scaled), needs_input_grad=(True,) * 9
-    )
-    grads = F._RoutedExperts.backward(ctx, grad_delta, grad_probs, None, None)[:4]
-    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, G, A, B)))
+    grads = _routed_grads(grad_delta, grad_probs, saved, keep)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, saved[:4]))
 
 
 @routed_backward.register_fake
@@ -112,57 +113,36 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, G, A, B, probs, weights, coef, hidden, scaled, keep)
 
 
-def _backward(ctx, grad_delta, grad_probs, *_unused):
+def _opaque_backward(ctx, grad_delta, grad_probs, *_unused):
+    """customop: the backward as one more custom op."""
     *saved, keep = ctx.saved_tensors
     return (*routed_backward(grad_delta, grad_probs, saved, keep), None, None, None, None, None)
 
 
-routed_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def routed_experts(x, router_weight, A, B, expert_scale, keep=None, top_k=2, mode="top_k", top_p=0.25):
-    """functional.routed_experts through the custom ops."""
-    outputs = routed_forward(x, router_weight, A, B, expert_scale, keep, top_k, RoutingMode(mode).value, top_p)
-    return outputs[0], F.Routing(*outputs[1:4])
-
-
-def _forward_op_backward(ctx, grad_delta, grad_probs, *_unused):
-    """The same backward, traced rather than opaque: _RoutedExperts.backward's ops straight into the graph."""
+def _traced_backward(ctx, grad_delta, grad_probs, *_unused):
+    """forward-op: the same backward traced, not opaque: _RoutedExperts.backward's ops straight into the graph."""
     *saved, keep = ctx.saved_tensors
-    x, G, A, B, probs, weights, coef, hidden, scaled = saved
-    inner = types.SimpleNamespace(
-        saved_tensors=(x, keep, G, A, B, probs, weights, coef, hidden, scaled), needs_input_grad=(True,) * 9
-    )
-    return (*F._RoutedExperts.backward(inner, grad_delta, grad_probs, None, None)[:4], None, None, None, None, None)
+    return (*_routed_grads(grad_delta, grad_probs, saved, keep), None, None, None, None, None)
 
 
-@torch.library.custom_op("goat_experiment::routed_forward_only", mutates_args=())
-def routed_forward_only(
-    x: Tensor,
-    G: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scale: Tensor,
-    keep: Tensor | None,
-    top_k: int,
-    mode: str,
-    top_p: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """routed_forward under another name, so that it can carry the traced backward."""
-    return routed_forward(x, G, A, B, scale, keep, top_k, mode, top_p)
+def _routed_experts_through(name: str, backward):
+    """functional.routed_experts through the forward as the custom op `name`, with `backward` as its autograd."""
+    op = torch.library.custom_op(f"goat_experiment::{name}", mutates_args=())(_routed_forward)
+    op.register_fake(_routed_forward_fake)
+    op.register_autograd(backward, setup_context=_setup_context)
+
+    def routed_experts(x, router_weight, A, B, expert_scale, keep=None, top_k=2, mode="top_k", top_p=0.25):
+        outputs = op(x, router_weight, A, B, expert_scale, keep, top_k, RoutingMode(mode).value, top_p)
+        return outputs[0], F.Routing(*outputs[1:4])
+
+    return routed_experts
 
 
-routed_forward_only.register_fake(_routed_forward_fake)
-routed_forward_only.register_autograd(_forward_op_backward, setup_context=_setup_context)
-
-
-def routed_experts_forward_op(x, router_weight, A, B, expert_scale, keep=None, top_k=2, mode="top_k", top_p=0.25):
-    """functional.routed_experts through the forward op, its backward traced."""
-    outputs = routed_forward_only(x, router_weight, A, B, expert_scale, keep, top_k, RoutingMode(mode).value, top_p)
-    return outputs[0], F.Routing(*outputs[1:4])
-
-
-VARIANTS = {"base": F.routed_experts, "customop": routed_experts, "forward-op": routed_experts_forward_op}
+VARIANTS = {
+    "base": F.routed_experts,
+    "customop": _routed_experts_through("routed_forward", _opaque_backward),
+    "forward-op": _routed_experts_through("routed_forward_only", _traced_backward),
+}
 
 
 def _bench_args(extra: dict | None = None) -> argparse.Namespace:
